@@ -1,0 +1,42 @@
+# evalkit: `make report` (installs into .venv if needed, then the demo report) and `make test`.
+PYTHON  ?= python3
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+CONFIG  ?= configs/demo.yaml
+OUT     ?= reports/out/demo
+DEMO    := configs/demo.yaml
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help install demo-models report test bench docker clean
+
+help:  ## list the targets
+	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@echo "  variables: CONFIG=$(CONFIG) OUT=$(OUT)"
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -c constraints.txt -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed  ## create .venv and install evalkit with its test extras (torch pinned by constraints.txt)
+
+demo-models: install  ## train the demo's models once (cached in runs/demo/)
+	$(PY) -m evalkit.demo $(DEMO)
+
+report: install  ## write a report: CONFIG=... OUT=... (default: the embedded digits demo)
+	@if [ "$(CONFIG)" = "$(DEMO)" ]; then $(PY) -m evalkit.demo $(DEMO); fi
+	$(VENV)/bin/evalkit report $(CONFIG) --out $(OUT)
+
+test: install  ## run the test suite
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: install  ## embed+score speed and memory against the textbook pipeline (not part of test)
+	$(PY) benchmarks/bench.py
+
+docker:  ## build the CUDA image (needs a Docker engine)
+	docker build -t evalkit .
+
+clean:  ## remove reports, caches and demo checkpoints (keeps .venv)
+	rm -rf reports/out .evalkit-cache runs/demo
