@@ -1,0 +1,125 @@
+"""Check semantics against hand-written metrics files, baselines and JUnit XML."""
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ET
+
+import pytest
+import yaml
+
+from evalkit.check import evaluate_checks, exit_code, junit_xml
+from evalkit.cli import main
+from evalkit.config import CheckConfig
+
+ROWS = [
+    {"model": "cnn", "layer": "fc", "method": "features", "knn_accuracy": 0.95, "silhouette": 0.40},
+    {"model": "cnn", "layer": "fc", "method": "tsne", "trustworthiness": 0.99, "knn_accuracy": 0.96},
+    {"model": "cnn", "layer": "conv", "method": "tsne", "trustworthiness": 0.90, "knn_accuracy": 0.80},
+    {"model": "vit", "layer": "blocks.1", "method": "features", "knn_accuracy": 0.70, "silhouette": None},
+]
+
+
+def check(**kw) -> CheckConfig:
+    return CheckConfig(**kw)
+
+
+@pytest.mark.parametrize(
+    "cond, expected",
+    [
+        ({"gt": 0.95}, "fail"),   # 0.95 > 0.95 is false
+        ({"gte": 0.95}, "pass"),
+        ({"lt": 0.95}, "fail"),
+        ({"lte": 0.95}, "pass"),
+        ({"eq": 0.95}, "pass"),
+        ({"eq": 0.9}, "fail"),
+        ({"approx": {"value": 0.951, "absolute": 0.002}}, "pass"),
+        ({"approx": {"value": 0.951, "absolute": 0.0005}}, "fail"),
+        ({"approx": {"value": 1.0, "relative": 0.06}}, "pass"),
+        ({"approx": {"value": 1.0, "relative": 0.04}}, "fail"),
+        ({"gte": 0.9, "lte": 0.94}, "fail"),  # every condition must hold
+        ({"gte": 0.9, "lte": 0.96}, "pass"),
+    ],
+)
+def test_conditions(cond, expected):
+    res = evaluate_checks(ROWS, [check(metric="knn_accuracy", where={"model": "cnn", "layer": "fc", "method": "features"}, **cond)])
+    assert len(res) == 1
+    assert res[0].status == expected
+    assert res[0].value == pytest.approx(0.95)
+
+
+def test_where_globs_expand_to_every_matching_row():
+    res = evaluate_checks(ROWS, [check(metric="knn_accuracy", where={"method": "tsne"}, gte=0.85)])
+    assert [(r.layer, r.status) for r in res] == [("fc", "pass"), ("conv", "fail")]
+    res = evaluate_checks(ROWS, [check(metric="knn_accuracy", where={"model": "c*", "layer": "f?"}, gte=0.0)])
+    assert {(r.method) for r in res} == {"features", "tsne"}
+
+
+def test_warn_severity_never_fails_the_run():
+    res = evaluate_checks(ROWS, [check(metric="knn_accuracy", where={"model": "vit"}, gte=0.9, severity="warn")])
+    assert [r.status for r in res] == ["warn"]
+    assert exit_code(res) == 0
+    res = evaluate_checks(ROWS, [check(metric="knn_accuracy", where={"model": "vit"}, gte=0.9)])
+    assert exit_code(res) == 1
+
+
+def test_undefined_value_and_unmatched_selector_fail_with_a_reason():
+    res = evaluate_checks(ROWS, [check(metric="silhouette", where={"model": "vit"}, gte=0.1)])
+    assert res[0].status == "fail" and "not defined" in res[0].message
+    res = evaluate_checks(ROWS, [check(metric="silhouette", where={"model": "nope"}, gte=0.1)])
+    assert res[0].status == "fail" and "no metrics row matches" in res[0].message
+
+
+def test_max_drop_against_baseline():
+    base = [dict(r) for r in ROWS]
+    base[1]["trustworthiness"] = 0.999   # drop 0.009
+    base[2]["trustworthiness"] = 0.95    # drop 0.05: planted regression
+    c = check(metric="trustworthiness", where={"method": "tsne"}, max_drop=0.01)
+    res = evaluate_checks(ROWS, [c], baseline_rows=base)
+    assert [(r.layer, r.status) for r in res] == [("fc", "pass"), ("conv", "fail")]
+    assert "drop -0.0500" not in res[1].message and "+0.0500" in res[1].message
+    # without a baseline the max_drop condition is skipped, not failed
+    res = evaluate_checks(ROWS, [c])
+    assert {r.status for r in res} == {"skip"} and exit_code(res) == 0
+
+
+def test_junit_xml_counts_failures():
+    res = evaluate_checks(ROWS, [check(metric="knn_accuracy", where={"method": "tsne"}, gte=0.85, name="knn <tsne> & co")])
+    root = ET.fromstring(junit_xml(res))
+    suite = root.find("testsuite")
+    assert suite.get("tests") == "2" and suite.get("failures") == "1"
+    cases = suite.findall("testcase")
+    assert len(cases) == 2
+    assert cases[0].find("failure") is None
+    assert cases[1].find("failure") is not None
+    assert "knn <tsne> & co" in cases[1].get("name")
+
+
+def _run_dir(tmp_path, rows, checks, name="run"):
+    d = tmp_path / name
+    d.mkdir()
+    (d / "metrics.json").write_text(json.dumps({"rows": rows, "checks": [], "provenance": {}}))
+    cfg = {"name": "x", "models": [{"name": "cnn", "source": "demo:cnn", "layers": ["fc", "conv"]}], "checks": checks}
+    (d / "config.yaml").write_text(yaml.safe_dump(cfg))
+    return d
+
+
+def test_cli_check_with_baseline_and_junit(tmp_path, capsys):
+    checks = [{"metric": "trustworthiness", "where": {"method": "tsne"}, "max_drop": 0.01},
+              {"metric": "knn_accuracy", "where": {"model": "cnn", "layer": "fc", "method": "features"}, "gte": 0.9}]
+    new = _run_dir(tmp_path, ROWS, checks, "new")
+    base_rows = [dict(r) for r in ROWS]
+    base_rows[2]["trustworthiness"] = 0.95
+    old = _run_dir(tmp_path, base_rows, checks, "old")
+    assert main(["check", str(new)]) == 0                       # no baseline: drop checks skipped
+    junit = tmp_path / "out" / "junit.xml"
+    assert main(["check", str(new), "--baseline", str(old), "--junit", str(junit)]) == 1
+    err = capsys.readouterr().err
+    assert "FAIL" in err and "cnn/conv/tsne" in err
+    suite = ET.parse(junit).getroot().find("testsuite")
+    assert suite.get("failures") == "1"
+
+
+def test_cli_check_bad_folder_is_exit_2(tmp_path, capsys):
+    assert main(["check", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "missing" in err[0]
