@@ -32,7 +32,9 @@ class Dataset:
     features : ndarray of shape (n_samples, n_features) or None
         For ``kind: features``.
     fingerprint : str
-        Identifies the data source (kind, path, split, sizes) for the feature cache.
+        Identifies the data source (kind, path, split, file sizes and times) for the feature cache.
+    n_total : int
+        Samples in the full split, before ``max_samples``.
     """
 
     name: str
@@ -42,6 +44,7 @@ class Dataset:
     load_image: Optional[Callable] = None
     features: Optional[np.ndarray] = None
     fingerprint: str = ""
+    n_total: int = 0
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -50,27 +53,39 @@ class Dataset:
 def stratified_subsample(labels: np.ndarray, max_samples: Optional[int], *, seed: int = 0) -> np.ndarray:
     """Sorted positions of a seeded subsample that keeps class proportions.
 
+    The budget is shared in proportion to class sizes (largest remainders first); a class too
+    small for its share still keeps one sample, taken from the largest share, while the budget
+    allows one per class.
+
     Parameters
     ----------
     labels : ndarray of shape (n_samples,)
     max_samples : int or None
         ``None`` or ``>= n_samples`` keeps everything.
+    seed : int
+
+    Returns
+    -------
+    ndarray of shape (min(n_samples, max_samples),), int64
     """
     n = labels.shape[0]
     if max_samples is None or max_samples >= n:
         return np.arange(n, dtype=np.int64)
     rng = np.random.default_rng(seed)
     classes, counts = np.unique(labels, return_counts=True)
-    # Largest-remainder allocation, at least one per class while budget allows.
     exact = counts * (max_samples / n)
-    take = np.floor(exact).astype(int)
+    take = np.floor(exact).astype(np.int64)
     order = np.argsort(-(exact - take), kind="stable")
     for k in order[: max_samples - take.sum()]:
         take[k] += 1
+    if max_samples >= classes.size:  # a class too small for its share still gets one sample
+        for k in np.flatnonzero(take == 0):
+            take[int(np.argmax(take))] -= 1
+            take[k] = 1
     chosen = []
     for cls, k in zip(classes, take):
         members = np.flatnonzero(labels == cls)
-        chosen.append(rng.choice(members, size=min(k, members.size), replace=False))
+        chosen.append(rng.choice(members, size=int(k), replace=False))
     return np.sort(np.concatenate(chosen)).astype(np.int64)
 
 
@@ -85,20 +100,30 @@ def load_dataset(cfg) -> Dataset:
     return loaders[cfg.kind](cfg)
 
 
+class _Subset:
+    """``load(i)`` of the selected samples; a class (not a closure) so DataLoader workers can pickle it."""
+
+    def __init__(self, load_full, indices):
+        self.load_full, self.indices = load_full, indices
+
+    def __call__(self, i: int):
+        return self.load_full(int(self.indices[i]))
+
+
 def _select(name, labels, label_names, cfg, *, load_full=None, features=None, fingerprint=""):
     labels = np.asarray(labels)
     if labels.shape[0] == 0:
         raise EvalkitError(f"data: {name} has no samples")
     idx = stratified_subsample(labels, cfg.max_samples, seed=cfg.seed)
-    load = (lambda i: load_full(int(idx[i]))) if load_full is not None else None
     return Dataset(
         name=name,
         labels=labels[idx].astype(np.int64),
         label_names=tuple(str(n) for n in label_names),
         indices=idx,
-        load_image=load,
+        load_image=_Subset(load_full, idx) if load_full is not None else None,
         features=None if features is None else features[idx],
         fingerprint=f"{fingerprint}|n={labels.shape[0]}|max={cfg.max_samples}|seed={cfg.seed}",
+        n_total=int(labels.shape[0]),
     )
 
 
@@ -130,22 +155,58 @@ def digits_split(split: str = "test"):
     return images[pick], labels[pick]
 
 
-def _load_digits(cfg) -> Dataset:
-    from PIL import Image
+class _ArrayImages:
+    """``load(i)``: a PIL image from a uint8 array of shape (n, H, W) or (n, H, W, C)."""
 
+    def __init__(self, images: np.ndarray):
+        self.images = images
+
+    def __call__(self, i: int):
+        from PIL import Image
+
+        return Image.fromarray(self.images[i])
+
+
+def _load_digits(cfg) -> Dataset:
     split = cfg.split or "test"
     images, labels = digits_split(split)
     return _select(
-        f"digits ({split})",
-        labels,
-        [str(d) for d in range(10)],
-        cfg,
-        load_full=lambda i: Image.fromarray(images[i], mode="L"),
-        fingerprint=f"digits|{split}",
+        f"digits ({split})", labels, [str(d) for d in range(10)], cfg,
+        load_full=_ArrayImages(images), fingerprint=f"digits|{split}",
     )
 
 
 # --- image folders --------------------------------------------------------------------------
+
+
+class _ImageFiles:
+    """``load(i)``: the image file ``files[i]``; a corrupt file is an error naming it."""
+
+    def __init__(self, files):
+        self.files = files
+
+    def __call__(self, i: int):
+        from PIL import Image
+
+        path = self.files[i]
+        try:
+            with Image.open(path) as im:
+                im.load()
+                return im.copy()
+        except (OSError, ValueError, SyntaxError) as exc:  # PIL raises all three for broken files
+            raise EvalkitError(f"{path}: cannot read image ({exc.__class__.__name__}: {exc}); fix or remove "
+                               f"the file") from None
+
+
+def _files_fingerprint(root: Path, files) -> str:
+    """Changes when any file is added, removed, renamed, resized or rewritten."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.relative_to(root)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:32]
 
 
 def _load_imagefolder(cfg) -> Dataset:
@@ -153,79 +214,134 @@ def _load_imagefolder(cfg) -> Dataset:
     if cfg.split:
         root = root / cfg.split
     if not root.is_dir():
-        raise EvalkitError(f"data.path: {root} is not a folder; expected one sub-folder of images per class")
+        what = "does not exist" if not root.exists() else "is not a folder"
+        raise EvalkitError(f"data.path: {root} {what}; expected a folder with one sub-folder of images per class")
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise EvalkitError(f"data.path: {root} has no class sub-folders; expected ROOT/CLASS/IMAGE files")
-    files, labels = [], []
+    files, labels, empty = [], [], []
     for k, cls in enumerate(classes):
-        for f in sorted((root / cls).rglob("*")):
-            if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file():
-                files.append(f)
-                labels.append(k)
+        found = [f for f in sorted((root / cls).rglob("*"))
+                 if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file()
+                 and not any(part.startswith(".") for part in f.relative_to(root).parts)]
+        if not found:
+            empty.append(cls)
+        files.extend(found)
+        labels.extend([k] * len(found))
     if not files:
-        raise EvalkitError(f"data.path: no images ({', '.join(IMAGE_SUFFIXES)}) under {root}")
-
-    def load(i: int):
-        from PIL import Image, UnidentifiedImageError
-
-        try:
-            with Image.open(files[i]) as im:
-                im.load()
-                return im.copy()
-        except (UnidentifiedImageError, OSError) as exc:
-            raise EvalkitError(f"{files[i]}: cannot read image ({exc.__class__.__name__}); fix or remove the file") from None
-
-    stat = sum(f.stat().st_size for f in files)
+        raise EvalkitError(f"data.path: no images ({', '.join(IMAGE_SUFFIXES)}) in the class folders of {root}")
+    if empty:
+        shown = ", ".join(empty[:5]) + (f", ... ({len(empty)} in all)" if len(empty) > 5 else "")
+        raise EvalkitError(f"data.path: class folder{'s' if len(empty) > 1 else ''} {shown} under {root} "
+                           f"hold{'' if len(empty) > 1 else 's'} no images ({', '.join(IMAGE_SUFFIXES)}); "
+                           f"add images or remove the folder")
     return _select(
-        f"{root.name} (imagefolder)", np.array(labels), classes, cfg,
-        load_full=load, fingerprint=f"imagefolder|{root.resolve()}|{len(files)}|{stat}",
+        f"{root.name} (imagefolder)", np.array(labels), classes, cfg, load_full=_ImageFiles(files),
+        fingerprint=f"imagefolder|{root.resolve()}|{_files_fingerprint(root, files)}",
     )
 
 
 # --- torchvision sets on local disk -----------------------------------------------------------
 
+# where torchvision looks for each set's files under data.path (evalkit never downloads)
+TORCHVISION_LAYOUTS = {
+    "MNIST": "PATH/MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte",
+    "FashionMNIST": "PATH/FashionMNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte",
+    "KMNIST": "PATH/KMNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte",
+    "EMNIST": "PATH/EMNIST/raw/emnist-SPLIT-{train,test}-{images-idx3,labels-idx1}-ubyte",
+    "QMNIST": "PATH/QMNIST/raw/qmnist-{train,test}-{images-idx3,labels-idx2}-ubyte",
+    "CIFAR10": "PATH/cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta} (the original files: their MD5 is checked)",
+    "CIFAR100": "PATH/cifar-100-python/{train,test,meta} (the original files: their MD5 is checked)",
+    "SVHN": "PATH/{train,test,extra}_32x32.mat",
+    "STL10": "PATH/stl10_binary/{train,test}_{X,y}.bin and class_names.txt",
+}
+
+
+def _torchvision_fingerprint(root: Path) -> str:
+    """Names, sizes and times of the files under ``root`` (a few thousand at most are read)."""
+    import hashlib
+    import itertools
+
+    h = hashlib.sha256()
+    if root.is_dir():
+        for f in sorted(itertools.islice((p for p in root.rglob("*") if p.is_file()), 5000)):
+            st = f.stat()
+            h.update(f"{f.relative_to(root)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:32]
+
+
+class _TorchvisionImages:
+    """``load(i)``: sample ``i`` of a torchvision dataset as a PIL image."""
+
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __call__(self, i: int):
+        from PIL import Image
+
+        img = self.ds[i][0]
+        return img if isinstance(img, Image.Image) else Image.fromarray(np.asarray(img))
+
+
+def _torchvision_labels(ds, name: str) -> np.ndarray:
+    for attr in ("targets", "labels", "_labels", "y"):
+        targets = getattr(ds, attr, None)
+        if targets is not None:
+            break
+    else:
+        targets = [ds[i][1] for i in range(len(ds))]
+    try:
+        labels = np.asarray(targets).reshape(-1)
+        if labels.shape[0] != len(ds) or not np.issubdtype(labels.dtype, np.integer):
+            raise ValueError
+    except (TypeError, ValueError):
+        raise EvalkitError(f"data.name: {name} does not have one integer class label per image; evalkit needs "
+                           f"a classification dataset") from None
+    return labels.astype(np.int64)
+
 
 def _load_torchvision(cfg) -> Dataset:
+    import inspect
+
     import torchvision.datasets as tvd
 
     from evalkit.errors import unknown
 
-    names = [n for n in dir(tvd) if not n.startswith("_") and n[0].isupper() and n not in ("VisionDataset", "DatasetFolder", "ImageFolder")]
+    names = [n for n in dir(tvd) if not n.startswith("_") and n[0].isupper() and inspect.isclass(getattr(tvd, n))
+             and n not in ("VisionDataset", "DatasetFolder", "ImageFolder", "FakeData")]
     if cfg.name not in names:
-        raise unknown("torchvision dataset", cfg.name, names)
+        raise unknown("torchvision dataset (data.name)", cfg.name, names)
     cls = getattr(tvd, cfg.name)
     split = cfg.split or "test"
-    kwargs = {"root": cfg.path, "download": False}
-    import inspect
-
+    root = Path(cfg.path)
+    kwargs = {"root": str(root)}
     params = inspect.signature(cls.__init__).parameters
+    if "download" in params:
+        kwargs["download"] = False
     if "train" in params:
+        if split not in ("train", "test"):
+            raise EvalkitError(f"data.split: {cfg.name} has splits 'train' and 'test'; got {split!r}")
         kwargs["train"] = split == "train"
     elif "split" in params:
         kwargs["split"] = split
+    if not root.is_dir():
+        where = TORCHVISION_LAYOUTS.get(cfg.name, "PATH in torchvision's layout for this dataset")
+        raise EvalkitError(f"data.path: {root} is not a folder; evalkit never downloads: put the {cfg.name} files "
+                           f"at {where.replace('PATH', str(root))}")
     try:
         ds = cls(**kwargs)
-    except (RuntimeError, FileNotFoundError) as exc:
-        raise EvalkitError(
-            f"data.path: {cfg.name} ({split}) not found under {cfg.path}; evalkit never downloads: "
-            f"place the dataset files there in torchvision's layout ({exc})"
-        ) from None
-    targets = getattr(ds, "targets", None)
-    if targets is None:
-        targets = getattr(ds, "labels", None)
-    if targets is None:
-        targets = [ds[i][1] for i in range(len(ds))]
-    labels = np.asarray(targets, dtype=np.int64)
-    names_ = list(getattr(ds, "classes", []) or [str(k) for k in range(int(labels.max()) + 1)])
-
-    def load(i: int):
-        from PIL import Image
-
-        img = ds[i][0]
-        return img if isinstance(img, Image.Image) else Image.fromarray(np.asarray(img))
-
-    return _select(f"{cfg.name} ({split})", labels, names_, cfg, load_full=load, fingerprint=f"torchvision|{cfg.name}|{Path(cfg.path).resolve()}|{split}")
+    except (RuntimeError, FileNotFoundError, OSError, ValueError) as exc:
+        where = TORCHVISION_LAYOUTS.get(cfg.name, "PATH in torchvision's layout for this dataset")
+        text = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
+        said = "" if "download" in text else f" ({text})"
+        raise EvalkitError(f"data.path: {cfg.name} ({split}) not found or incomplete under {root}; evalkit never "
+                           f"downloads: put the files at {where.replace('PATH', str(root))}{said}") from None
+    labels = _torchvision_labels(ds, cfg.name)
+    classes = list(getattr(ds, "classes", None) or [])
+    if len(classes) <= int(labels.max()):
+        classes = [str(k) for k in range(int(labels.max()) + 1)]
+    return _select(f"{cfg.name} ({split})", labels, classes, cfg, load_full=_TorchvisionImages(ds),
+                   fingerprint=f"torchvision|{cfg.name}|{root.resolve()}|{split}|{_torchvision_fingerprint(root)}")
 
 
 # --- feature files --------------------------------------------------------------------------
@@ -266,10 +382,7 @@ def read_feature_file(path: str | Path, *, labels_path: Optional[str] = None):
     except Exception as exc:  # corrupt archives raise many types
         raise EvalkitError(f"{path}: cannot read feature file ({exc.__class__.__name__}: {exc})") from None
     if labels is None and labels_path:
-        lp = Path(labels_path)
-        if not lp.is_file():
-            raise EvalkitError(f"data.labels: {lp} not found")
-        labels = np.load(lp, allow_pickle=False) if lp.suffix == ".npy" else np.loadtxt(lp)
+        labels = read_labels_file(labels_path)
     feats = np.asarray(feats)
     if feats.ndim != 2:
         raise EvalkitError(f"{path}: features must be 2-D (n_samples, n_features); got shape {feats.shape}")
@@ -282,10 +395,34 @@ def read_feature_file(path: str | Path, *, labels_path: Optional[str] = None):
         shown = ", ".join(str(r) for r in rows[:5]) + (", ..." if rows.size > 5 else "")
         raise EvalkitError(f"{path}: {int((~np.isfinite(feats)).sum())} NaN or infinite values in {rows.size} rows (rows {shown})")
     if labels is not None:
-        labels = np.asarray(labels).reshape(-1)
+        labels = np.asarray(labels)
+        if labels.ndim != 1:
+            raise EvalkitError(f"{path}: labels must be 1-D (n_samples,); got shape {labels.shape}")
         if labels.shape[0] != feats.shape[0]:
             raise EvalkitError(f"{path}: {labels.shape[0]} labels for {feats.shape[0]} feature rows; expected one label per row")
     return feats, labels, names
+
+
+def read_labels_file(path: str | Path) -> np.ndarray:
+    """Labels from ``.npy`` or a text file with one label (a number or a class name) per line."""
+    lp = Path(path)
+    if not lp.is_file():
+        raise EvalkitError(f"data.labels: {lp} not found")
+    try:
+        if lp.suffix.lower() == ".npy":
+            labels = np.load(lp, allow_pickle=False)
+        else:
+            lines = [line.strip() for line in lp.read_text(encoding="utf-8").splitlines()]
+            labels = np.array([line for line in lines if line])
+            try:
+                labels = labels.astype(np.int64)
+            except ValueError:
+                pass  # class names
+    except EvalkitError:
+        raise
+    except Exception as exc:
+        raise EvalkitError(f"data.labels: cannot read {lp} ({exc.__class__.__name__}: {exc})") from None
+    return np.asarray(labels).reshape(-1)
 
 
 def encode_labels(labels: np.ndarray, names=None):

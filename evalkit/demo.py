@@ -14,12 +14,14 @@ from pathlib import Path
 
 import numpy as np
 
-EPOCHS = 30
+EPOCHS = 12
+# transformers learn more slowly from 898 images than convnets
+EPOCHS_BY_SOURCE = {"timm:vit_tiny_patch16_224": 30, "torchvision:resnet18": 8}
 BATCH_SIZE = 64
 LEARNING_RATE = 2e-3
 
 
-def train_model(mcfg, *, seed: int = 0, epochs: int = EPOCHS, log=print) -> float:
+def train_model(mcfg, *, seed: int = 0, epochs: int | None = None) -> float:
     """Train one model entry on the digits train split; returns held-out accuracy."""
     import torch
     from torch import nn
@@ -30,9 +32,10 @@ def train_model(mcfg, *, seed: int = 0, epochs: int = EPOCHS, log=print) -> floa
 
     from PIL import Image
 
+    epochs = epochs or EPOCHS_BY_SOURCE.get(mcfg.source, EPOCHS)
     torch.manual_seed(seed)
     model = create_model(mcfg.source, kwargs=mcfg.kwargs, seed=seed)
-    transform = build_transform(resolve_preprocess(model, mcfg.preprocess))
+    transform = build_transform(resolve_preprocess(model, mcfg.preprocess, source=mcfg.source))
 
     def tensors(split):
         images, labels = digits_split(split)
@@ -41,7 +44,10 @@ def train_model(mcfg, *, seed: int = 0, epochs: int = EPOCHS, log=print) -> floa
 
     x_tr, y_tr = tensors("train")
     x_te, y_te = tensors("test")
-    opt = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=1e-4)
+    try:  # the fused CPU kernel is ~8x faster than the per-parameter loop on ResNet-18
+        opt = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=1e-4, fused=True)
+    except (RuntimeError, TypeError):
+        opt = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=1e-4)
     steps = epochs * int(np.ceil(len(y_tr) / BATCH_SIZE))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=LEARNING_RATE, total_steps=steps)
     loss_fn = nn.CrossEntropyLoss()
@@ -49,12 +55,8 @@ def train_model(mcfg, *, seed: int = 0, epochs: int = EPOCHS, log=print) -> floa
     for _ in range(epochs):
         model.train()
         for idx in torch.randperm(len(y_tr), generator=gen).split(BATCH_SIZE):
-            xb = x_tr[idx]
-            # a pixel shift of up to one pixel keeps small models from memorising 898 images
-            dx, dy = torch.randint(-1, 2, (2,), generator=gen).tolist()
-            xb = torch.roll(xb, shifts=(dy, dx), dims=(2, 3))
             opt.zero_grad()
-            loss = loss_fn(model(xb), y_tr[idx])
+            loss = loss_fn(model(x_tr[idx]), y_tr[idx])
             loss.backward()
             opt.step()
             sched.step()

@@ -2,41 +2,50 @@
 
 Layers are any ``named_modules`` name, captured with forward hooks (no tracing, so models
 whose forward has control flow work). ``penultimate`` names the input of the final
-classifier. Outputs are pooled to one vector per sample and cached by content.
+classifier. Outputs are pooled to one vector per sample and cached by content: the model
+(source, kwargs, checkpoint bytes), layers, pooling, preprocessing, the dataset and the
+selected samples, and the evalkit version.
 """
 from __future__ import annotations
 
-import hashlib
-import json
-import os
+import contextlib
+import sys
 import time
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
+from evalkit.cache import cache_key, cache_read, cache_write  # noqa: F401  (re-exported)
 from evalkit.errors import EvalkitError, unknown
+from evalkit.preprocess import build_transform, resolve_preprocess  # noqa: F401  (re-exported)
 from evalkit.results import FeatureSet
 
 PENULTIMATE = "penultimate"
+PROGRESS_MIN_IMAGES = 2000  # below this a progress bar is noise
 
 
 # --- device ---------------------------------------------------------------------------------
 
 
+def _mps_available() -> bool:
+    import torch
+
+    mps = getattr(torch.backends, "mps", None)
+    return bool(mps is not None and mps.is_available())
+
+
 def resolve_device(name: str = "auto"):
-    """``auto``: CUDA, then Apple MPS, then CPU."""
+    """``auto``: CUDA, then Apple MPS, then CPU; else the named device, which must exist."""
     import torch
 
     if name in (None, "auto"):
         if torch.cuda.is_available():
             return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
+        return torch.device("mps") if _mps_available() else torch.device("cpu")
     if name == "cuda" and not torch.cuda.is_available():
         raise EvalkitError("extract.device: 'cuda' asked for but no CUDA device is available; use 'auto' or 'cpu'")
-    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+    if name == "mps" and not _mps_available():
         raise EvalkitError("extract.device: 'mps' asked for but Apple MPS is not available; use 'auto' or 'cpu'")
     return torch.device(name)
 
@@ -44,8 +53,15 @@ def resolve_device(name: str = "auto"):
 # --- layers ---------------------------------------------------------------------------------
 
 
+HEAD_NAMES = ("classifier", "fc", "head", "heads", "last_linear")  # where models keep their classifier
+
+
 def classifier_name(model) -> Optional[str]:
-    """Name of the final classifier module: timm's ``get_classifier()``, else the last Linear."""
+    """Name of the final classifier module.
+
+    timm's ``get_classifier()``; else the last Linear inside a top-level ``classifier``, ``fc``,
+    ``head``, ``heads`` or ``last_linear``; else the last Linear the model registers.
+    """
     import torch
 
     names = {id(m): n for n, m in model.named_modules()}
@@ -55,33 +71,45 @@ def classifier_name(model) -> Optional[str]:
             head = get()
         except Exception:
             head = None
-        if isinstance(head, torch.nn.Module) and id(head) in names and names[id(head)]:
+        if isinstance(head, torch.nn.Module) and names.get(id(head)):
             return names[id(head)]
-    last = None
-    for n, m in model.named_modules():
-        if isinstance(m, torch.nn.Linear):
-            last = n
-    return last
+
+    def last_linear(module, prefix=""):
+        found = None
+        for n, m in module.named_modules(prefix=prefix):
+            if isinstance(m, torch.nn.Linear):
+                found = n
+        return found
+
+    for attr in HEAD_NAMES:
+        sub = getattr(model, attr, None)
+        if isinstance(sub, torch.nn.Module) and (found := last_linear(sub, attr)):
+            return found
+    return last_linear(model)
 
 
-def resolve_layers(model, layers) -> dict:
-    """Map each requested layer to ``(module_name, "output" | "input")``."""
+def resolve_layers(model, layers, *, source: Optional[str] = None) -> dict:
+    """Map each requested layer to ``(module_name, "output" | "input")``.
+
+    ``penultimate`` is the input of :func:`classifier_name`; any other name must be one of
+    ``model.named_modules()``, else the error lists the closest names. ``source`` only makes
+    the error messages name the model.
+    """
     names = [n for n, _ in model.named_modules() if n]
+    listing = f"`evalkit layers {source or 'SOURCE'}`"
     out = {}
     for layer in layers:
         if layer == PENULTIMATE:
             head = classifier_name(model)
             if head is None:
-                raise EvalkitError(
-                    f"layer 'penultimate': this model has no final Linear classifier; name a layer "
-                    f"(`evalkit layers SOURCE` lists them)"
-                )
+                raise EvalkitError(f"layer 'penultimate': this model has no final Linear classifier; name a layer "
+                                   f"({listing} lists them)")
             out[layer] = (head, "input")
         elif layer in names:
             out[layer] = (layer, "output")
         else:
             err = unknown("layer", layer, names + [PENULTIMATE])
-            raise EvalkitError(f"{err} — run `evalkit layers SOURCE` to list every name")
+            raise EvalkitError(f"{err}; {listing} lists every name")
     return out
 
 
@@ -89,26 +117,29 @@ def resolve_layers(model, layers) -> dict:
 
 
 def num_prefix_tokens(model) -> int:
+    """Class/register tokens before the patch tokens (timm's ``num_prefix_tokens``)."""
     n = getattr(model, "num_prefix_tokens", None)
     if isinstance(n, int):
         return n
     return 1 if getattr(model, "cls_token", None) is not None or getattr(model, "class_token", None) is not None else 0
 
 
-def pool(t, *, spatial: str = "avg", tokens: str = "cls", prefix_tokens: int = 0):
-    """Reduce one layer's batch output to ``(batch, n_features)``.
+def pool(t, *, spatial: str = "avg", tokens: str = "cls", prefix_tokens: int = 0, channels_last: bool = False):
+    """Reduce one layer's batch output to ``(batch, n_features)`` float32.
 
-    4-D ``(B, C, H, W)`` maps: global ``avg``/``max`` pooling or ``flatten``.
+    4-D ``(B, C, H, W)`` maps (``(B, H, W, C)`` with ``channels_last``, as in timm's Swin):
+    global ``avg``/``max`` pooling or ``flatten``.
     3-D ``(B, T, D)`` token sequences: the class token (``cls``, when the model has one; else
-    the mean), the ``mean`` of patch tokens, or ``flatten``.
+    the mean of all tokens), the ``mean`` of the patch tokens, or ``flatten``.
+    A tuple/list/dict output is reduced to its first tensor.
     """
     import torch
 
-    if isinstance(t, (tuple, list)):
-        t = next((x for x in t if isinstance(x, torch.Tensor)), None)
     if isinstance(t, dict):
         t = next((x for x in t.values() if isinstance(x, torch.Tensor)), None)
-    if t is None:
+    elif isinstance(t, (tuple, list)):
+        t = next((x for x in t if isinstance(x, torch.Tensor)), None)
+    if not isinstance(t, torch.Tensor):
         raise EvalkitError("layer output holds no tensor; choose another layer")
     t = t.float()
     if t.ndim == 1:
@@ -116,6 +147,8 @@ def pool(t, *, spatial: str = "avg", tokens: str = "cls", prefix_tokens: int = 0
     if t.ndim == 2:
         return t
     if t.ndim == 4:
+        if channels_last:
+            t = t.permute(0, 3, 1, 2)
         if spatial == "avg":
             return t.mean(dim=(2, 3))
         if spatial == "max":
@@ -130,119 +163,161 @@ def pool(t, *, spatial: str = "avg", tokens: str = "cls", prefix_tokens: int = 0
     return t.flatten(1)
 
 
-# --- preprocessing --------------------------------------------------------------------------
+# --- the forward pass -----------------------------------------------------------------------
 
 
-def _first_conv_channels(model) -> Optional[int]:
-    import torch
-
-    for m in model.modules():
-        if isinstance(m, torch.nn.Conv2d):
-            return m.in_channels
-    return None
-
-
-def resolve_preprocess(model, pre) -> dict:
-    """Preprocessing from the config, else the model's own metadata (timm), else plain tensors."""
-    spec = {"resize": None, "crop": None, "mean": None, "std": None, "channels": None, "interpolation": "bilinear"}
-    cfg = getattr(model, "pretrained_cfg", None)
-    if pre is None and cfg:
-        try:
-            from timm.data import resolve_model_data_config
-
-            dc = resolve_model_data_config(model)
-            size = dc["input_size"][-1]
-            crop_pct = dc.get("crop_pct") or 1.0
-            spec.update(
-                resize=int(round(size / crop_pct)), crop=int(size), mean=tuple(dc["mean"]), std=tuple(dc["std"]),
-                channels=int(dc["input_size"][0]), interpolation=dc.get("interpolation", "bilinear"),
-            )
-        except Exception:
-            pass
-    elif pre is not None:
-        spec.update(pre.model_dump())
-    if spec["channels"] is None:
-        spec["channels"] = _first_conv_channels(model)
-    if spec["mean"] is not None and spec["channels"] and len(spec["mean"]) not in (1, spec["channels"]):
-        spec["mean"] = tuple(spec["mean"][:1] * spec["channels"]) if spec["channels"] == 1 else spec["mean"]
-        spec["std"] = tuple(spec["std"][:1] * spec["channels"]) if spec["channels"] == 1 else spec["std"]
-    return spec
-
-
-def build_transform(spec: dict):
-    """A torchvision transform (PIL image -> float tensor) from a preprocessing spec."""
-    from torchvision import transforms as T
-
-    interp = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC,
-              "nearest": T.InterpolationMode.NEAREST}.get(spec.get("interpolation"), T.InterpolationMode.BILINEAR)
-    steps = []
-    channels = spec.get("channels")
-    if channels == 1:
-        steps.append(T.Grayscale(1))
-    elif channels == 3:
-        steps.append(T.Lambda(lambda im: im.convert("RGB")))
-    if spec.get("resize"):
-        steps.append(T.Resize(spec["resize"], interpolation=interp))
-    if spec.get("crop"):
-        steps.append(T.CenterCrop(spec["crop"]))
-    steps.append(T.ToTensor())
-    if spec.get("mean") is not None and spec.get("std") is not None:
-        steps.append(T.Normalize(spec["mean"], spec["std"]))
-    return T.Compose(steps)
-
-
-# --- extraction -----------------------------------------------------------------------------
+class _AllCaptured(Exception):
+    """Raised by the last hook to end a forward pass once every requested layer is captured."""
 
 
 class _Images:
     """A torch-style dataset over ``Dataset.load_image`` with a transform."""
 
     def __init__(self, dataset, transform):
-        self.dataset, self.transform = dataset, transform
+        self.load, self.transform = dataset.load_image, transform
+        self.n = len(dataset)
 
     def __len__(self):
-        return len(self.dataset)
+        return self.n
 
     def __getitem__(self, i):
-        return self.transform(self.dataset.load_image(i))
+        return self.transform(self.load(i))
 
 
-def run_layers(model, loader, layer_map: dict, *, device, pooling, bf16: bool = False, progress: bool = False):
-    """Run ``model`` over ``loader`` once, returning ``{layer: (n_samples, n_features) float32}``."""
+def _collate(items):
+    import torch
+
+    shapes = sorted({tuple(x.shape) for x in items})
+    if len(shapes) > 1:
+        raise EvalkitError(f"images of different sizes in one batch ({shapes[0]} and {shapes[-1]}); set "
+                           f"'preprocess: {{resize: N, crop: N}}' on this model")
+    return torch.stack(items)
+
+
+def _one_line(exc: BaseException) -> str:
+    """A DataLoader worker re-raises with the worker's traceback in the message: keep the cause."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if not lines:
+        return exc.__class__.__name__
+    last = lines[-1]
+    for prefix in ("evalkit.errors.EvalkitError: ", "EvalkitError: "):
+        last = last.removeprefix(prefix)
+    return last if len(lines) > 1 else lines[0]
+
+
+def _is_oom(exc: BaseException) -> bool:
+    import torch
+
+    oom = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
+    return isinstance(exc, oom) or (isinstance(exc, RuntimeError) and "MPS backend out of memory" in str(exc))
+
+
+def run_layers(model, loader, layer_map: dict, *, device, pooling, bf16: bool = False, progress: bool = False,
+               stop_early: bool = True, log=None):
+    """Run ``model`` over ``loader`` once, capturing every layer of ``layer_map`` with hooks.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+    loader : iterable of float tensors (B, C, H, W)
+    layer_map : dict
+        From :func:`resolve_layers`.
+    device : torch.device
+    pooling : evalkit.config.PoolingConfig
+    bf16 : bool
+        bfloat16 autocast (CUDA only).
+    progress : bool
+        A progress bar with images/s on stderr (only when it is a terminal and the run is long).
+    stop_early : bool
+        End each forward pass once every layer is captured (skips the rest of the network).
+        A module that runs several times per forward pass yields its first call's output.
+    log : callable, optional
+        Receives one-line notes (out-of-memory retries).
+
+    Returns
+    -------
+    features : dict of str to ndarray of shape (n_samples, n_features), float32
+    images_per_second : float
+    """
     import torch
 
     modules = dict(model.named_modules())
     captured: dict = {}
     prefix = num_prefix_tokens(model)
+    n_layers = len(layer_map)
+
+    # timm models with output_fmt NHWC (Swin) keep maps channels-last, except in their convolutions
+    nhwc_model = getattr(model, "output_fmt", None) == "NHWC"
+
+    def keep(layer, value, channels_last):
+        if layer not in captured:  # first call wins: the same answer with or without stop_early
+            captured[layer] = pool(value, spatial=pooling.spatial, tokens=pooling.tokens, prefix_tokens=prefix,
+                                   channels_last=channels_last)
+        if stop_early and len(captured) == n_layers:
+            raise _AllCaptured
+
     handles = []
-
-    def make_hook(layer, kind):
-        def hook_out(_m, _inp, out):
-            captured[layer] = pool(out, spatial=pooling.spatial, tokens=pooling.tokens, prefix_tokens=prefix)
-
-        def hook_in(_m, inp):
-            captured[layer] = pool(inp[0], spatial=pooling.spatial, tokens=pooling.tokens, prefix_tokens=prefix)
-
-        return hook_in if kind == "input" else hook_out
-
     for layer, (name, kind) in layer_map.items():
-        mod = modules[name]
-        hook = make_hook(layer, kind)
-        handles.append(mod.register_forward_pre_hook(hook) if kind == "input" else mod.register_forward_hook(hook))
+        module = modules[name]
+        if kind == "input":
+            hook = module.register_forward_pre_hook(lambda _m, inp, layer=layer: keep(layer, inp[0], False))
+        else:
+            nhwc = nhwc_model and not isinstance(module, torch.nn.modules.conv._ConvNd)
+            hook = module.register_forward_hook(lambda _m, _i, out, layer=layer, nhwc=nhwc: keep(layer, out, nhwc))
+        handles.append(hook)
+
+    def forward(x):
+        captured.clear()
+        try:
+            model(x)
+        except _AllCaptured:
+            pass
+        missing = [layer for layer in layer_map if layer not in captured]
+        if missing:
+            raise EvalkitError(f"layer {missing[0]!r} was not run by the model's forward; choose another layer")
+        return {layer: captured[layer].float().cpu().numpy() for layer in layer_map}
+
     chunks = {layer: [] for layer in layer_map}
     model.eval().to(device)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if (bf16 and device.type == "cuda") else _null()
+    use_bf16 = bf16 and device.type == "cuda"
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+    step = getattr(loader, "batch_size", None) or 1 << 30
     done, start = 0, time.perf_counter()
-    bar = _progress(len(loader.dataset)) if progress else None
+    bar = _progress(len(loader.dataset)) if progress and hasattr(loader, "dataset") else None
     try:
         with torch.inference_mode(), autocast:
-            for batch in loader:
-                captured.clear()
-                model(batch.to(device, non_blocking=True))
-                for layer in layer_map:
-                    if layer not in captured:
-                        raise EvalkitError(f"layer {layer!r} was not run by the model's forward; choose another layer")
-                    chunks[layer].append(captured[layer].float().cpu().numpy())
+            batches = iter(loader)
+            while True:
+                try:
+                    batch = next(batches)
+                except StopIteration:
+                    break
+                except EvalkitError as exc:  # raised in a DataLoader worker: multi-line
+                    raise EvalkitError(_one_line(exc)) from None
+                batch = batch.to(device, non_blocking=True)
+                pos = 0
+                while pos < batch.shape[0]:
+                    part = batch[pos:pos + step]
+                    try:
+                        out = forward(part)
+                    except Exception as exc:  # anything but running out of memory propagates as is
+                        if not _is_oom(exc):
+                            raise
+                        out = None
+                    if out is None:  # out of memory: retry this part at half the size
+                        captured.clear()
+                        if part.shape[0] == 1:
+                            raise EvalkitError(f"{device.type} out of memory with a batch of 1; use a smaller "
+                                               f"model or input size, or extract.device: cpu")
+                        step = max(1, part.shape[0] // 2)
+                        if device.type == "cuda":
+                            torch.cuda.empty_cache()
+                        if log:
+                            log(f"  {device.type} out of memory: retrying with batch size {step}")
+                        continue
+                    for layer, arr in out.items():
+                        chunks[layer].append(arr)
+                    pos += part.shape[0]
                 done += batch.shape[0]
                 if bar is not None:
                     bar.update(batch.shape[0])
@@ -251,141 +326,162 @@ def run_layers(model, loader, layer_map: dict, *, device, pooling, bf16: bool = 
             h.remove()
         if bar is not None:
             bar.close()
-    return {layer: np.concatenate(c).astype(np.float32) for layer, c in chunks.items()}, done / max(time.perf_counter() - start, 1e-9)
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    rate = done / max(time.perf_counter() - start, 1e-9)
+    feats = {layer: np.concatenate(c).astype(np.float32, copy=False) if c else np.zeros((0, 0), np.float32)
+             for layer, c in chunks.items()}
+    return feats, rate
 
 
 def _progress(total: int):
-    import sys
-
     from tqdm import tqdm
 
-    return tqdm(total=total, unit="img", leave=False, disable=not sys.stderr.isatty() or total < 2000)
+    return tqdm(total=total, unit="img", leave=False, file=sys.stderr,
+                disable=not sys.stderr.isatty() or total < PROGRESS_MIN_IMAGES)
 
 
-def _cache_key(mcfg, dataset, spec: dict, checkpoint_digest: str) -> str:
-    import evalkit
-
-    payload = {
-        "source": mcfg.source, "kwargs": mcfg.kwargs, "checkpoint": checkpoint_digest,
-        "layers": list(mcfg.layers), "pooling": mcfg.pooling.model_dump(), "preprocess": spec,
-        "data": dataset.fingerprint, "indices": hashlib.sha256(dataset.indices.tobytes()).hexdigest(),
-        "version": evalkit.__version__,
-    }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:32]
+# --- one model entry ------------------------------------------------------------------------
 
 
-def _digest(arrays: dict) -> str:
-    h = hashlib.sha256()
-    for k in sorted(arrays):
-        h.update(k.encode())
-        h.update(np.ascontiguousarray(arrays[k]).tobytes())
-    return h.hexdigest()
+def _precomputed(mcfg, dataset) -> list:
+    """A ``features: FILE`` model entry: one row per sample of the full split, in its order."""
+    from evalkit.data import encode_labels, read_feature_file
 
-
-def cache_read(path: Path) -> Optional[dict]:
-    """Cached arrays, or None when absent, truncated or not matching their stored digest."""
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files if k != "__digest__"}
-            digest = str(z["__digest__"])
-    except Exception:
-        return None
-    return arrays if _digest(arrays) == digest else None
-
-
-def cache_write(path: Path, arrays: dict) -> None:
-    """Write atomically (temp file + rename) with a digest verified on read."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, __digest__=np.array(_digest(arrays)), **arrays)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    feats, labels, _ = read_feature_file(mcfg.features)
+    n_total = dataset.n_total or (int(dataset.indices.max()) + 1 if len(dataset) else 0)
+    if feats.shape[0] != n_total:
+        raise EvalkitError(f"{mcfg.features}: {feats.shape[0]} feature rows for a dataset of {n_total} samples; "
+                           f"expected one row per sample, in the dataset's order")
+    if labels is not None:
+        codes = encode_labels(labels)[0][dataset.indices]
+        pairs = {(int(a), int(b)) for a, b in zip(codes, dataset.labels)}
+        if len(pairs) != len({a for a, _ in pairs}) or len(pairs) != len({b for _, b in pairs}):
+            raise EvalkitError(f"{mcfg.features}: its 'labels' disagree with the dataset's; rows must follow the "
+                               f"dataset's sample order")
+    layer = mcfg.layers[0] if mcfg.layers != (PENULTIMATE,) else "features"
+    return [FeatureSet(mcfg.name, layer, np.ascontiguousarray(feats[dataset.indices]))]
 
 
 def extract_model(mcfg, dataset, ecfg, *, use_cache: bool = True, log=None) -> list:
-    """Features of every requested layer of one model entry, as :class:`FeatureSet` objects."""
-    from evalkit.data import read_feature_file
+    """Features of every requested layer of one model entry.
 
+    Parameters
+    ----------
+    mcfg : evalkit.config.ModelConfig
+    dataset : evalkit.data.Dataset
+    ecfg : evalkit.config.ExtractConfig
+    use_cache : bool
+        ``False`` (``--no-cache``) recomputes even when cached, then refreshes the cache.
+    log : callable, optional
+        Receives one-line progress notes.
+
+    Returns
+    -------
+    list of FeatureSet
+        One per layer, in the entry's order; features of shape (n_samples, n_features).
+    """
     if mcfg.features:
-        feats, labels, _ = read_feature_file(mcfg.features)
-        if feats.shape[0] != dataset.indices.max() + 1 and feats.shape[0] < dataset.indices.max() + 1:
-            raise EvalkitError(f"{mcfg.features}: {feats.shape[0]} rows, but the dataset has more samples; expected one row per sample")
-        if dataset.features is not None and feats.shape[0] != dataset.features.shape[0] and labels is not None:
-            pass
-        return [FeatureSet(mcfg.name, mcfg.layers[0] if mcfg.layers != (PENULTIMATE,) else "features", feats[dataset.indices])]
+        return _precomputed(mcfg, dataset)
     if dataset.load_image is None:
         raise EvalkitError(f"model {mcfg.name!r}: data.kind 'features' has no images; give this model 'features: FILE'")
 
     import torch
 
-    from evalkit.models import create_model, file_digest, load_checkpoint
+    from evalkit.models import create_model, file_digest, load_checkpoint, read_checkpoint
 
     model = create_model(mcfg.source, kwargs=mcfg.kwargs)
+    layer_map = resolve_layers(model, mcfg.layers, source=mcfg.source)
+    spec = resolve_preprocess(model, mcfg.preprocess, source=mcfg.source)
     digest = "random-init"
-    if mcfg.checkpoint:
-        load_checkpoint(model, mcfg.checkpoint, unsafe_pickle=mcfg.unsafe_pickle, strict=mcfg.strict)
-        digest = file_digest(mcfg.checkpoint)
-    layer_map = resolve_layers(model, mcfg.layers)
-    spec = resolve_preprocess(model, mcfg.preprocess)
-    cache_path = Path(ecfg.cache_dir) / f"{mcfg.name}-{_cache_key(mcfg, dataset, spec, digest)}.npz"
+    if mcfg.checkpoint and ecfg.cache:
+        if not Path(mcfg.checkpoint).is_file():
+            read_checkpoint(mcfg.checkpoint)  # the one-line "not found" error
+        digest = file_digest(mcfg.checkpoint, cache_dir=ecfg.cache_dir)
+        # a checkpoint loaded once under these settings loads the same again: a hit skips loading it
+        digest += f"|strict={mcfg.strict}|unsafe_pickle={mcfg.unsafe_pickle}"
+    key = cache_key(mcfg, dataset, spec, digest, bf16=ecfg.bf16)
+    cache_path = Path(ecfg.cache_dir) / f"{mcfg.name}-{key}.npz"
     if use_cache and ecfg.cache:
         hit = cache_read(cache_path)
-        if hit is not None and set(hit) == set(mcfg.layers):
+        if hit is not None and set(hit) == set(mcfg.layers) and all(a.shape[0] == len(dataset) for a in hit.values()):
             if log:
-                log(f"  {mcfg.name}: features from cache")
+                log(f"  {mcfg.name}: features from cache ({cache_path.name})")
             return [FeatureSet(mcfg.name, layer, hit[layer]) for layer in mcfg.layers]
+    if mcfg.checkpoint:
+        report = load_checkpoint(model, mcfg.checkpoint, unsafe_pickle=mcfg.unsafe_pickle, strict=mcfg.strict)
+        skipped = len(report["missing"]) + len(report["unexpected"]) + len(report["mismatched"])
+        if skipped and log:
+            log(f"  {mcfg.name}: loaded {report['loaded']} tensors from {mcfg.checkpoint}; skipped {skipped} "
+                f"(strict: false)")
     device = resolve_device(ecfg.device)
+    if ecfg.bf16 and device.type != "cuda" and log:
+        log(f"  {mcfg.name}: extract.bf16 applies on CUDA only; running in float32 on {device.type}")
     loader = torch.utils.data.DataLoader(
         _Images(dataset, build_transform(spec)), batch_size=ecfg.batch_size, shuffle=False,
-        num_workers=ecfg.num_workers, pin_memory=device.type == "cuda",
+        num_workers=ecfg.num_workers, pin_memory=device.type == "cuda", collate_fn=_collate,
     )
-    feats, rate = run_layers(model, loader, layer_map, device=device, pooling=mcfg.pooling, bf16=ecfg.bf16, progress=True)
+    feats, rate = run_layers(model, loader, layer_map, device=device, pooling=mcfg.pooling, bf16=ecfg.bf16,
+                             progress=True, log=log)
     if log:
         log(f"  {mcfg.name}: {len(dataset)} images on {device} at {rate:,.0f} img/s")
-    if ecfg.cache and use_cache is not None:
-        cache_write(cache_path, feats)
+    if ecfg.cache:
+        try:
+            cache_write(cache_path, feats)
+        except OSError as exc:  # a full disk or read-only cache folder costs a recompute, nothing more
+            if log:
+                log(f"  {mcfg.name}: cannot write the feature cache {cache_path} ({exc})")
     return [FeatureSet(mcfg.name, layer, feats[layer]) for layer in mcfg.layers]
 
 
+# --- listing layers -------------------------------------------------------------------------
+
+
 def list_layers(source: str, *, kwargs: dict | None = None, input_size=None) -> list:
-    """``[(name, type, output shape)]`` for every module, from one dummy forward pass."""
+    """``[(name, type, output shape)]`` for every module, from one dummy forward pass.
+
+    Parameters
+    ----------
+    source : str
+        A model source string (``timm:resnet18``, ...).
+    kwargs : dict, optional
+    input_size : tuple, optional
+        ``(1, C, H, W)`` of the dummy input; default from the model's preprocessing.
+    """
     import torch
 
     from evalkit.models import create_model
 
     model = create_model(source, kwargs=kwargs).eval()
-    spec = resolve_preprocess(model, None)
     if input_size is None:
+        spec = resolve_preprocess(model, None, source=source)
         c = spec.get("channels") or 3
         s = spec.get("crop") or spec.get("resize") or 224
-        input_size = (1, c, s, s)
+        h, w = (s, s) if isinstance(s, int) else tuple(s)
+        input_size = (1, c, h, w)
     shapes: dict = {}
-    handles = [
-        m.register_forward_hook(lambda _m, _i, o, n=n: shapes.__setitem__(n, _shape(o)))
-        for n, m in model.named_modules() if n
-    ]
+    head = classifier_name(model)
+    modules = dict(model.named_modules())
+
+    def note(name, value) -> None:  # a hook that returns a value would replace the module's output
+        shapes.setdefault(name, _shape(value))
+
+    handles = [m.register_forward_hook(lambda _m, _i, o, n=n: note(n, o)) for n, m in modules.items() if n]
+    if head is not None:
+        handles.append(modules[head].register_forward_pre_hook(lambda _m, inp: note(PENULTIMATE, inp[0])))
     try:
         with torch.inference_mode():
             model(torch.zeros(*input_size))
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise EvalkitError(f"{source}: a dummy forward pass with input {tuple(input_size)} failed "
+                           f"({exc.__class__.__name__}: {first}); pass --input-size C,H,W") from exc
     finally:
         for h in handles:
             h.remove()
-    head = classifier_name(model)
-    rows = [(n, type(m).__name__, shapes.get(n, "not run")) for n, m in model.named_modules() if n]
+    rows = [(n, type(m).__name__, shapes.get(n, "not run")) for n, m in modules.items() if n]
     if head is not None:
-        rows.append((PENULTIMATE, f"input of {head}", "(features)"))
+        rows.append((PENULTIMATE, f"input of {head}", shapes.get(PENULTIMATE, "not run")))
     return rows
 
 
@@ -396,4 +492,8 @@ def _shape(o):
         return tuple(o.shape)
     if isinstance(o, (tuple, list)) and o and isinstance(o[0], torch.Tensor):
         return tuple(o[0].shape)
+    if isinstance(o, dict):
+        t = next((x for x in o.values() if isinstance(x, torch.Tensor)), None)
+        if t is not None:
+            return tuple(t.shape)
     return type(o).__name__

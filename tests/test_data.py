@@ -1,0 +1,216 @@
+"""Datasets: digits, image folders, torchvision sets written to disk, feature files, subsampling."""
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import write_image_folder, write_mnist
+from evalkit.config import DataConfig
+from evalkit.data import load_dataset, read_feature_file, stratified_subsample
+from evalkit.errors import EvalkitError
+
+# --- stratified subsampling -----------------------------------------------------------------
+
+
+def test_subsample_keeps_proportions_and_is_seeded():
+    labels = np.repeat([0, 1, 2], [600, 300, 100])
+    idx = stratified_subsample(labels, 100, seed=7)
+    assert idx.size == 100 and np.all(np.diff(idx) > 0)
+    assert np.bincount(labels[idx]).tolist() == [60, 30, 10]
+    assert np.array_equal(idx, stratified_subsample(labels, 100, seed=7))
+    assert not np.array_equal(idx, stratified_subsample(labels, 100, seed=8))
+
+
+def test_subsample_keeps_every_class_when_the_budget_allows():
+    labels = np.array([0] * 997 + [1, 2, 3])
+    idx = stratified_subsample(labels, 10, seed=0)
+    assert idx.size == 10 and set(labels[idx]) == {0, 1, 2, 3}
+
+
+@settings(max_examples=40, deadline=None)
+@given(counts=st.lists(st.integers(1, 40), min_size=1, max_size=6), frac=st.floats(0.01, 1.5), seed=st.integers(0, 5))
+def test_subsample_properties(counts, frac, seed):
+    labels = np.repeat(np.arange(len(counts)), counts)
+    n = labels.size
+    m = max(2, int(n * frac))
+    idx = stratified_subsample(labels, m, seed=seed)
+    assert idx.size == min(m, n) and np.unique(idx).size == idx.size and idx.max() < n
+    if m >= len(counts):
+        assert set(labels[idx]) == set(range(len(counts)))
+
+
+def test_digits_subsample():
+    ds = load_dataset(DataConfig(kind="digits", max_samples=50, seed=1))
+    assert len(ds) == 50 and ds.n_total == 899 and ds.label_names == tuple("0123456789")
+    assert ds.load_image(0).size == (8, 8)
+    assert ds.labels[0] == load_dataset(DataConfig(kind="digits")).labels[ds.indices[0]]
+
+
+# --- image folders --------------------------------------------------------------------------
+
+
+def test_imagefolder_classes_labels_and_images(image_folder):
+    ds = load_dataset(DataConfig(kind="imagefolder", path=str(image_folder)))
+    assert ds.label_names == ("cat", "dog", "fish")
+    assert np.bincount(ds.labels).tolist() == [5, 5, 5]
+    im = ds.load_image(7)
+    assert im.size == (16, 16) and im.mode == "RGB"
+    pickle.loads(pickle.dumps(ds.load_image))  # DataLoader workers can receive it
+
+
+def test_imagefolder_split_and_max_samples(tmp_path):
+    write_image_folder(tmp_path / "root" / "val", classes=("a", "b"), n_per_class=6)
+    ds = load_dataset(DataConfig(kind="imagefolder", path=str(tmp_path / "root"), split="val", max_samples=4))
+    assert len(ds) == 4 and np.bincount(ds.labels).tolist() == [2, 2] and ds.n_total == 12
+
+
+def test_imagefolder_fingerprint_changes_when_a_file_changes(image_folder):
+    cfg = DataConfig(kind="imagefolder", path=str(image_folder))
+    before = load_dataset(cfg).fingerprint
+    assert load_dataset(cfg).fingerprint == before
+    target = image_folder / "dog" / "005.png"
+    target.write_bytes(target.read_bytes() + b"\0")
+    assert load_dataset(cfg).fingerprint != before
+
+
+def test_imagefolder_corrupt_image_names_the_file(image_folder):
+    bad = image_folder / "dog" / "007.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+    ds = load_dataset(DataConfig(kind="imagefolder", path=str(image_folder)))
+    i = [k for k in range(len(ds)) if ds.load_image.load_full.files[ds.indices[k]] == bad][0]
+    with pytest.raises(EvalkitError, match=r"007\.png: cannot read image") as info:
+        ds.load_image(i)
+    assert "\n" not in str(info.value)
+
+
+def test_imagefolder_empty_class_folder_is_named(image_folder):
+    (image_folder / "empty-class").mkdir()
+    (image_folder / "empty-class" / "notes.txt").write_text("no images here")
+    with pytest.raises(EvalkitError, match=r"class folder empty-class under .* holds no images"):
+        load_dataset(DataConfig(kind="imagefolder", path=str(image_folder)))
+
+
+@pytest.mark.parametrize("layout, match", [
+    ("missing", "does not exist"),
+    ("flat", "has no class sub-folders"),
+    ("no-images", "no images"),
+])
+def test_imagefolder_bad_layouts(tmp_path, layout, match):
+    root = tmp_path / "root"
+    if layout == "flat":
+        root.mkdir()
+        (root / "x.png").write_bytes(b"")
+    elif layout == "no-images":
+        (root / "a").mkdir(parents=True)
+    with pytest.raises(EvalkitError, match=match):
+        load_dataset(DataConfig(kind="imagefolder", path=str(root)))
+
+
+# --- torchvision sets on disk ---------------------------------------------------------------
+
+
+def test_torchvision_mnist_from_raw_files(tmp_path):
+    write_mnist(tmp_path, n_train=20, n_test=30, size=12)
+    ds = load_dataset(DataConfig(kind="torchvision", name="MNIST", path=str(tmp_path), max_samples=20))
+    assert len(ds) == 20 and ds.n_total == 30
+    assert ds.label_names[3] == "3 - three"  # class names from the dataset
+    im = ds.load_image(0)
+    assert im.size == (12, 12) and im.mode == "L"
+    train = load_dataset(DataConfig(kind="torchvision", name="MNIST", path=str(tmp_path), split="train"))
+    assert len(train) == 20 and train.fingerprint != ds.fingerprint
+    pickle.loads(pickle.dumps(ds.load_image))
+
+
+def test_torchvision_fashion_mnist_is_found_by_name(tmp_path):
+    write_mnist(tmp_path, name="FashionMNIST", size=8)
+    ds = load_dataset(DataConfig(kind="torchvision", name="FashionMNIST", path=str(tmp_path)))
+    assert ds.label_names[0] == "T-shirt/top"
+
+
+@pytest.mark.parametrize("name, match", [
+    ("MNIST", r"never downloads: put the files at .*/MNIST/raw/\{train,t10k\}"),
+    ("CIFAR10", r"cifar-10-batches-py/\{data_batch_1..5,test_batch"),
+    ("SVHN", r"\{train,test,extra\}_32x32.mat"),
+])
+def test_torchvision_missing_files_say_where_they_go(tmp_path, name, match):
+    with pytest.raises(EvalkitError, match=match) as info:
+        load_dataset(DataConfig(kind="torchvision", name=name, path=str(tmp_path)))
+    assert "download=True" not in str(info.value) and "\n" not in str(info.value)
+
+
+def test_torchvision_unknown_name_and_bad_split(tmp_path):
+    with pytest.raises(EvalkitError, match=r"did you mean 'MNIST'"):
+        load_dataset(DataConfig(kind="torchvision", name="MNSIT", path=str(tmp_path)))
+    write_mnist(tmp_path, size=8)
+    with pytest.raises(EvalkitError, match=r"data.split: MNIST has splits 'train' and 'test'; got 'val'"):
+        load_dataset(DataConfig(kind="torchvision", name="MNIST", path=str(tmp_path), split="val"))
+
+
+# --- feature files --------------------------------------------------------------------------
+
+
+def _features(n=12, d=5, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n, d)).astype(np.float32), np.arange(n) % 3
+
+
+def test_npz_features_dataset(tmp_path):
+    X, y = _features()
+    np.savez(tmp_path / "f.npz", features=X, labels=y, label_names=np.array(["a", "b", "c"]))
+    ds = load_dataset(DataConfig(kind="features", path=str(tmp_path / "f.npz"), max_samples=6))
+    assert ds.label_names == ("a", "b", "c") and ds.features.shape == (6, 5) and ds.load_image is None
+    assert np.array_equal(ds.features, X[ds.indices])
+
+
+def test_npy_features_with_a_text_labels_file(tmp_path):
+    X, _ = _features()
+    np.save(tmp_path / "f.npy", X)
+    names = ["dog", "cat", "cat", "bird"] * 3
+    (tmp_path / "labels.txt").write_text("\n".join(names) + "\n")
+    ds = load_dataset(DataConfig(kind="features", path=str(tmp_path / "f.npy"), labels=str(tmp_path / "labels.txt")))
+    assert ds.label_names == ("bird", "cat", "dog")
+    assert [ds.label_names[k] for k in ds.labels] == names
+
+
+def test_safetensors_features(tmp_path):
+    from safetensors.numpy import save_file
+
+    X, y = _features()
+    save_file({"features": X, "labels": y.astype(np.int64)}, str(tmp_path / "f.safetensors"))
+    feats, labels, _ = read_feature_file(tmp_path / "f.safetensors")
+    assert np.array_equal(feats, X) and np.array_equal(labels, y)
+
+
+def test_nan_and_inf_are_reported_with_count_and_rows(tmp_path):
+    X, y = _features()
+    X[3, 1] = np.nan
+    X[3, 2] = np.inf
+    X[8, 0] = -np.inf
+    np.savez(tmp_path / "f.npz", features=X, labels=y)
+    with pytest.raises(EvalkitError, match=r"3 NaN or infinite values in 2 rows \(rows 3, 8\)"):
+        read_feature_file(tmp_path / "f.npz")
+
+
+def test_label_length_mismatch(tmp_path):
+    X, y = _features()
+    np.save(tmp_path / "f.npy", X)
+    np.save(tmp_path / "y.npy", y[:-2])
+    with pytest.raises(EvalkitError, match=r"10 labels for 12 feature rows"):
+        load_dataset(DataConfig(kind="features", path=str(tmp_path / "f.npy"), labels=str(tmp_path / "y.npy")))
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda p: np.savez(p / "f.npz", other=np.zeros(3)), r"needs an array 'features'"),
+    (lambda p: np.savez(p / "f.npz", features=np.zeros(3), labels=np.zeros(3)), r"must be 2-D"),
+    (lambda p: (p / "f.npz").write_bytes(b"PK\x03\x04 broken"), r"cannot read feature file"),
+    (lambda p: np.save(p / "f.npy", np.zeros((4, 2))), r"no labels; add a 'labels' array"),
+])
+def test_bad_feature_files(tmp_path, make, match):
+    make(tmp_path)
+    path = next(tmp_path.glob("f.*"))
+    with pytest.raises(EvalkitError, match=match):
+        load_dataset(DataConfig(kind="features", path=str(path)))
