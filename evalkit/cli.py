@@ -1,7 +1,9 @@
 """Command line: ``evalkit report | check | layers``. No logic lives here.
 
-A user mistake (:class:`EvalkitError`) is one line on stderr and exit code 2; ``--debug``
-shows the traceback. A failing check is exit code 1.
+A user mistake (:class:`EvalkitError`, a wrong command line, an unreadable file) is one line
+on stderr and exit code 2; ``--debug`` shows the traceback. A failing check is exit code 1.
+Ctrl-C is exit code 130 (SIGTERM 143) with one line; the previous run folder is untouched. A
+bug in evalkit is one line, then the traceback, and exit code 3.
 """
 from __future__ import annotations
 
@@ -10,39 +12,54 @@ import sys
 
 from evalkit.errors import EvalkitError
 
-EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT, EXIT_BUG = 0, 1, 2, 3
+EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143
+
+
+class _UsageError(Exception):
+    """A wrong command line (argparse's own errors), shown as one line like any user mistake."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        command = self.prog.partition(" ")[2]  # "report" for "evalkit report", "" for evalkit itself
+        raise _UsageError(f"{command + ': ' if command else ''}{message} (see `{self.prog} --help`)")
+
+
+class _Terminated(BaseException):
+    """SIGTERM, raised like KeyboardInterrupt so the run unwinds and leaves nothing behind."""
 
 
 def _parser() -> argparse.ArgumentParser:
     from evalkit import __version__
 
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="evalkit",
         description="Extract features from models, embed them (t-SNE, UMAP, PCA), score them and write one HTML report.",
     )
     p.add_argument("--version", action="version", version=f"evalkit {__version__}")
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     r = sub.add_parser("report", help="run the whole pipeline and write a run folder")
     r.add_argument("config", metavar="CONFIG", help="YAML config")
     r.add_argument("--out", metavar="DIR", help="run folder (default: reports/out/NAME)")
     r.add_argument("--no-cache", action="store_true", help="recompute features even when cached")
     r.add_argument("--junit", metavar="FILE", help="also write the checks as JUnit XML")
-    r.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    r.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
     c = sub.add_parser("check", help="re-evaluate the checks on an existing run folder (no recomputation)")
     c.add_argument("run_dir", metavar="DIR")
     c.add_argument("--config", metavar="CONFIG", help="take the checks from this config instead of DIR/config.yaml")
     c.add_argument("--baseline", metavar="DIR2", help="an earlier run folder, for max_drop conditions")
     c.add_argument("--junit", metavar="FILE", help="write JUnit XML")
-    c.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    c.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
     la = sub.add_parser("layers", help="list the layer names a config may use for a model")
     la.add_argument("source", metavar="MODEL_SPEC", help="e.g. timm:resnet18, torchvision:resnet50, demo:cnn")
     la.add_argument("--kwargs", metavar="YAML", default=None, help="model keyword arguments, e.g. '{num_classes: 10}'")
     la.add_argument("--input-size", metavar="C,H,W", default=None, help="dummy input size (default from the model)")
-    la.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    la.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return p
 
 
@@ -51,11 +68,13 @@ def _report(args) -> int:
 
     from evalkit.check import describe, exit_code, write_junit
     from evalkit.config import load_config
-    from evalkit.pipeline import run_report
+    from evalkit.pipeline import default_out_dir, run_report
 
     config = load_config(args.config)
-    out = Path(args.out) if args.out else Path("reports/out") / config.name
-    result = run_report(config, out, use_cache=not args.no_cache, argv=["evalkit"] + sys.argv[1:])
+    out = Path(args.out) if args.out else default_out_dir(config)
+    if args.junit and Path(args.junit).is_dir():
+        raise EvalkitError(f"--junit {args.junit}: is a folder; expected a file name such as checks.xml")
+    result = run_report(config, out, use_cache=not args.no_cache, argv=["evalkit"] + args.argv)
     for r in result.checks:
         if r.status != "pass":
             print(describe(r), file=sys.stderr)
@@ -63,7 +82,7 @@ def _report(args) -> int:
         write_junit(args.junit, result.checks)
     passed = sum(r.status == "pass" for r in result.checks)
     print(f"evalkit: wrote {out}/index.html ({result.provenance['duration_s']:.1f} s); "
-          f"checks: {passed} passed of {len(result.checks)}", file=sys.stderr)
+          f"checks: {passed} passed of {len(result.checks)}")
     return exit_code(result.checks)
 
 
@@ -83,7 +102,7 @@ def _check(args) -> int:
     if args.junit:
         write_junit(args.junit, results)
     if not results:
-        print(f"evalkit: {config_path} has no checks", file=sys.stderr)
+        print(f"evalkit: {config_path} has no checks")
     return exit_code(results)
 
 
@@ -92,7 +111,11 @@ def _layers(args) -> int:
 
     from evalkit.extract import list_layers
 
-    kwargs = yaml.safe_load(args.kwargs) if args.kwargs else {}
+    try:
+        kwargs = yaml.safe_load(args.kwargs) if args.kwargs else {}
+    except yaml.YAMLError as exc:
+        raise EvalkitError(f"--kwargs: not valid YAML ({getattr(exc, 'problem', None) or exc}); expected a "
+                           f"mapping like '{{num_classes: 10}}'") from None
     if not isinstance(kwargs, dict):
         raise EvalkitError(f"--kwargs: expected a mapping like '{{num_classes: 10}}'; got {args.kwargs!r}")
     size = None
@@ -108,23 +131,93 @@ def _layers(args) -> int:
     return EXIT_OK
 
 
+def _one_line(exc: BaseException) -> str:
+    """The message of ``exc`` as one line (a DataLoader worker wraps it in a traceback)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if not lines:
+        return exc.__class__.__name__
+    if len(lines) > 1 and any(line.startswith("Original Traceback") for line in lines):
+        return lines[-1].split(": ", 1)[-1] if lines[-1].startswith(("evalkit.", "EvalkitError")) else lines[-1]
+    return " ".join(lines)
+
+
+def _user_error(exc: BaseException):
+    """The one-line message for an exception that is not a bug in evalkit, else None."""
+    if isinstance(exc, EvalkitError):
+        return _one_line(exc)
+    if isinstance(exc, _UsageError):
+        return str(exc)
+    if isinstance(exc, MemoryError):
+        return "out of memory; lower data.max_samples (or extract.batch_size)"
+    if type(exc).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError
+        return "out of GPU memory; lower extract.batch_size, or set extract.device: cpu"
+    if isinstance(exc, OSError) and exc.filename:  # disk full, permission denied, ...
+        return f"{exc.filename}: {exc.strerror or exc}"
+    return None
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated()
+
+
 def main(argv=None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
+    import signal
+    import warnings
+
+    try:
+        parser = _parser()
+        args = parser.parse_args(argv)
+    except _UsageError as exc:
+        print(f"evalkit: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except SystemExit as exc:  # --help, --version
+        return exc.code if isinstance(exc.code, int) else EXIT_OK
     if not args.command:
         parser.print_help()
         return EXIT_OK
+    debug = getattr(args, "debug", False)
+    args.argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
     handler = {"report": _report, "check": _check, "layers": _layers}[args.command]
+    previous = None
     try:
-        return handler(args)
-    except EvalkitError as exc:
-        if args.debug:
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread: leave signals alone
+        pass
+    try:
+        with warnings.catch_warnings():
+            if not debug:  # library warnings are noise on a terminal; --debug shows them
+                warnings.simplefilter("ignore")
+            return handler(args)
+    except (KeyboardInterrupt, _Terminated) as exc:
+        if argv is None:  # the evalkit program itself: a second Ctrl-C while exiting must not
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # end it with a traceback instead
+        what = "interrupted" if isinstance(exc, KeyboardInterrupt) else "terminated"
+        print(f"evalkit: {what}; nothing was written (an earlier run folder is left as it was)", file=sys.stderr)
+        return EXIT_INTERRUPTED if isinstance(exc, KeyboardInterrupt) else EXIT_TERMINATED
+    except BrokenPipeError:  # `evalkit layers ... | head`: the reader has gone; so does the output
+        import os
+
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return EXIT_OK
+    except Exception as exc:
+        message = _user_error(exc)
+        if debug:
             raise
-        print(f"evalkit: error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        print("evalkit: interrupted; nothing was written", file=sys.stderr)
-        return 130
+        if message is not None:
+            print(f"evalkit: error: {message}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        import traceback
+
+        print(f"evalkit: internal error: {exc.__class__.__name__}: {_one_line(exc)[:300]} (a bug in evalkit: "
+              f"please report it with the traceback below)", file=sys.stderr)
+        traceback.print_exc(file=sys.stderr)
+        return EXIT_BUG
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

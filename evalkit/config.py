@@ -5,6 +5,10 @@ file, the key path (``models[1].layers``) and what was expected.
 """
 from __future__ import annotations
 
+import re
+import types
+import typing
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -17,12 +21,13 @@ from pydantic import (
     model_validator,
 )
 
-from evalkit.errors import EvalkitError, closest
+from evalkit.errors import EvalkitError
 
 METHODS = ("tsne", "umap", "pca")
 FEATURE_METRICS = ("silhouette", "knn_accuracy", "weighted_knn_accuracy")
 EMBEDDING_METRICS = ("trustworthiness", "continuity", "silhouette", "knn_accuracy")
 ALL_METRICS = tuple(dict.fromkeys(EMBEDDING_METRICS + FEATURE_METRICS))
+_UNIONS = (Union, types.UnionType)
 
 
 class _Strict(BaseModel):
@@ -40,10 +45,12 @@ class DataConfig(_Strict):
 
     @model_validator(mode="after")
     def _needs_path(self):
-        if self.kind in ("imagefolder", "torchvision", "features") and not self.path:
-            raise ValueError(f"data.kind {self.kind!r} needs data.path")
+        what = {"imagefolder": "the folder of class sub-folders", "torchvision": "the dataset's root folder",
+                "features": "the features file (.npz, .npy or .safetensors)"}
+        if self.kind in what and not self.path:
+            raise LocatedError("path", f"required when kind is {self.kind!r}: {what[self.kind]}")
         if self.kind == "torchvision" and not self.name:
-            raise ValueError("data.kind 'torchvision' needs data.name (e.g. MNIST, CIFAR10)")
+            raise LocatedError("name", "required when kind is 'torchvision': the dataset class, e.g. MNIST, CIFAR10")
         return self
 
 
@@ -87,6 +94,9 @@ class ModelConfig(_Strict):
             raise ValueError("give at least one layer name")
         if len(set(v)) != len(v):
             raise ValueError("layer names must be unique")
+        for name in v:
+            if not name or "/" in name:
+                raise ValueError(f"layer name {name!r}: expected a non-empty name without '/'")
         return v
 
     @model_validator(mode="after")
@@ -94,8 +104,18 @@ class ModelConfig(_Strict):
         if bool(self.source) == bool(self.features):
             raise ValueError(f"model {self.name!r} needs exactly one of 'source' or 'features'")
         if self.features and self.checkpoint:
-            raise ValueError(f"model {self.name!r}: 'checkpoint' applies to 'source', not 'features'")
+            raise LocatedError("checkpoint", f"applies to a 'source' model; model {self.name!r} reads 'features'")
+        if self.features and len(self.layers) > 1:
+            raise LocatedError("layers", f"model {self.name!r} reads one feature set from 'features'; give at most "
+                                         f"one layer name (it labels the features in the report)")
         return self
+
+    @property
+    def layer_names(self) -> tuple:
+        """The layer names this entry's rows carry (a ``features`` entry: one, ``features`` by default)."""
+        if self.features:
+            return ("features",) if self.layers == ("penultimate",) else self.layers[:1]
+        return self.layers
 
 
 class ExtractConfig(_Strict):
@@ -177,9 +197,7 @@ class CheckConfig(_Strict):
     @classmethod
     def _known_metric(cls, v):
         if v not in ALL_METRICS:
-            near = closest(v, ALL_METRICS)
-            hint = f" (did you mean {near[0]!r}?)" if near else ""
-            raise ValueError(f"unknown metric {v!r}{hint}; expected one of {', '.join(ALL_METRICS)}")
+            raise ValueError(_unknown_message(v, ALL_METRICS))
         return v
 
     @model_validator(mode="after")
@@ -190,6 +208,35 @@ class CheckConfig(_Strict):
 
 
 CONDITIONS = ("gt", "gte", "lt", "lte", "eq", "approx", "max_drop")
+
+# Names users type for a valid value; a typo is matched by spelling instead.
+_ALIASES = {"gpu": "cuda", "cuda:0": "cuda", "t-sne": "tsne", "umap-learn": "umap", "folder": "imagefolder",
+            "npz": "features", "knn": "knn_accuracy", "accuracy": "knn_accuracy"}
+
+
+def _near(name: str, choices) -> list:
+    """Valid names close to ``name`` (a stricter cut-off than errors.closest: no 'fast' -> 'auto')."""
+    import difflib
+
+    choices = [str(c) for c in choices]
+    alias = _ALIASES.get(name.lower())
+    if alias in choices:
+        return [alias]
+    lowered = {c.lower(): c for c in choices}
+    if name.lower() in lowered:
+        return [lowered[name.lower()]]
+    return difflib.get_close_matches(name, choices, n=1, cutoff=0.6)
+
+
+def _unknown_message(name, choices) -> str:
+    choices = list(choices)
+    near = _near(str(name), choices)
+    hint = f"; did you mean {near[0]!r}?" if near else ""
+    return f"expected one of {', '.join(map(repr, choices))} (got {name!r}{hint})"
+
+
+def _is_glob(pattern: str) -> bool:
+    return any(c in pattern for c in "*?[")
 
 
 class Config(_Strict):
@@ -213,6 +260,29 @@ class Config(_Strict):
                 raise ValueError(f"model name {n!r} may not contain '/'")
         return v
 
+    @model_validator(mode="after")
+    def _checks_select_rows(self):
+        """A check's ``where`` must be able to match a row: a misspelt name is a mistake."""
+        models = {m.name: m for m in self.models}
+        methods = ("features",) + tuple(self.embed.methods)
+        for i, check in enumerate(self.checks):
+            w = check.where
+            at = f"checks[{i}].where"
+            if not _is_glob(w.model) and w.model not in models:
+                raise LocatedError(f"{at}.model", "no such model; " + _unknown_message(w.model, models))
+            if not _is_glob(w.method) and w.method not in methods:
+                raise LocatedError(f"{at}.method", "no such method in this run; " + _unknown_message(w.method, methods))
+            selected = [m for name, m in models.items() if fnmatchcase(name, w.model)]
+            layers = list(dict.fromkeys(layer for m in selected for layer in m.layer_names))
+            if not _is_glob(w.layer) and w.layer not in layers:
+                raise LocatedError(f"{at}.layer", "no such layer in the selected models; " + _unknown_message(w.layer, layers))
+            if not _is_glob(w.method):
+                valid = FEATURE_METRICS if w.method == "features" else EMBEDDING_METRICS
+                if check.metric not in valid:
+                    raise LocatedError(f"checks[{i}].metric", f"{check.metric!r} is not computed for method "
+                                       f"{w.method!r}; expected one of {', '.join(map(repr, valid))}")
+        return self
+
     def to_yaml(self) -> str:
         import yaml
 
@@ -221,70 +291,253 @@ class Config(_Strict):
         )
 
 
-def _loc(loc: tuple) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif part in ("function-after", "function-before") or "[" in str(part):
+class LocatedError(ValueError):
+    """A validator's error about one key below the model that raises it.
+
+    pydantic places a model validator's error at the model itself; ``path`` (e.g.
+    ``"path"`` or ``"checks[0].where.model"``) names the offending key relative to it.
+    """
+
+    def __init__(self, path: str, message: str):
+        super().__init__(message)
+        self.path = path
+
+
+_UNION_TAG_CHARS = ("[", "(")
+
+
+def _strip_none(ann):
+    """``Optional[X]`` -> ``X`` (pydantic puts no tag in the location for it)."""
+    args = typing.get_args(ann)
+    if typing.get_origin(ann) in _UNIONS and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        if len(rest) == 1:
+            return rest[0]
+        return typing.Union[tuple(rest)]
+    return ann
+
+
+def _model_class(ann):
+    return ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+
+
+def _unwrap(ann):
+    """``Optional[X]`` -> ``X`` and ``Annotated[X, ...]`` -> ``X``."""
+    while True:
+        while typing.get_origin(ann) is typing.Annotated:
+            ann = typing.get_args(ann)[0]
+        stripped = _strip_none(ann)
+        if stripped is ann:
+            return ann
+        ann = stripped
+
+
+def _member(members, tag):
+    """The union member a location tag names: a model's class name, or a discriminator value
+    (a value of one of the model's ``Literal`` fields)."""
+    for m in members:
+        model = _model_class(m)
+        if model is None:
             continue
-        else:
-            out += ("." if out else "") + str(part)
-    return out or "(top level)"
-
-
-def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
-    """The keys valid at ``loc`` (the parent of an unknown key)."""
-    current: Any = model
-    for part in loc:
-        if isinstance(part, int):
-            continue
-        fields = getattr(current, "model_fields", None)
-        if not fields or part not in fields:
-            return []
-        ann = fields[part].annotation
-        current = _unwrap_model(ann)
-        if current is None:
-            return []
-    return list(getattr(current, "model_fields", {}))
-
-
-def _unwrap_model(ann):
-    import typing
-
-    if isinstance(ann, type) and issubclass(ann, BaseModel):
-        return ann
-    for arg in typing.get_args(ann):
-        found = _unwrap_model(arg)
-        if found is not None:
-            return found
+        if model.__name__ == tag:
+            return m
+        for field in model.model_fields.values():
+            if typing.get_origin(_unwrap(field.annotation)) is Literal and tag in typing.get_args(_unwrap(field.annotation)):
+                return m
     return None
 
 
-def format_validation_error(err: ValidationError, source: str) -> str:
-    """One line: ``source: key.path: what is wrong`` (+ how many more problems)."""
-    errors = err.errors(include_url=False)
-    first = errors[0]
-    loc = tuple(first["loc"])
-    where = _loc(loc)
-    if first["type"] == "extra_forbidden":
-        key = str(loc[-1])
-        allowed = _allowed_keys(Config, loc[:-1])
-        near = closest(key, allowed)
-        hint = f"; did you mean {near[0]!r}?" if near else ""
-        msg = f"unknown key{hint} (valid keys here: {', '.join(allowed)})"
-    elif first["type"] == "missing":
-        msg = "required key is missing"
+def _walk(loc: tuple, root=None):
+    """Where a pydantic ``loc`` points: ``(display path, annotation there, model holding the
+    last key, union branches taken)``.
+
+    The annotations guide the walk, so union-member tags (``literal['auto']``, ``float``,
+    ``ApproxConfig``, a discriminator value), validator wrappers and dict-key markers are left
+    out of the path. ``branches`` lists ``(loc prefix, member)`` for each union of models the
+    location goes through, so errors from the members the input was not meant for can be
+    told apart.
+    """
+    root = root or Config
+    path, ann, holder, branches = "", root, None, []
+    for i, part in enumerate(loc):
+        ann = _unwrap(ann)
+        origin = typing.get_origin(ann)
+        model = _model_class(ann)
+        if model is not None:
+            holder = model
+            if isinstance(part, str) and part in model.model_fields:
+                ann = model.model_fields[part].annotation
+            else:  # an unknown key (extra_forbidden) or a non-string key
+                ann = None
+            path += ("." if path else "") + str(part) if isinstance(part, str) else f"[{part!r}]"
+        elif origin in (tuple, list) and isinstance(part, int):
+            args = [a for a in typing.get_args(ann) if a is not Ellipsis]
+            ann = args[0] if args else Any
+            path += f"[{part}]"
+        elif origin is dict:
+            if part == "[key]":
+                continue
+            args = typing.get_args(ann)
+            ann = args[1] if len(args) == 2 else Any
+            path += ("." if path else "") + str(part)
+        elif origin in _UNIONS:
+            members = [_unwrap(a) for a in typing.get_args(ann)]
+            ann = _member(members, part)
+            if ann is not None:
+                branches.append((tuple(loc[:i]), part))
+        elif isinstance(part, str) and (part == "[key]" or any(c in part for c in _UNION_TAG_CHARS)):
+            continue
+        else:
+            path += f"[{part}]" if isinstance(part, int) else ("." if path else "") + str(part)
+            ann = None
+    return path, _unwrap(ann) if ann is not None else None, holder, branches
+
+
+def _likely_branches(errors: list, model) -> list:
+    """Keep, for each union of models, the errors of the member the input was most likely
+    written for: the fewest mismatched ``Literal`` fields (a ``kind: b`` says "not A"), then
+    the fewest errors."""
+    per_union: dict = {}
+    for e in errors:
+        for prefix, tag in _walk(tuple(e["loc"]), model)[3]:
+            literal, total = per_union.setdefault(prefix, {}).get(tag, (0, 0))
+            per_union[prefix][tag] = (literal + (e["type"] == "literal_error"), total + 1)
+    best = {prefix: min(scores, key=lambda t: (*scores[t], list(scores).index(t))) for prefix, scores in per_union.items()}
+    kept = [e for e in errors if all(best[prefix] == tag for prefix, tag in _walk(tuple(e["loc"]), model)[3])]
+    return kept or errors
+
+
+def _show(value) -> str:
+    """A config value as YAML spells it, shortened."""
+    if value is None:
+        text = "nothing"
+    elif isinstance(value, bool):
+        text = "true" if value else "false"
+    elif isinstance(value, dict):
+        text = "a mapping"
     else:
-        msg = first["msg"].removeprefix("Value error, ")
-        if "input" in first and first["type"] not in ("value_error", "assertion_error"):
-            got = first["input"]
-            text = repr(got) if not isinstance(got, dict) else "a mapping"
-            if len(text) > 60:
-                text = text[:57] + "..."
-            msg += f" (got {text})"
-    more = f" [and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''}]" if len(errors) > 1 else ""
-    return f"{source}: {where}: {msg}{more}"
+        text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _plural(n, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+_EXPECTED = {
+    "int_type": "an integer", "int_parsing": "an integer", "int_from_float": "an integer",
+    "float_type": "a number", "float_parsing": "a number", "finite_number": "a finite number",
+    "bool_type": "true or false", "bool_parsing": "true or false",
+    "string_type": "a string", "tuple_type": "a list", "list_type": "a list",
+    "iterable_type": "a list", "dict_type": "a mapping", "mapping_type": "a mapping",
+}
+_BOUNDS = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=", "less_than": "<"}
+
+
+def _expected(err: dict, ann) -> tuple[str, list]:
+    """``(what was expected, close valid names)`` for one pydantic error."""
+    kind, ctx = err["type"], err.get("ctx") or {}
+    if kind == "literal_error":
+        choices = list(typing.get_args(ann)) if typing.get_origin(ann) is Literal else []
+        if not choices:
+            choices = re.findall(r"'([^']*)'", str(ctx.get("expected", "")))
+        text = ", ".join(repr(c) for c in choices) or str(ctx.get("expected"))
+        near = _near(err["input"], choices) if isinstance(err.get("input"), str) else []
+        return (f"one of {text}" if len(choices) > 1 else text), near[:1]
+    if kind in _EXPECTED:
+        return _EXPECTED[kind], []
+    if kind in ("model_type", "model_attributes_type"):
+        model = _model_class(ann)
+        keys = f" with keys {', '.join(model.model_fields)}" if model else ""
+        return f"a mapping{keys}", []
+    if kind in _BOUNDS:
+        bound = next(iter(ctx.values()), "?")
+        number = "an integer" if ann is int else "a number"
+        return f"{number} {_BOUNDS[kind]} {bound}", []
+    if kind in ("too_short", "too_long"):
+        n = ctx.get("min_length" if kind == "too_short" else "max_length")
+        side = "at least" if kind == "too_short" else "at most"
+        return f"a list of {side} {_plural(n, 'item')}", []
+    if kind in ("string_too_short", "string_too_long"):
+        if kind == "string_too_short" and ctx.get("min_length") == 1:
+            return "a non-empty string", []
+        n = ctx.get("min_length" if kind == "string_too_short" else "max_length")
+        return f"a string of {'at least' if kind == 'string_too_short' else 'at most'} {_plural(n, 'character')}", []
+    msg = err["msg"]
+    return msg[:1].lower() + msg[1:], []
+
+
+def _describe(group: list, source_model) -> tuple[str, str]:
+    """``(key path, message)`` for the errors at one key (several for a union)."""
+    first = group[0]
+    where, ann, holder, _ = _walk(tuple(first["loc"]), source_model)
+    kind = first["type"]
+    if kind == "extra_forbidden":
+        key = str(first["loc"][-1])
+        allowed = list(holder.model_fields) if holder is not None else []
+        near = _near(key, allowed)
+        hint = f"; did you mean {near[0]!r}?" if near else ""
+        return where, f"unknown key{hint} (valid keys here: {', '.join(allowed)})"
+    if kind == "missing":
+        return where, "required key is missing"
+    if first["loc"] and first["loc"][-1] == "[key]":  # a mapping key of the wrong type
+        where = _walk(tuple(first["loc"])[:-2], source_model)[0]
+        return where, f"key {_show(first.get('input'))}: keys must be strings"
+    if kind in ("union_tag_invalid", "union_tag_not_found"):
+        ctx = first.get("ctx") or {}
+        key = str(ctx.get("discriminator", "")).strip("'\"")
+        where = f"{where}.{key}" if where else key
+        if kind == "union_tag_not_found":
+            return where, "required key is missing"
+        tags = re.findall(r"'([^']*)'", str(ctx.get("expected_tags", "")))
+        near = _near(str(ctx.get("tag")), tags)
+        hint = f"; did you mean {near[0]!r}?" if near else ""
+        return where, f"expected one of {', '.join(map(repr, tags))} (got {_show(ctx.get('tag'))}{hint})"
+    if kind == "invalid_key":
+        where = _walk(tuple(first["loc"])[:-1], source_model)[0]
+        return where, f"key {_show(first.get('input'))}: keys must be strings"
+    if kind in ("value_error", "assertion_error"):
+        exc = (first.get("ctx") or {}).get("error")
+        msg = str(exc) if exc is not None else first["msg"].removeprefix("Value error, ")
+        if isinstance(exc, LocatedError):
+            sep = "" if exc.path.startswith("[") or not where else "."
+            where = f"{where}{sep}{exc.path}"
+        return where, msg
+    phrases, near = [], []
+    for err in group:
+        member_ann = _walk(tuple(err["loc"]), source_model)[1]
+        phrase, close = _expected(err, member_ann)
+        if phrase not in phrases:
+            phrases.append(phrase)
+        near += [c for c in close if c not in near]
+    expected = " or ".join(phrases)
+    got = _show(first.get("input"))
+    hint = f"; did you mean {near[0]!r}?" if near else ""
+    return where, f"expected {expected} (got {got}{hint})"
+
+
+def format_validation_error(err: ValidationError, source: str, *, model=None) -> str:
+    """One line: ``source: key.path: what is wrong`` (+ how many more problems).
+
+    Errors at the same key are merged (a union such as ``learning_rate: auto | number``
+    yields one error per member). pydantic also reports a spurious ``too_short`` for a list
+    whose items failed; it is dropped when the list has other errors.
+    """
+    model = model or Config
+    errors = err.errors(include_url=False)
+    locs = [tuple(e["loc"]) for e in errors]
+    errors = [e for e in errors if not (e["type"] == "too_short" and any(
+        len(other) > len(e["loc"]) and other[:len(e["loc"])] == tuple(e["loc"]) for other in locs))] or errors
+    errors = _likely_branches(errors, model)
+    groups: dict = {}
+    for e in errors:
+        key = _walk(tuple(e["loc"]), model)[0] if e["type"] != "extra_forbidden" else tuple(e["loc"])
+        groups.setdefault(key, []).append(e)
+    ordered = list(groups.values())
+    where, msg = _describe(ordered[0], model)
+    n_more = len(ordered) - 1
+    more = f" [and {_plural(n_more, 'more problem')}]" if n_more else ""
+    return f"{source}: {where or '(top level)'}: {msg}{more}"
 
 
 def parse_config(raw: Any, *, source: str = "config") -> Config:
@@ -296,6 +549,54 @@ def parse_config(raw: Any, *, source: str = "config") -> Config:
         return Config.model_validate(raw)
     except ValidationError as err:
         raise EvalkitError(format_validation_error(err, source)) from None
+
+
+def _yaml_loader():
+    """``yaml.SafeLoader`` (plain data only: no tags that build Python objects) that also
+    refuses a key given twice in one mapping, which plain YAML silently resolves to the last."""
+    import yaml
+
+    class UniqueKeySafeLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            if isinstance(node, yaml.MappingNode):
+                seen: dict = {}
+                for key_node, _ in node.value:
+                    if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                        continue
+                    key = self.construct_object(key_node, deep=True)
+                    if key in seen:
+                        raise yaml.constructor.ConstructorError(
+                            None, None, f"key {key!r} appears twice in one mapping (first on line {seen[key]})",
+                            key_node.start_mark)
+                    seen[key] = key_node.start_mark.line + 1
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeySafeLoader
+
+
+def _yaml_error(path, exc) -> EvalkitError:
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "an unknown place"
+    problem = str(getattr(exc, "problem", "") or exc)
+    tag = re.search(r"constructor for the tag '([^']*)'", problem)
+    if tag:
+        name = tag.group(1).replace("tag:yaml.org,2002:", "!!")
+        return EvalkitError(f"{path}: {where}: the tag {name!r} is not allowed; evalkit reads plain YAML data "
+                            f"(mappings, lists, strings, numbers), never Python objects")
+    if "appears twice" in problem:
+        return EvalkitError(f"{path}: {where}: {problem}")
+    for pyyaml_says, meaning in _YAML_HINTS.items():
+        if pyyaml_says in problem:
+            problem = f"{meaning} ({problem})"
+            break
+    return EvalkitError(f"{path}: YAML syntax error at {where}: {problem}")
+
+
+_YAML_HINTS = {
+    "expected <block end>": "the indentation does not line up with the lines above",
+    "mapping values are not allowed here": "a ':' where none is expected (quote a value that holds ': ')",
+    "cannot start any token": "a character YAML does not allow here (tabs cannot indent YAML)",
+}
 
 
 def load_config(path: str | Path) -> Config:
@@ -313,15 +614,13 @@ def load_config(path: str | Path) -> Config:
         raise EvalkitError(f"{path}: config file not found") from None
     except IsADirectoryError:
         raise EvalkitError(f"{path}: is a folder; expected a YAML config file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise EvalkitError(f"{path}: cannot read config ({exc.__class__.__name__}: {exc})") from None
+    except UnicodeDecodeError as exc:
+        raise EvalkitError(f"{path}: not a text file (byte {exc.object[exc.start]:#04x} at offset {exc.start} "
+                           f"is not UTF-8); expected a YAML config file") from None
+    except OSError as exc:
+        raise EvalkitError(f"{path}: cannot read config: {exc.strerror or exc}") from None
     try:
-        raw = yaml.safe_load(text)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown place"
-        raise EvalkitError(f"{path}: YAML syntax error at {where}: {exc.problem}") from None
+        raw = yaml.load(text, Loader=_yaml_loader())  # a SafeLoader: plain data only
     except yaml.YAMLError as exc:
-        raise EvalkitError(f"{path}: not valid YAML ({exc})") from None
+        raise _yaml_error(path, exc) from None
     return parse_config(raw, source=str(path))
-

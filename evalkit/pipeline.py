@@ -18,21 +18,218 @@ from evalkit.errors import EvalkitError
 from evalkit.results import Embedding, RunResult
 
 
-def _stderr(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+def _progress(msg: str) -> None:
+    """Progress goes to stdout: stderr carries only problems (errors, failing checks)."""
+    print(msg, file=sys.stdout, flush=True)
 
 
-def validate_sizes(config, n_samples: int, n_classes: int) -> None:
-    """Fail early, naming the key, when the data are too small for the chosen parameters."""
-    k = config.metrics.n_neighbors
+def validate_sizes(config, n_samples: int, n_classes: int, *, n_total: int | None = None):
+    """Fail early, naming the key, when the data are too small for the chosen parameters.
+
+    A parameter the config sets explicitly must fit the data (``n_neighbors < n_samples / 2``
+    for trustworthiness, ``3 x perplexity < n_samples`` for t-SNE, ...); a default that does
+    not fit small data is lowered instead. Returns ``(config, notes)``: the config with the
+    values actually used (what the run folder's config.yaml records, so running that file
+    again gives the same run) and one note per lowered default.
+    """
+    mc, ec = config.metrics, config.embed
+    subsampled = n_total is not None and n_total > n_samples
+    fewer = (f"; data.max_samples keeps {n_samples} of {n_total}" if subsampled else "")
     if n_samples < 4:
-        raise EvalkitError(f"data: {n_samples} samples; evalkit needs at least 4 (raise data.max_samples or add data)")
-    if "tsne" in config.embed.methods or "umap" in config.embed.methods or True:
-        if not k < n_samples / 2:
-            raise EvalkitError(
-                f"metrics.n_neighbors: {k} needs more than {2 * k} samples (trustworthiness requires "
-                f"n_neighbors < n_samples / 2); got {n_samples}: lower metrics.n_neighbors or use more data"
-            )
+        raise EvalkitError(f"data: {n_samples} samples; evalkit needs at least 4 (raise data.max_samples or add data){fewer}")
+    notes, metrics_update, umap_update, tsne_update = [], {}, {}, {}
+
+    def fit(key: str, value: int, limit: int, why: str, explicit: bool, update: dict, field: str):
+        if value <= limit:
+            return
+        if explicit:
+            raise EvalkitError(f"{key}: {value} is too large for {n_samples} samples ({why}); expected at most "
+                               f"{limit}: lower {key} or use more data{fewer}")
+        update[field] = limit
+        notes.append(f"{key} lowered from its default {value} to {limit}: only {n_samples} samples ({why})")
+
+    k_max = (n_samples - 1) // 2
+    fit("metrics.n_neighbors", mc.n_neighbors, k_max, "n_neighbors < n_samples / 2 for trustworthiness",
+        "n_neighbors" in mc.model_fields_set, metrics_update, "n_neighbors")
+    if mc.knn_k is not None:
+        fit("metrics.knn_k", mc.knn_k, n_samples - 1, "each sample has n_samples - 1 neighbours", True,
+            metrics_update, "knn_k")
+    fit("metrics.weighted_knn_k", mc.weighted_knn_k, n_samples - 1, "each sample has n_samples - 1 neighbours",
+        "weighted_knn_k" in mc.model_fields_set, metrics_update, "weighted_knn_k")
+    p_max = (n_samples - 1) / 3.0
+    if "tsne" in ec.methods and ec.tsne.perplexity > p_max:
+        if "perplexity" not in ec.tsne.model_fields_set:
+            tsne_update["perplexity"] = p_max
+            notes.append(f"embed.tsne.perplexity lowered from its default {ec.tsne.perplexity:g} to {p_max:.3g}: "
+                         f"only {n_samples} samples (t-SNE needs n_samples > 3 x perplexity)")
+        else:
+            raise EvalkitError(f"embed.tsne.perplexity: {ec.tsne.perplexity:g} is too large for {n_samples} samples "
+                               f"(t-SNE needs n_samples > 3 x perplexity); expected at most {p_max:.3g}: "
+                               f"lower embed.tsne.perplexity or use more data{fewer}")
+    if "umap" in ec.methods:
+        fit("embed.umap.n_neighbors", ec.umap.n_neighbors, n_samples - 1, "each sample has n_samples - 1 neighbours",
+            "n_neighbors" in ec.umap.model_fields_set, umap_update, "n_neighbors")
+    if metrics_update:
+        config = config.model_copy(update={"metrics": mc.model_copy(update=metrics_update)})
+    if umap_update or tsne_update:
+        embed = ec.model_copy(update={"umap": ec.umap.model_copy(update=umap_update),
+                                      "tsne": ec.tsne.model_copy(update=tsne_update)})
+        config = config.model_copy(update={"embed": embed})
+    return config, notes
+
+
+# --- the run folder -------------------------------------------------------------------------
+
+RUN_FILES = ("index.html", "metrics.json")  # every run folder has both
+
+
+def default_out_dir(config) -> Path:
+    """``reports/out/NAME``; a name that is not a plain folder name needs ``--out``."""
+    name = config.name
+    if name in (".", "..") or any(c in name for c in "/\\\0") or name.startswith("."):
+        raise EvalkitError(f"name: {name!r} cannot name a folder under reports/out; pass --out DIR "
+                           f"or use a name without '/', '\\' or a leading '.'")
+    return Path("reports/out") / name
+
+
+def check_out_dir(out_dir) -> Path:
+    """Fail before any work when ``out_dir`` cannot become the run folder.
+
+    It must be a folder or not exist yet, under a writable folder, and an existing folder must
+    be an earlier run folder: the run replaces it as a whole, so any other folder (``--out .``,
+    a data folder) is refused rather than deleted.
+    """
+    import tempfile
+
+    out = Path(out_dir).expanduser().absolute()
+    if out.exists() and not out.is_dir():
+        raise EvalkitError(f"--out {out_dir}: is a file; expected a run folder (or a path that does not exist yet)")
+    existing = next((p for p in (out, *out.parents) if p.exists()), None)
+    blocker = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise EvalkitError(f"--out {out_dir}: {blocker} is a file; expected a folder there")
+    if out.is_dir():
+        cwd = Path.cwd().absolute()
+        if out == cwd or out in cwd.parents:
+            raise EvalkitError(f"--out {out_dir}: is the working folder or holds it; the run replaces its "
+                               f"folder as a whole, so expected a folder of its own (e.g. reports/out/NAME)")
+        entries = [e.name for e in out.iterdir()]
+        if entries and not all(f in entries for f in RUN_FILES):
+            raise EvalkitError(f"--out {out_dir}: exists and is not an evalkit run folder (no index.html and "
+                               f"metrics.json); the run replaces its folder as a whole, so expected a new or "
+                               f"earlier run folder")
+    probe_in = out.parent if out.parent.exists() else existing
+    try:
+        Path(tempfile.mkdtemp(prefix=f".{out.name}.probe-", dir=probe_in)).rmdir()
+    except OSError as exc:
+        raise EvalkitError(f"--out {out_dir}: cannot write in {probe_in} ({exc.strerror or exc}); expected a "
+                           f"writable folder") from None
+    return out
+
+
+def clean_stale_siblings(out_dir, *, older_than: float) -> list:
+    """Remove ``.NAME.tmp-*`` folders a killed run left beside the run folder.
+
+    Only folders last modified before ``older_than`` (this process's start) go, so a run that
+    is writing right now is left alone. A ``.NAME.old-*`` folder is an earlier run moved aside
+    for the swap: it is put back when the run folder itself is missing, else removed.
+    """
+    import glob
+    import shutil
+
+    out = Path(out_dir).expanduser().absolute()
+    if not out.parent.is_dir():
+        return []
+    removed = []
+    for kind in ("old", "tmp"):
+        for path in sorted(out.parent.glob(f".{glob.escape(out.name)}.{kind}-*")):
+            try:
+                if not path.is_dir() or path.is_symlink() or path.stat().st_mtime >= older_than:
+                    continue
+                if kind == "old" and not out.exists():
+                    path.rename(out)
+                    continue
+                shutil.rmtree(path)
+                removed.append(path)
+            except OSError:
+                continue  # another run got there first, or no permission: not this run's business
+    return removed
+
+
+_PROCESS_START = time.time()
+
+
+# --- stage boundaries -------------------------------------------------------------------------
+
+
+def _failing_module(exc):
+    """``(name, type)`` of the innermost torch module whose forward raised ``exc``, if any."""
+    torch = sys.modules.get("torch")
+    if torch is None or exc is None:
+        return None
+    frames, tb = [], exc.__traceback__
+    while tb is not None:
+        frames.append(tb.tb_frame)
+        tb = tb.tb_next
+    modules = [f.f_locals.get("self") for f in frames]
+    modules = [m for m in modules if isinstance(m, torch.nn.Module)]
+    if not modules:
+        return None
+    root, inner = modules[0], modules[-1]
+    try:
+        names = {id(m): n for n, m in root.named_modules()}
+    except Exception:
+        return None
+    name = names.get(id(inner))
+    return (name or "(the model itself)", type(inner).__name__) if inner is not root or name is not None else None
+
+
+def _raised_in_evalkit(exc) -> bool:
+    tb = exc.__traceback__
+    last = None
+    while tb is not None:
+        last = tb.tb_frame.f_code.co_filename
+        tb = tb.tb_next
+    return last is not None and Path(last).resolve().parent == Path(__file__).resolve().parent
+
+
+def _model_error(exc, mcfg):
+    """An :class:`EvalkitError` naming the model entry (and the failing layer), or None for a bug."""
+    label = f"model {mcfg.name!r}" + (f" ({mcfg.source})" if mcfg.source else "")
+    if isinstance(exc, EvalkitError):
+        msg = str(exc).removeprefix(f"source {mcfg.source!r}: ")  # the label below names the source
+        cause = exc.__cause__ or exc.__context__
+        failing = _failing_module(cause) if cause is not None else None
+        if failing and failing[0] not in msg:
+            msg += f" [raised in layer {failing[0]!r} ({failing[1]})]"
+        return EvalkitError(msg if repr(mcfg.name) in msg else f"{label}: {msg}")
+    failing = _failing_module(exc)
+    if failing is not None and not _raised_in_evalkit(exc):
+        text = (str(exc).strip().splitlines() or [""])[0][:300]
+        return EvalkitError(
+            f"{label}: the forward pass failed in layer {failing[0]!r} ({failing[1]}): {exc.__class__.__name__}: "
+            f"{text}; the inputs may not fit the model: check 'preprocess' (resize, crop, channels) and 'kwargs' "
+            f"(`evalkit layers {mcfg.source or 'SOURCE'}` lists every layer's output shape)")
+    if isinstance(exc, OSError) and exc.filename:
+        return EvalkitError(f"{label}: {exc.filename}: {exc.strerror or exc}")
+    return None
+
+
+def check_features(fs, n_samples: int):
+    """Features a model produced must be finite and one row per sample."""
+    X = fs.features
+    if X.ndim != 2 or X.shape[0] != n_samples:
+        raise EvalkitError(f"model {fs.model!r}, layer {fs.layer!r}: features of shape {X.shape} for {n_samples} "
+                           f"samples; expected ({n_samples}, n_features)")
+    if X.shape[1] == 0:
+        raise EvalkitError(f"model {fs.model!r}, layer {fs.layer!r}: 0 features per sample; choose another layer")
+    finite = np.isfinite(X)
+    if not finite.all():
+        rows = np.flatnonzero(~finite.all(axis=1))
+        shown = ", ".join(str(r) for r in rows[:5]) + (", ..." if rows.size > 5 else "")
+        raise EvalkitError(f"model {fs.model!r}, layer {fs.layer!r}: {int((~finite).sum())} NaN or infinite "
+                           f"values in {rows.size} of {n_samples} samples (rows {shown}); check the model, its "
+                           f"checkpoint and extract.bf16")
 
 
 def _mean_std(values):
@@ -111,6 +308,24 @@ def score_feature_set(fs, labels, config, *, device=None, notes=None, undefined=
     per_class = score.per_class_knn_accuracy(X, labels, n_neighbors=knn_k, graph=graph)
 
     Xr = reduce_dims(X, config.embed.pca_dims)
+    same_space = Xr.shape[1] == X.shape[1]  # no PCA step: X's neighbour graph is Xr's too
+    if Xr.shape[1] == 1:
+        # t-SNE and UMAP initialise from two principal components; a zero second column
+        # changes no distance, so the embedding is that of the single feature.
+        Xr = np.hstack([Xr, np.zeros_like(Xr)])
+    scale = float(np.sqrt(np.mean(np.square(Xr - Xr.mean(axis=0), dtype=np.float64))))
+    if scale > 0 and not 1e-4 <= scale <= 1e4:
+        # t-SNE and UMAP calibrate each point's bandwidth, so the result does not depend on the
+        # scale of the data; their numerics do (openTSNE's PCA start divides by a std of ~0).
+        Xr = ((Xr - Xr.mean(axis=0)) / scale).astype(np.float32)
+        same_space = False  # the neighbour graph of X has distances on the old scale
+        if notes is not None:
+            notes.add(f"{fs.model}/{fs.layer}: features of scale {scale:.3g} are rescaled to unit scale "
+                      f"before t-SNE and UMAP (neither depends on the scale; their numerics do)")
+    constant = bool(n and np.ptp(X, axis=0).max() == 0)
+    if constant and notes is not None:
+        notes.add(f"{fs.model}/{fs.layer}: all {n} samples have identical features, so every embedding "
+                  f"places them at one point (t-SNE and UMAP are not defined for such data)")
     embeddings, rows, method_params, stability = [], [], {}, {}
     for method in config.embed.methods:
         embedder = create_embedder(method, config.embed)
@@ -120,8 +335,11 @@ def score_feature_set(fs, labels, config, *, device=None, notes=None, undefined=
         per_seed = []
         for seed in config.embed.seeds:
             t0 = time.perf_counter()
-            Z = embedder.fit_transform(X if method == "pca" else Xr, random_state=seed,
-                                       graph=graph if (method == "umap" and Xr is X) else None)
+            if constant:
+                Z = np.zeros((n, 2), dtype=np.float32)
+            else:
+                Z = embedder.fit_transform(X if method == "pca" else Xr, random_state=seed,
+                                           graph=graph if (method == "umap" and same_space) else None)
             embeddings.append(Embedding(fs.model, fs.layer, method, seed, Z, method_params[method],
                                         time.perf_counter() - t0))
             per_seed.append(Z)
@@ -147,7 +365,7 @@ def score_feature_set(fs, labels, config, *, device=None, notes=None, undefined=
     return feature_row, rows, embeddings, per_class, method_params, stability
 
 
-def run_report(config, out_dir, *, use_cache: bool = True, log=_stderr, argv=None) -> RunResult:
+def run_report(config, out_dir, *, use_cache: bool = True, log=_progress, argv=None) -> RunResult:
     """Run every stage and write the run folder atomically; returns the :class:`RunResult`."""
     from evalkit.check import evaluate_checks
     from evalkit.data import load_dataset
@@ -157,24 +375,37 @@ def run_report(config, out_dir, *, use_cache: bool = True, log=_stderr, argv=Non
 
     started = datetime.now(timezone.utc)
     t0 = time.perf_counter()
-    dataset = load_dataset(config.data)
+    out_dir = check_out_dir(out_dir)
+    clean_stale_siblings(out_dir, older_than=_PROCESS_START)
+    try:
+        dataset = load_dataset(config.data)
+    except OSError as exc:  # an unreadable file: a user's problem, named by the OS
+        where = exc.filename or config.data.path
+        raise EvalkitError(f"data.path: {where}: cannot read ({exc.strerror or exc})") from exc
     labels = dataset.labels
     n_classes = int(np.unique(labels).size)
-    validate_sizes(config, len(dataset), n_classes)
+    config, size_notes = validate_sizes(config, len(dataset), n_classes, n_total=getattr(dataset, "n_total", None))
     log(f"evalkit: {dataset.name}: {len(dataset):,} samples, {n_classes} classes")
 
     device = resolve_device(config.extract.device)
     feature_sets = []
     for mcfg in config.models:
-        feature_sets.extend(extract_model(mcfg, dataset, config.extract, use_cache=use_cache, log=log))
+        try:
+            sets = extract_model(mcfg, dataset, config.extract, use_cache=use_cache, log=log)
+        except Exception as exc:
+            err = _model_error(exc, mcfg)
+            if err is None:
+                raise
+            raise err from exc
+        for fs in sets:
+            check_features(fs, len(dataset))
+        feature_sets.extend(sets)
     t_extract = time.perf_counter() - t0
 
-    notes: set = set()
+    notes: set = set(size_notes)
     undefined: dict = {}
     rows, embeddings, per_class, method_params, stability = [], [], {}, {}, {}
     for fs in feature_sets:
-        if fs.features.shape[0] != len(dataset):
-            raise EvalkitError(f"model {fs.model!r}: {fs.features.shape[0]} feature rows for {len(dataset)} samples")
         t1 = time.perf_counter()
         frow, erows, embs, pc, mp, stab = score_feature_set(fs, labels, config, device=device, notes=notes,
                                                             undefined=undefined)
