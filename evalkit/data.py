@@ -425,8 +425,17 @@ def read_labels_file(path: str | Path) -> np.ndarray:
     return np.asarray(labels).reshape(-1)
 
 
-def encode_labels(labels: np.ndarray, names=None):
-    """Map raw labels to 0..C-1; returns ``(codes, names)``."""
+def encode_labels(labels: np.ndarray, names=None, *, source: str = "labels"):
+    """Map raw labels to 0..C-1; returns ``(codes, names)``.
+
+    Raises EvalkitError naming the rows when a float label is NaN or infinite.
+    """
+    labels = np.asarray(labels)
+    if np.issubdtype(labels.dtype, np.floating):
+        bad = np.flatnonzero(~np.isfinite(labels))
+        if bad.size:
+            shown = ", ".join(str(r) for r in bad[:5]) + (", ..." if bad.size > 5 else "")
+            raise EvalkitError(f"{source}: {bad.size} labels are NaN or infinite (rows {shown}); expected one class per row")
     uniq, codes = np.unique(labels, return_inverse=True)
     if names is not None and np.issubdtype(uniq.dtype, np.integer) and uniq.min() >= 0 and uniq.max() < len(names):
         return codes.astype(np.int64), [str(names[int(u)]) for u in uniq]
@@ -437,7 +446,7 @@ def _load_features_dataset(cfg) -> Dataset:
     feats, labels, names = read_feature_file(cfg.path, labels_path=cfg.labels)
     if labels is None:
         raise EvalkitError(f"{cfg.path}: no labels; add a 'labels' array to the .npz or set data.labels")
-    codes, names = encode_labels(labels, names)
+    codes, names = encode_labels(labels, names, source=str(cfg.path))
     st = Path(cfg.path).stat()
     return _select(Path(cfg.path).name, codes, names, cfg, features=feats,
                    fingerprint=f"features|{Path(cfg.path).resolve()}|{st.st_size}|{st.st_mtime_ns}")

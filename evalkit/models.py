@@ -194,16 +194,17 @@ def read_checkpoint(path: str | Path, *, unsafe_pickle: bool = False) -> dict:
             obj = torch.load(path, map_location="cpu", weights_only=not unsafe_pickle)
         except Exception as exc:  # UnpicklingError, RuntimeError for zip errors, EOFError for truncation
             text = str(exc)
-            if "Unsupported global" in text:
-                found = re.search(r"GLOBAL (\S+)", text)
+            if re.search(r"unsupported global|weights only load failed", text, re.I):
+                found = re.search(r"GLOBAL:? (\S+)", text)
                 what = f" ({found.group(1)})" if found else ""
                 raise EvalkitError(
                     f"checkpoint {path} holds pickled Python objects{what} beyond tensors and plain "
                     f"containers; loading it could run code. Re-save it as a state dict or safetensors, "
                     f"or set 'unsafe_pickle: true' on this model if you trust the file") from None
             first = next((line for line in text.splitlines() if line.strip()), "")
+            first = re.split(r"(?<=[.!?])\s", first, maxsplit=1)[0]  # the first sentence, whole
             raise EvalkitError(f"checkpoint {path}: cannot read, truncated or not a torch file "
-                               f"({exc.__class__.__name__}: {first[:160]})") from None
+                               f"({exc.__class__.__name__}: {first})") from None
     state = _find_state_dict(obj)
     if state is None:
         keys = ", ".join(map(str, list(obj)[:8])) if isinstance(obj, dict) else type(obj).__name__

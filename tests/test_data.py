@@ -214,3 +214,16 @@ def test_bad_feature_files(tmp_path, make, match):
     path = next(tmp_path.glob("f.*"))
     with pytest.raises(EvalkitError, match=match):
         load_dataset(DataConfig(kind="features", path=str(path)))
+
+
+def test_nan_labels_are_refused_with_their_rows(tmp_path):
+    import numpy as np
+
+    from evalkit.config import DataConfig
+    from evalkit.data import load_dataset
+    from evalkit.errors import EvalkitError
+
+    labels = np.array([0.0, 1.0, np.nan, 1.0, 0.0, np.nan])
+    np.savez(tmp_path / "f.npz", features=np.random.default_rng(0).normal(size=(6, 3)), labels=labels)
+    with pytest.raises(EvalkitError, match=r"2 labels are NaN or infinite \(rows 2, 5\)"):
+        load_dataset(DataConfig(kind="features", path=str(tmp_path / "f.npz")))

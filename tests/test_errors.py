@@ -502,8 +502,6 @@ def test_a_bug_is_one_line_then_the_traceback(workdir, capsys, monkeypatch):
     assert lines[1].startswith("Traceback")
 
 
-@pytest.mark.xfail(strict=False, reason="models.read_checkpoint recognises 'Unsupported global' but not torch's "
-                   "'unsupported GLOBAL posix.system whose module posix is blocked'")
 def test_a_checkpoint_that_would_run_code_names_the_opt_in(workdir, capsys):
     argv, _ = checkpoint_that_runs_code()
     code, _, err = run_cli(argv, capsys)
