@@ -1,9 +1,20 @@
 """2-D embeddings behind one small interface: t-SNE (openTSNE or scikit-learn), UMAP, PCA.
 
-``create_embedder(method, embed_config)`` returns an object with ``fit_transform(X, *,
-random_state, graph=None) -> (n_samples, 2) float32`` and ``params() -> dict`` (the
-hyperparameters actually used, shown in the report). Every backend passes the same contract
-tests (tests/test_embed.py).
+``create_embedder(method, embed_config)`` returns an object with
+
+- ``fit_transform(X, *, random_state=0, graph=None) -> ndarray (n_samples, 2) float32``;
+- ``graph_neighbors(n_samples) -> int``: how many neighbours per sample it takes from a
+  shared :class:`evalkit.neighbors.KNNGraph` (0: it uses none);
+- ``params(n_samples=None, graph=None) -> dict``: the hyperparameters it uses for that many
+  samples and that graph (shown in the report), resolved ("auto" becomes a number).
+
+With a ``graph`` (self excluded, nearest first, at least ``graph_neighbors(n)`` columns)
+t-SNE builds its perplexity affinities and UMAP its fuzzy graph from those neighbours
+instead of searching their own: the pipeline computes one graph per feature set and shares
+it with the neighbourhood metrics. Without one, each library searches neighbours in ``X``.
+Every backend passes the same contract tests (tests/test_embed.py).
+
+openTSNE, umap-learn and scikit-learn are imported inside the methods that use them.
 """
 from __future__ import annotations
 
@@ -13,6 +24,21 @@ from typing import Optional
 import numpy as np
 
 from evalkit.errors import EvalkitError, unknown
+
+__all__ = ["create_embedder", "reduce_dims", "EMBEDDERS", "TSNE_BACKENDS", "n_jobs",
+           "PCAEmbedder", "TSNEEmbedder", "UMAPEmbedder"]
+
+#: openTSNE's "auto" switches from Barnes-Hut to FFT-interpolated gradients at this size.
+OPENTSNE_FFT_MIN_SAMPLES = 10_000
+#: Below this many points, ``n_jobs: -1`` runs t-SNE on one thread: an iteration is too little
+#: work to share. Measured on a busy 2-core machine (openTSNE, PCA-50 input, 750 iterations):
+#: 1,000 points 4-6 s on one thread vs 16-17 s on two; 10,000 points 45 s vs 50 s. Two
+#: threads idling in OpenMP's spin-wait steal the cores they wait for
+#: (``OMP_WAIT_POLICY=PASSIVE`` removes that penalty: 3.7 s on either).
+TSNE_SERIAL_BELOW = 2_000
+#: scikit-learn runs its early-exaggeration phase for this many iterations, always.
+SKLEARN_EARLY_ITER = 250
+TSNE_BACKENDS = ("opentsne", "sklearn")
 
 
 def n_jobs() -> int:
@@ -33,116 +59,327 @@ def reduce_dims(X: np.ndarray, n_components: int, *, random_state: int = 0) -> n
 
 
 def _finite(Z: np.ndarray, method: str) -> np.ndarray:
-    Z = np.asarray(Z, dtype=np.float32)
+    Z = np.ascontiguousarray(Z, dtype=np.float32)
     if not np.isfinite(Z).all():
-        raise EvalkitError(f"embed: {method} produced non-finite coordinates; check the features for constant or duplicated rows")
+        raise EvalkitError(f"embed: {method} produced non-finite coordinates; check the features for constant "
+                           f"or duplicated rows")
     return Z
 
 
+def _as_input(X, method: str) -> np.ndarray:
+    X = np.ascontiguousarray(X, dtype=np.float32)
+    if X.ndim != 2:
+        raise EvalkitError(f"embed: {method} expects features of shape (n_samples, n_features); got {X.shape}")
+    if X.shape[0] < 4:
+        raise EvalkitError(f"embed.methods: {method} needs at least 4 samples; got {X.shape[0]}")
+    return X
+
+
+def _usable(graph, n: int, k: int) -> bool:
+    """Does ``graph`` cover ``n`` samples with at least ``k`` neighbours each?"""
+    if graph is None or k < 1:
+        return False
+    idx = np.asarray(graph.indices)
+    if idx.ndim != 2 or idx.shape[0] != n:
+        raise EvalkitError(f"embed: the neighbour graph has shape {idx.shape}; expected ({n}, >= {k})")
+    return idx.shape[1] >= k
+
+
+def _graph_head(graph, k: int):
+    """The first ``k`` neighbours: (indices int64, distances float64 rescaled to mean 1).
+
+    t-SNE calibrates a bandwidth per point (perplexity) and UMAP a scale per point, so one
+    global factor on all distances changes neither result; it keeps their bandwidth searches,
+    which start at 1, well inside floating-point range whatever the scale of the features.
+    """
+    idx = np.ascontiguousarray(graph.indices[:, :k], dtype=np.int64)
+    dist = np.array(graph.distances[:, :k], dtype=np.float64)
+    positive = dist[dist > 0]
+    if positive.size:
+        dist /= positive.mean()
+    return idx, dist
+
+
+def _graph_name(graph) -> str:
+    how = getattr(graph, "method", None) or ("exact" if getattr(graph, "exact", False) else "approximate")
+    return f"shared kNN graph ({how})"
+
+
+def _pca_init(X: np.ndarray, random_state: int) -> np.ndarray:
+    """openTSNE's PCA start: two principal components scaled to std 1e-4, plus 1% seeded jitter.
+
+    Without the jitter, t-SNE from a PCA start does not depend on the seed at all.
+    """
+    from sklearn.decomposition import PCA
+
+    Y = PCA(n_components=2, random_state=random_state).fit_transform(X).astype(np.float64)
+    std = float(np.std(Y[:, 0]))
+    if std > 0:
+        Y *= 1e-4 / std
+    rng = np.random.RandomState(random_state)
+    Y += rng.normal(0.0, 1e-6 if std > 0 else 1e-4, Y.shape)
+    return np.ascontiguousarray(Y)
+
+
 class PCAEmbedder:
-    """The first two principal components of the raw features."""
+    """The first two principal components of the features it is given."""
 
     name = "pca"
 
     def __init__(self, cfg=None):
         self.cfg = cfg
 
-    def params(self) -> dict:
+    def graph_neighbors(self, n_samples: int) -> int:
+        return 0
+
+    def params(self, n_samples: Optional[int] = None, graph=None) -> dict:
         return {"n_components": 2}
 
     def fit_transform(self, X, *, random_state: int = 0, graph=None) -> np.ndarray:
         from sklearn.decomposition import PCA
 
         X = np.asarray(X, dtype=np.float32)
+        if X.ndim != 2 or X.shape[0] < 2:
+            raise EvalkitError(f"embed: pca expects at least 2 samples of shape (n_samples, n_features); got {X.shape}")
         if X.shape[1] == 1:  # one feature: the second axis carries nothing
             return np.hstack([X - X.mean(), np.zeros_like(X)]).astype(np.float32)
-        return _finite(PCA(n_components=2, random_state=random_state).fit_transform(X), self.name)
+        # a fixed solver seed: PCA is one answer, whatever the run's seed
+        return _finite(PCA(n_components=2, random_state=0).fit_transform(X), self.name)
 
 
 class TSNEEmbedder:
-    """t-SNE through openTSNE (FFT-accelerated, all cores) or scikit-learn's ``TSNE``."""
+    """t-SNE through openTSNE (FFT-accelerated above 10,000 points, all cores) or scikit-learn.
+
+    Both backends start from the two principal components (scaled to std 1e-4) with a small
+    seeded jitter, use ``3 x perplexity`` neighbours per sample, and run ``n_iter`` iterations
+    in all, the first ``early_exaggeration_iter`` of them with exaggerated attraction.
+    """
 
     name = "tsne"
 
     def __init__(self, cfg):
         self.cfg = cfg  # evalkit.config.TSNEConfig
+        if cfg.backend not in TSNE_BACKENDS:
+            raise unknown("embed.tsne.backend", str(cfg.backend), TSNE_BACKENDS)
 
     def _perplexity(self, n: int) -> float:
         # perplexity must leave room for 3 * perplexity neighbours
         return float(min(self.cfg.perplexity, max(1.0, (n - 1) / 3.0)))
 
-    def params(self, n: Optional[int] = None) -> dict:
+    def graph_neighbors(self, n_samples: int) -> int:
+        """openTSNE's ``min(n - 1, int(3 perplexity))``; scikit-learn's ``int(3 perplexity + 1)``."""
+        p = self._perplexity(n_samples)
+        k = int(3 * p + 1) if self.cfg.backend == "sklearn" else int(3 * p)
+        return int(max(1, min(n_samples - 1, k)))
+
+    def _early_iter(self) -> int:
+        if self.cfg.backend == "sklearn":
+            return SKLEARN_EARLY_ITER
+        return min(250, self.cfg.n_iter // 3)
+
+    def _n_jobs(self, n_samples: Optional[int] = None) -> int:
+        if self.cfg.n_jobs != -1:
+            return max(1, int(self.cfg.n_jobs))
+        return 1 if n_samples is not None and n_samples < TSNE_SERIAL_BELOW else n_jobs()
+
+    def params(self, n_samples: Optional[int] = None, graph=None) -> dict:
         c = self.cfg
-        early = min(250, c.n_iter // 3)
-        return {
-            "backend": c.backend, "perplexity": c.perplexity if n is None else self._perplexity(n),
-            "learning_rate": c.learning_rate, "early_exaggeration": c.early_exaggeration,
-            "early_exaggeration_iter": early, "n_iter": c.n_iter, "init": "pca",
-        }
+        perplexity = c.perplexity if n_samples is None else self._perplexity(n_samples)
+        out = {"backend": c.backend, "perplexity": perplexity}
+        if n_samples is not None:
+            k = self.graph_neighbors(n_samples)
+            out["n_neighbors"] = k
+            if _usable(graph, n_samples, k):
+                out["neighbors"] = _graph_name(graph)
+            elif c.backend == "sklearn":
+                out["neighbors"] = "scikit-learn (exact)"
+            else:
+                out["neighbors"] = "openTSNE (exact)" if n_samples < 1000 else "openTSNE (approximate)"
+        ee = c.early_exaggeration
+        if c.learning_rate != "auto" or n_samples is None:
+            out["learning_rate"] = c.learning_rate
+        elif c.backend == "sklearn":  # max(N / early_exaggeration / 4, 50), both phases
+            out["learning_rate"] = float(max(n_samples / ee / 4.0, 50.0))
+        else:  # openTSNE: N / exaggeration in each phase
+            out["learning_rate_early"] = float(n_samples / ee)
+            out["learning_rate"] = float(n_samples)
+        out.update({"early_exaggeration": ee, "early_exaggeration_iter": self._early_iter(),
+                    "n_iter": c.n_iter, "init": "pca"})
+        if c.backend == "sklearn":
+            out["gradient"] = "barnes_hut"
+        elif n_samples is not None:
+            out["gradient"] = "fft" if n_samples >= OPENTSNE_FFT_MIN_SAMPLES else "bh"
+        out["n_jobs"] = self._n_jobs(n_samples)
+        return out
 
     def fit_transform(self, X, *, random_state: int = 0, graph=None) -> np.ndarray:
-        X = np.ascontiguousarray(X, dtype=np.float32)
-        n = X.shape[0]
-        if n < 4:
-            raise EvalkitError(f"embed.methods: t-SNE needs at least 4 samples; got {n}")
-        c, perplexity = self.cfg, self._perplexity(n)
-        early = min(250, c.n_iter // 3)
-        if c.backend == "sklearn":
-            from sklearn.manifold import TSNE
+        X = _as_input(X, "t-SNE")
+        if self.cfg.backend == "sklearn":
+            return _finite(self._fit_sklearn(X, random_state, graph), self.name)
+        return _finite(self._fit_opentsne(X, random_state, graph), self.name)
 
-            model = TSNE(
-                n_components=2, perplexity=perplexity, learning_rate=c.learning_rate,
-                early_exaggeration=c.early_exaggeration, max_iter=c.n_iter, init="pca",
-                random_state=random_state, n_jobs=n_jobs() if c.n_jobs == -1 else c.n_jobs,
-            )
-            return _finite(model.fit_transform(X), self.name)
+    def _fit_opentsne(self, X, random_state, graph):
         import openTSNE
+        from openTSNE.affinity import PerplexityBasedNN
+        from openTSNE.nearest_neighbors import PrecomputedNeighbors
 
+        c, n = self.cfg, X.shape[0]
+        perplexity, k, jobs, early = self._perplexity(n), self.graph_neighbors(n), self._n_jobs(n), self._early_iter()
+        affinities = None
+        if _usable(graph, n, k):
+            idx, dist = _graph_head(graph, k)
+            affinities = PerplexityBasedNN(perplexity=perplexity, n_jobs=jobs,
+                                           knn_index=PrecomputedNeighbors(idx, dist))
         model = openTSNE.TSNE(
             n_components=2, perplexity=perplexity, learning_rate=c.learning_rate,
             early_exaggeration=c.early_exaggeration, early_exaggeration_iter=early,
             n_iter=c.n_iter - early, initialization="pca", random_state=random_state,
-            n_jobs=n_jobs() if c.n_jobs == -1 else c.n_jobs, verbose=False,
+            n_jobs=jobs, negative_gradient_method="auto", verbose=False,
         )
-        return _finite(np.asarray(model.fit(X)), self.name)
+        # X still feeds the PCA start when the affinities come from the graph
+        return np.asarray(model.fit(X, affinities=affinities))
+
+    def _fit_sklearn(self, X, random_state, graph):
+        import scipy.sparse as sp
+        from sklearn.manifold import TSNE
+
+        c, n = self.cfg, X.shape[0]
+        if c.n_iter < SKLEARN_EARLY_ITER:
+            raise EvalkitError(f"embed.tsne.n_iter: {c.n_iter} is too small for backend sklearn, whose early "
+                               f"exaggeration alone takes {SKLEARN_EARLY_ITER}; expected at least "
+                               f"{SKLEARN_EARLY_ITER} (or backend: opentsne)")
+        from threadpoolctl import threadpool_limits
+
+        perplexity, k, jobs = self._perplexity(n), self.graph_neighbors(n), self._n_jobs(n)
+        kw = dict(n_components=2, perplexity=perplexity, learning_rate=c.learning_rate,
+                  early_exaggeration=c.early_exaggeration, max_iter=c.n_iter,
+                  init=_pca_init(X, random_state).astype(np.float32), random_state=random_state,
+                  n_jobs=jobs)
+        # scikit-learn's gradient runs on every OpenMP thread whatever n_jobs says (n_jobs is
+        # its neighbour search); the limit makes both follow n_jobs.
+        with threadpool_limits(limits=jobs, user_api="openmp"):
+            if not _usable(graph, n, k):
+                return TSNE(**kw).fit_transform(X)
+            # A sparse graph of squared distances (what scikit-learn squares for "euclidean"),
+            # each row holding the sample itself first: NearestNeighbors drops it as "self".
+            idx, dist = _graph_head(graph, k)
+            cols = np.hstack([np.arange(n)[:, None], idx])
+            vals = np.hstack([np.zeros((n, 1)), dist ** 2])
+            D = sp.csr_matrix((vals.ravel(), cols.ravel(), np.arange(0, n * (k + 1) + 1, k + 1)), shape=(n, n))
+            return TSNE(metric="precomputed", **kw).fit_transform(D)
 
 
 class UMAPEmbedder:
-    """UMAP through umap-learn; reuses a precomputed neighbour graph when one is given."""
+    """UMAP through umap-learn, from a neighbour graph (the shared one, or one it computes).
+
+    umap-learn optimises on one thread when given a seed (as here, for reproducibility). Its
+    spectral start is computed here (:func:`_umap_init`): umap-learn lays out the connected
+    components of a disconnected graph through an unseeded spectral embedding of their
+    centroids, so well-separated classes gave a different embedding on every run.
+    """
 
     name = "umap"
 
     def __init__(self, cfg):
         self.cfg = cfg  # evalkit.config.UMAPConfig
 
-    def params(self, n: Optional[int] = None) -> dict:
-        k = self.cfg.n_neighbors if n is None else min(self.cfg.n_neighbors, n - 1)
-        return {"n_neighbors": k, "min_dist": self.cfg.min_dist, "n_epochs": self.cfg.n_epochs or "auto",
-                "metric": "euclidean", "init": "spectral"}
+    def _k(self, n: int) -> int:
+        return int(min(self.cfg.n_neighbors, n - 1))
+
+    def graph_neighbors(self, n_samples: int) -> int:
+        """umap-learn counts each sample as its own first neighbour: k - 1 others."""
+        return max(1, self._k(n_samples) - 1)
+
+    def _epochs(self, n: int) -> int:
+        return self.cfg.n_epochs if self.cfg.n_epochs is not None else (500 if n <= 10_000 else 200)
+
+    def params(self, n_samples: Optional[int] = None, graph=None) -> dict:
+        if n_samples is None:
+            return {"n_neighbors": self.cfg.n_neighbors, "min_dist": self.cfg.min_dist,
+                    "n_epochs": self.cfg.n_epochs or "auto", "metric": "euclidean", "init": "spectral"}
+        k = self._k(n_samples)
+        shared = _usable(graph, n_samples, self.graph_neighbors(n_samples))
+        return {"n_neighbors": k, "min_dist": self.cfg.min_dist, "n_epochs": self._epochs(n_samples),
+                "metric": "euclidean", "neighbors": _graph_name(graph) if shared else "evalkit kNN graph",
+                "init": "spectral" if n_samples > k + 2 else "random", "n_jobs": 1}
 
     def fit_transform(self, X, *, random_state: int = 0, graph=None) -> np.ndarray:
         import warnings
 
-        X = np.ascontiguousarray(X, dtype=np.float32)
+        X = _as_input(X, "UMAP")
         n = X.shape[0]
-        if n < 4:
-            raise EvalkitError(f"embed.methods: UMAP needs at least 4 samples; got {n}")
-        import umap
+        k = self._k(n)
+        if not _usable(graph, n, k - 1):
+            from evalkit.neighbors import knn_graph
 
-        k = min(self.cfg.n_neighbors, n - 1)
-        kw = {}
-        if graph is not None and graph.indices.shape[1] >= k - 1:
-            # umap-learn's convention: each point is its own first neighbour
-            idx = np.hstack([np.arange(n)[:, None], graph.indices[:, : k - 1]]).astype(np.int32)
-            dist = np.hstack([np.zeros((n, 1), np.float32), graph.distances[:, : k - 1]]).astype(np.float32)
-            kw["precomputed_knn"] = (idx, dist, None)
-        # init="spectral" falls back to random with a warning on tiny/disconnected graphs
-        init = "spectral" if n > k + 2 else "random"
-        model = umap.UMAP(n_neighbors=k, min_dist=self.cfg.min_dist, n_epochs=self.cfg.n_epochs,
-                          random_state=random_state, init=init, **kw)
+            graph = knn_graph(X, n_neighbors=k - 1, random_state=random_state)
+        idx, dist = _graph_head(graph, k - 1)
+        # umap-learn's convention: each point is its own first neighbour
+        knn_idx = np.hstack([np.arange(n)[:, None], idx]).astype(np.int32)
+        knn_dist = np.hstack([np.zeros((n, 1)), dist]).astype(np.float32)
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+            warnings.simplefilter("ignore")  # import-time numba notices, "n_jobs overridden", ...
+            import umap
+
+            # a spectral start needs more points than neighbours; tiny data starts at random
+            init = _umap_init(X, knn_idx, knn_dist, self._epochs(n), random_state) if n > k + 2 else "random"
+            model = umap.UMAP(n_neighbors=k, min_dist=self.cfg.min_dist, n_epochs=self.cfg.n_epochs,
+                              random_state=random_state, init=init,
+                              precomputed_knn=(knn_idx.copy(), knn_dist.copy(), None))
             return _finite(model.fit_transform(X), self.name)
+
+
+def _umap_init(X, knn_idx, knn_dist, n_epochs: int, random_state: int) -> np.ndarray:
+    """umap-learn's spectral start, made reproducible.
+
+    The fuzzy graph and its pruning are umap-learn's (``fuzzy_simplicial_set``, then edges
+    below max / n_epochs dropped, as ``simplicial_set_embedding`` does). A graph of at most
+    4 components gets umap-learn's own ``spectral_layout`` (deterministic there). With more,
+    umap-learn places the components by an unseeded spectral embedding of their centroids;
+    here they go where the centroids' first two principal components put them (on a circle
+    if those coincide), each laid out spectrally within half the distance to its nearest
+    neighbour component, as umap-learn does.
+    """
+    from scipy.sparse.csgraph import connected_components
+    from sklearn.decomposition import PCA
+    from umap.spectral import spectral_layout
+    from umap.umap_ import fuzzy_simplicial_set
+
+    rs = np.random.RandomState(random_state)
+    n = X.shape[0]
+    G = fuzzy_simplicial_set(X, knn_idx.shape[1], rs, "euclidean", knn_indices=knn_idx.copy(),
+                             knn_dists=knn_dist.copy())[0].tocoo()
+    G.sum_duplicates()
+    epochs = n_epochs if n_epochs > 10 else (500 if n <= 10_000 else 200)
+    G.data[G.data < G.data.max() / float(epochs)] = 0.0
+    G.eliminate_zeros()
+    n_comp, labels = connected_components(G, directed=False)
+    if n_comp <= 4:
+        Y = np.asarray(spectral_layout(X, G, 2, rs), dtype=np.float64)
+    else:
+        centroids = np.stack([X[labels == c].mean(axis=0) for c in range(n_comp)]).astype(np.float64)
+        meta = PCA(n_components=2, svd_solver="full").fit_transform(centroids) if X.shape[1] >= 2 else None
+        if meta is None or np.unique(meta, axis=0).shape[0] < n_comp:
+            angle = 2 * np.pi * np.arange(n_comp) / n_comp
+            meta = np.c_[np.cos(angle), np.sin(angle)]
+        meta = meta / np.abs(meta).max()
+        G = G.tocsr()
+        Y = np.empty((n, 2), dtype=np.float64)
+        for c in range(n_comp):
+            members = labels == c
+            gap = np.sqrt(((meta - meta[c]) ** 2).sum(axis=1))
+            half = gap[gap > 0].min() / 2.0
+            sub = G[members][:, members]
+            if sub.shape[0] <= 3:  # too small for an eigenvector layout
+                Y[members] = rs.uniform(-half, half, size=(sub.shape[0], 2)) + meta[c]
+                continue
+            part = np.asarray(spectral_layout(None, sub.tocoo(), 2, rs), dtype=np.float64)
+            top = np.abs(part).max()
+            Y[members] = (part * (half / top) if top > 0 else part) + meta[c]
+    # umap-learn's noisy_scale_coords: coordinates up to 10, plus noise of std 1e-4
+    top = np.abs(Y).max()
+    Y = Y * (10.0 / top) if top > 0 else Y
+    return (Y + rs.normal(scale=1e-4, size=Y.shape)).astype(np.float32)
 
 
 EMBEDDERS = {"tsne": TSNEEmbedder, "umap": UMAPEmbedder, "pca": PCAEmbedder}

@@ -281,7 +281,10 @@ def score_feature_set(fs, labels, config, *, device=None, notes=None, undefined=
     k = mc.n_neighbors
     knn_k = mc.knn_k or k
     n_classes = np.unique(labels).size
-    graph_k = min(n - 1, max(k, knn_k, mc.weighted_knn_k, config.embed.umap.n_neighbors))
+    embedders = {method: create_embedder(method, config.embed) for method in config.embed.methods}
+    # One graph of the raw features serves the metrics and t-SNE (3 x perplexity neighbours)
+    # and UMAP (n_neighbors - 1 besides the point itself): neither searches its own.
+    graph_k = min(n - 1, max(k, knn_k, mc.weighted_knn_k, *(e.graph_neighbors(n) for e in embedders.values())))
     graph = knn_graph(X, n_neighbors=graph_k, device=device)
 
     sil_sample = mc.silhouette_max_samples if (mc.silhouette_max_samples and n > mc.silhouette_max_samples) else None
@@ -307,8 +310,11 @@ def score_feature_set(fs, labels, config, *, device=None, notes=None, undefined=
     }
     per_class = score.per_class_knn_accuracy(X, labels, n_neighbors=knn_k, graph=graph)
 
+    # t-SNE and UMAP take their neighbours from the graph of the raw features, the space the
+    # neighbourhood metrics judge them in; the PCA-reduced features only give t-SNE its PCA
+    # start and UMAP the centroids of disconnected components (PCA was only ever a speed
+    # step for a neighbour search that the shared graph now replaces).
     Xr = reduce_dims(X, config.embed.pca_dims)
-    same_space = Xr.shape[1] == X.shape[1]  # no PCA step: X's neighbour graph is Xr's too
     if Xr.shape[1] == 1:
         # t-SNE and UMAP initialise from two principal components; a zero second column
         # changes no distance, so the embedding is that of the single feature.
@@ -317,8 +323,8 @@ def score_feature_set(fs, labels, config, *, device=None, notes=None, undefined=
     if scale > 0 and not 1e-4 <= scale <= 1e4:
         # t-SNE and UMAP calibrate each point's bandwidth, so the result does not depend on the
         # scale of the data; their numerics do (openTSNE's PCA start divides by a std of ~0).
+        # The graph's distances are rescaled inside evalkit.embed for the same reason.
         Xr = ((Xr - Xr.mean(axis=0)) / scale).astype(np.float32)
-        same_space = False  # the neighbour graph of X has distances on the old scale
         if notes is not None:
             notes.add(f"{fs.model}/{fs.layer}: features of scale {scale:.3g} are rescaled to unit scale "
                       f"before t-SNE and UMAP (neither depends on the scale; their numerics do)")
@@ -327,28 +333,32 @@ def score_feature_set(fs, labels, config, *, device=None, notes=None, undefined=
         notes.add(f"{fs.model}/{fs.layer}: all {n} samples have identical features, so every embedding "
                   f"places them at one point (t-SNE and UMAP are not defined for such data)")
     embeddings, rows, method_params, stability = [], [], {}, {}
-    for method in config.embed.methods:
-        embedder = create_embedder(method, config.embed)
-        method_params[method] = embedder.params(n) if method != "pca" else embedder.params()
+    per_method = {}
+    for method, embedder in embedders.items():
+        method_params[method] = embedder.params(n, graph)
         if method in ("tsne", "umap") and X.shape[1] > config.embed.pca_dims:
-            method_params[method]["input"] = f"PCA to {config.embed.pca_dims} dims"
+            method_params[method]["input"] = (f"neighbours of the raw features, start from PCA to "
+                                              f"{config.embed.pca_dims} dims")
         per_seed = []
         for seed in config.embed.seeds:
             t0 = time.perf_counter()
             if constant:
                 Z = np.zeros((n, 2), dtype=np.float32)
             else:
-                Z = embedder.fit_transform(X if method == "pca" else Xr, random_state=seed,
-                                           graph=graph if (method == "umap" and same_space) else None)
+                Z = embedder.fit_transform(X if method == "pca" else Xr, random_state=seed, graph=graph)
             embeddings.append(Embedding(fs.model, fs.layer, method, seed, Z, method_params[method],
                                         time.perf_counter() - t0))
             per_seed.append(Z)
-        # one pass over X's distances scores every seed of this method
-        nb = score.neighbourhood_scores(X, {str(i): Z for i, Z in enumerate(per_seed)}, n_neighbors=k,
-                                        graph_X=graph if graph.indices.shape[1] >= k else None, device=device)
+        per_method[method] = per_seed
+    # One pass over X's distances scores every method and seed (at 70,000 x 256 a pass takes
+    # minutes). An approximate graph is not passed: the same pass finds the exact neighbours.
+    nb = score.neighbourhood_scores(
+        X, {f"{method}/{i}": Z for method, zs in per_method.items() for i, Z in enumerate(zs)}, n_neighbors=k,
+        graph_X=graph if graph.exact and graph.indices.shape[1] >= k else None, device=device)
+    for method, per_seed in per_method.items():
         vals = {
-            "trustworthiness": [nb[str(i)]["trustworthiness"] for i in range(len(per_seed))],
-            "continuity": [nb[str(i)]["continuity"] for i in range(len(per_seed))],
+            "trustworthiness": [nb[f"{method}/{i}"]["trustworthiness"] for i in range(len(per_seed))],
+            "continuity": [nb[f"{method}/{i}"]["continuity"] for i in range(len(per_seed))],
             "silhouette": [sil(Z) for Z in per_seed],
             "knn_accuracy": [score.knn_accuracy(Z, labels, n_neighbors=knn_k) if n_classes > 1 else None
                              for Z in per_seed],

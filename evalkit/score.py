@@ -1,0 +1,627 @@
+"""The ``score`` stage: metric functions, exact and chunked.
+
+Every function takes plain numpy arrays and returns a python ``float`` (or an array for
+per-class scores). The neighbourhood metrics and the silhouette work on blocks of rows:
+a block of distances (block x n_samples) is all that is ever held, never an
+n_samples x n_samples matrix, so N = 70,000 fits in well under 4 GB.
+
+Exactness: :func:`trustworthiness`, :func:`continuity` and :func:`silhouette` agree with
+scikit-learn (``sklearn.manifold.trustworthiness`` and ``sklearn.metrics.silhouette_score``)
+to 1e-6 on data without distance ties. Distances are computed in float64 on centred data.
+
+Ties: scikit-learn ranks equidistant points by the (arbitrary) order of ``np.argsort``; here
+the rank of a neighbour j of i is ``1 + #{l != i : d(i, l) < d(i, j)}``, so equidistant points
+share the smallest rank. For float32 input scikit-learn also rounds its distances to float32,
+which makes distances closer than ~6e-8 (relative) tie in its ranking but not in ours.
+
+torch (and numba, for the counting kernels on CPU) are imported inside the functions.
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+
+from evalkit.neighbors import (
+    InputError,
+    KNNGraph,
+    as_float_matrix,
+    check_n_neighbors,
+    knn_graph,
+    numba_kernels,
+    ranking_block,
+    pick_block_size,
+    resolve_device,
+    squared_distance_block,
+    to_centered_tensor,
+)
+
+__all__ = [
+    "trustworthiness",
+    "continuity",
+    "neighbourhood_scores",
+    "silhouette",
+    "knn_accuracy",
+    "weighted_knn_accuracy",
+    "per_class_knn_accuracy",
+    "linear_cka",
+    "SILHOUETTE_EXACT_MAX",
+]
+
+#: Largest n_samples for which the exact silhouette is cheap (about 10 s on 2 CPU cores at
+#: 256 features; it is O(N^2 D), so 70,000 samples take about 2 minutes). Callers may pass
+#: ``sample_size`` beyond it; :func:`silhouette` itself is exact unless told to sample.
+SILHOUETTE_EXACT_MAX = 20_000
+
+# Spaces with at most this many dimensions (2-D embeddings) are ranked on CPU by a numba
+# kernel that computes distances on the fly instead of materialising (block x N) arrays.
+_LOWDIM_MAX = 4
+
+
+# =========================================================================== neighbourhoods
+
+
+def trustworthiness(X, Z, *, n_neighbors: int = 10, graph_Z: KNNGraph | None = None,
+                    device=None, block_size: int | None = None) -> float:
+    """How far the embedding's neighbours are from being neighbours in the original space.
+
+    T(k) = 1 - 2 / (N k (2N - 3k - 1)) * sum_i sum_{j in U_k(i)} max(0, r(i, j) - k), where
+    U_k(i) are the k nearest neighbours of i in ``Z`` and r(i, j) the rank of j among the
+    distances from i in ``X`` (Venna and Kaski 2001; scikit-learn's formula).
+
+    Parameters
+    ----------
+    X : array-like of shape (n_samples, n_features)
+        Original (high-dimensional) data.
+    Z : array-like of shape (n_samples, n_components)
+        Embedding of ``X``.
+    n_neighbors : int
+        k; must be less than ``n_samples / 2``, as in scikit-learn.
+    graph_Z : KNNGraph, optional
+        Neighbours in ``Z`` with at least ``n_neighbors`` columns (the first ones are used).
+        Computed exactly when omitted. An approximate graph (``graph_Z.exact`` False) is used
+        as given, and the score is then approximate too.
+    device : None, str or torch.device
+        Where distances are computed; MPS falls back to CPU (no float64 there).
+    block_size : int, optional
+        Rows per block of distances; by default about 256 MB per block.
+
+    Returns
+    -------
+    float in [0, 1]; 1 when every embedding neighbour is also an original-space neighbour.
+    """
+    X = as_float_matrix(X, "X")
+    Z = _same_rows(as_float_matrix(Z, "Z"), X, "Z")
+    k = _check_half(n_neighbors, X.shape[0])
+    dev = _score_device(device)
+    graph_Z = _graph_or_exact(Z, graph_Z, k, dev, block_size, "graph_Z")
+    (excess,), _ = _rank_excess(X, [graph_Z.indices[:, :k]], k, dev, block_size)
+    return _trust_from_excess(excess, X.shape[0], k)
+
+
+def continuity(X, Z, *, n_neighbors: int = 10, graph_X: KNNGraph | None = None,
+               device=None, block_size: int | None = None) -> float:
+    """How far the original neighbours are from being neighbours in the embedding.
+
+    Trustworthiness with the two spaces swapped: equal to
+    ``sklearn.manifold.trustworthiness(Z, X, n_neighbors=k)``.
+
+    Parameters
+    ----------
+    X : array-like of shape (n_samples, n_features)
+        Original (high-dimensional) data.
+    Z : array-like of shape (n_samples, n_components)
+        Embedding of ``X``.
+    n_neighbors : int
+        k; must be less than ``n_samples / 2``.
+    graph_X : KNNGraph, optional
+        Neighbours in ``X`` with at least ``n_neighbors`` columns. Computed exactly when
+        omitted; an approximate graph makes the score approximate.
+    device, block_size
+        As for :func:`trustworthiness`.
+
+    Returns
+    -------
+    float in [0, 1]
+    """
+    X = as_float_matrix(X, "X")
+    Z = _same_rows(as_float_matrix(Z, "Z"), X, "Z")
+    k = _check_half(n_neighbors, X.shape[0])
+    dev = _score_device(device)
+    graph_X = _graph_or_exact(X, graph_X, k, dev, block_size, "graph_X")
+    (excess,), _ = _rank_excess(Z, [graph_X.indices[:, :k]], k, dev, block_size)
+    return _trust_from_excess(excess, X.shape[0], k)
+
+
+def neighbourhood_scores(X, embeddings: Mapping[str, np.ndarray], *, n_neighbors: int = 10,
+                         graph_X: KNNGraph | None = None,
+                         graphs_Z: Mapping[str, KNNGraph] | None = None,
+                         device=None, block_size: int | None = None) -> dict[str, dict[str, float]]:
+    """Trustworthiness and continuity of several embeddings of the same data, in one pass.
+
+    The expensive part, the distances in the original space, is computed once, block by
+    block, and shared by all embeddings (and by the search for the neighbours in ``X`` when
+    ``graph_X`` is omitted). The numbers equal those of :func:`trustworthiness` and
+    :func:`continuity`.
+
+    Parameters
+    ----------
+    X : array-like of shape (n_samples, n_features)
+    embeddings : mapping of str to array-like of shape (n_samples, n_components)
+    n_neighbors : int
+        k; must be less than ``n_samples / 2``.
+    graph_X : KNNGraph, optional
+        Neighbours in ``X``; found in the same pass when omitted.
+    graphs_Z : mapping of str to KNNGraph, optional
+        Neighbours in some or all embeddings; the missing ones are computed exactly.
+    device, block_size
+        As for :func:`trustworthiness`.
+
+    Returns
+    -------
+    dict
+        ``{name: {"trustworthiness": t, "continuity": c}}`` in the order of ``embeddings``.
+    """
+    X = as_float_matrix(X, "X")
+    n_samples = X.shape[0]
+    k = _check_half(n_neighbors, n_samples)
+    dev = _score_device(device)
+    Zs = {str(name): _same_rows(as_float_matrix(Z, f"embedding {name!r}"), X, f"embedding {name!r}")
+          for name, Z in embeddings.items()}
+    graphs_Z = dict(graphs_Z or {})
+    nbr_Z = [
+        _graph_or_exact(Z, graphs_Z.get(name), k, dev, block_size, f"graphs_Z[{name!r}]").indices[:, :k]
+        for name, Z in Zs.items()
+    ]
+    if graph_X is None and X.shape[1] <= _LOWDIM_MAX:
+        graph_X = knn_graph(X, n_neighbors=k, method="exact", device=dev, block_size=block_size)
+    if graph_X is not None:
+        nbr_X = _check_graph(graph_X, n_samples, k, "graph_X").indices[:, :k]
+        trust_excess, _ = _rank_excess(X, nbr_Z, k, dev, block_size)
+    else:  # the neighbours in X come from the same pass over X's distances
+        trust_excess, nbr_X = _rank_excess(X, nbr_Z, k, dev, block_size, knn=k)
+    out = {}
+    for (name, Z), t_excess in zip(Zs.items(), trust_excess):
+        (c_excess,), _ = _rank_excess(Z, [nbr_X], k, dev, block_size)
+        out[name] = {
+            "trustworthiness": _trust_from_excess(t_excess, n_samples, k),
+            "continuity": _trust_from_excess(c_excess, n_samples, k),
+        }
+    return out
+
+
+# =========================================================================== silhouette
+
+
+def silhouette(X, labels, *, device=None, block_size: int | None = None,
+               sample_size: int | None = None, random_state: int = 0) -> float:
+    """Mean silhouette coefficient (euclidean), as ``sklearn.metrics.silhouette_score``.
+
+    For sample i of class c: a = mean distance to the other members of c (divided by
+    n_c - 1), b = smallest mean distance to the members of another class, and
+    s = (b - a) / max(a, b); s = 0 for members of singleton classes (and when a = b = 0).
+
+    Parameters
+    ----------
+    X : array-like of shape (n_samples, n_features)
+    labels : array-like of shape (n_samples,)
+        Class of each sample (any values).
+    device : None, str or torch.device
+        Where distances are computed; MPS falls back to CPU.
+    block_size : int, optional
+        Rows per block of distances; by default about 256 MB per block.
+    sample_size : int, optional
+        Score a seeded, stratified sample of this many samples instead of all of them
+        (see :data:`SILHOUETTE_EXACT_MAX`). None (default) is exact.
+    random_state : int
+        Seed of the sample.
+
+    Returns
+    -------
+    float in [-1, 1], or nan when the silhouette is not defined: fewer than 2 classes, or
+    as many classes as samples (scikit-learn raises in both cases).
+    """
+    import torch
+
+    X = as_float_matrix(X, "X")
+    labels = _labels(labels, X.shape[0])
+    if sample_size is not None:
+        keep = _stratified_sample(labels, sample_size, random_state)
+        X, labels = X[keep], labels[keep]
+    classes, y = np.unique(labels, return_inverse=True)
+    n_samples, n_classes = len(y), len(classes)
+    if not 1 < n_classes < n_samples:
+        return float("nan")
+    dev = _score_device(device)
+    # Columns grouped by class so per-class sums are contiguous segment sums.
+    order = np.argsort(y, kind="stable")
+    X, y = X[order], y[order]
+    sizes = np.bincount(y, minlength=n_classes)
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    block = pick_block_size(n_samples, block_size)
+    total = 0.0
+    with torch.no_grad():
+        T, sq = to_centered_tensor(X, dev, torch.float64)
+        y_t = torch.as_tensor(y, device=dev)
+        for start in range(0, n_samples, block):
+            stop = min(start + block, n_samples)
+            D = squared_distance_block(T, sq, start, stop).sqrt_()
+            sums = _class_sums(D, starts, y_t, n_classes, use_numpy=dev.type == "cpu")
+            del D
+            total += _silhouette_block(sums, y[start:stop], sizes)
+    return float(total / n_samples)
+
+
+def _class_sums(D, starts: np.ndarray, y_t, n_classes: int, *, use_numpy: bool) -> np.ndarray:
+    """(rows, n_classes) float64 sums of the distances to each class's members; the columns
+    of ``D`` are grouped by class (``starts`` = first column of each class; every class has
+    at least one member)."""
+    if use_numpy:  # segment sums, no one-hot matrix (which would be n_samples x n_classes)
+        return np.add.reduceat(D.numpy(), starts, axis=1)
+    import torch
+
+    sums = torch.zeros((D.shape[0], n_classes), dtype=D.dtype, device=D.device)
+    return sums.index_add_(1, y_t, D).cpu().numpy()
+
+
+def _silhouette_block(sums: np.ndarray, y: np.ndarray, sizes: np.ndarray) -> float:
+    """Sum of the silhouettes of a block, from its per-class distance sums (block, n_classes)."""
+    rows = np.arange(len(y))
+    own = sizes[y]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        a = sums[rows, y] / (own - 1)
+        means = sums / sizes
+        means[rows, y] = np.inf
+        b = means.min(axis=1)
+        s = (b - a) / np.maximum(a, b)
+    s[~np.isfinite(s)] = 0.0  # singleton classes (0 / 0) and a = b = 0, as scikit-learn
+    return float(s.sum())
+
+
+def _stratified_sample(labels: np.ndarray, sample_size, random_state) -> np.ndarray:
+    """Sorted indices of a seeded sample with each class in proportion (largest remainder)."""
+    if isinstance(sample_size, bool) or not isinstance(sample_size, (int, np.integer)) or sample_size < 2:
+        raise InputError(f"sample_size must be an integer >= 2; got {sample_size!r}")
+    n_samples = len(labels)
+    if sample_size >= n_samples:
+        return np.arange(n_samples)
+    rng = np.random.default_rng(random_state)
+    classes, y = np.unique(labels, return_inverse=True)
+    sizes = np.bincount(y)
+    quota = sizes * (sample_size / n_samples)
+    take = np.floor(quota).astype(np.int64)
+    rest = sample_size - take.sum()
+    if rest > 0:
+        take[np.argsort(-(quota - take), kind="stable")[:rest]] += 1
+    picked = [rng.choice(np.flatnonzero(y == c), size=t, replace=False) for c, t in enumerate(take) if t]
+    return np.sort(np.concatenate(picked))
+
+
+# =========================================================================== kNN accuracy
+
+
+def knn_accuracy(X, labels, *, n_neighbors: int = 10, graph: KNNGraph | None = None,
+                 device=None) -> float:
+    """Leave-one-out k-nearest-neighbour accuracy (majority vote).
+
+    Each sample is predicted by the majority label of its k nearest neighbours (itself
+    excluded). Ties between classes go to the tied class of the nearest neighbour.
+
+    Parameters
+    ----------
+    X : array-like of shape (n_samples, n_features)
+    labels : array-like of shape (n_samples,)
+    n_neighbors : int
+        k, 1 <= k < n_samples.
+    graph : KNNGraph, optional
+        Neighbours of ``X`` with at least ``n_neighbors`` columns (the shared graph of the
+        neighbors stage); computed exactly when omitted.
+    device : None, str or torch.device
+        Where the graph is computed when omitted.
+
+    Returns
+    -------
+    float in [0, 1]
+    """
+    correct = _knn_correct(X, labels, n_neighbors, graph, device)
+    return float(correct.mean())
+
+
+def per_class_knn_accuracy(X, labels, *, n_neighbors: int = 10, graph: KNNGraph | None = None,
+                           device=None) -> np.ndarray:
+    """Leave-one-out kNN accuracy (as :func:`knn_accuracy`) of each class.
+
+    Parameters
+    ----------
+    X : array-like of shape (n_samples, n_features)
+    labels : array-like of shape (n_samples,), non-negative integers
+    n_neighbors, graph, device
+        As for :func:`knn_accuracy`.
+
+    Returns
+    -------
+    ndarray of shape (max(labels) + 1,), float64
+        Entry c is the accuracy over the samples of label c; nan where no sample has label c.
+    """
+    labels_arr = np.asarray(labels)
+    if labels_arr.ndim != 1 or labels_arr.dtype.kind not in "iub" or (labels_arr.size and labels_arr.min() < 0):
+        raise InputError("labels must be a 1-D array of non-negative integers for per-class accuracy")
+    correct = _knn_correct(X, labels_arr, n_neighbors, graph, device)
+    n_classes = int(labels_arr.max()) + 1
+    hits = np.bincount(labels_arr, weights=correct, minlength=n_classes)
+    sizes = np.bincount(labels_arr, minlength=n_classes)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(sizes > 0, hits / np.maximum(sizes, 1), np.nan)
+
+
+def weighted_knn_accuracy(X, labels, *, n_neighbors: int = 20, temperature: float = 0.07,
+                          graph: KNNGraph | None = None, device=None) -> float:
+    """Leave-one-out weighted kNN accuracy on cosine similarity (DINO's ``eval_knn``).
+
+    Rows are L2-normalised; each of the k most similar samples (itself excluded) votes for
+    its class with weight exp(s / temperature), s the cosine similarity; the class with
+    the largest total wins (ties: the tied class of the most similar neighbour).
+
+    Parameters
+    ----------
+    X : array-like of shape (n_samples, n_features)
+    labels : array-like of shape (n_samples,)
+    n_neighbors : int
+        k (20 in DINO), 1 <= k < n_samples.
+    temperature : float
+        T > 0 (0.07 in DINO).
+    graph : KNNGraph, optional
+        Neighbours to vote with. Omitted: the exact cosine neighbours (euclidean neighbours
+        of the normalised rows). Given (e.g. the shared euclidean graph of the raw
+        features): its first k neighbours are used, weighted by their cosine similarity;
+        these equal DINO's only when the rows of ``X`` have equal norms.
+    device : None, str or torch.device
+        Where the graph is computed when omitted.
+
+    Returns
+    -------
+    float in [0, 1]
+    """
+    X = as_float_matrix(X, "X")
+    n_samples = X.shape[0]
+    y = _encode(_labels(labels, n_samples))
+    k = check_n_neighbors(n_neighbors, n_samples - 1, what="n_samples - 1")
+    if not (isinstance(temperature, (int, float, np.floating)) and np.isfinite(temperature) and temperature > 0):
+        raise InputError(f"temperature must be a positive number; got {temperature!r}")
+    Xn = X.astype(np.float64)
+    Xn /= np.maximum(np.linalg.norm(Xn, axis=1, keepdims=True), 1e-12)
+    if graph is None:
+        graph = knn_graph(Xn, n_neighbors=k, method="exact", device=device)
+    idx = _check_graph(graph, n_samples, k, "graph").indices[:, :k]
+    correct = np.empty(n_samples, dtype=bool)
+    chunk = max(1, 2**22 // (k * max(X.shape[1], k)))
+    for start in range(0, n_samples, chunk):
+        stop = min(start + chunk, n_samples)
+        nb = idx[start:stop]
+        sim = np.einsum("bd,bkd->bk", Xn[start:stop], Xn[nb])
+        w = np.exp((sim - sim.max(axis=1, keepdims=True)) / temperature)  # shift: same argmax
+        pred = _vote(y[nb], w)
+        correct[start:stop] = pred == y[start:stop]
+    return float(correct.mean())
+
+
+def _knn_correct(X, labels, n_neighbors, graph, device) -> np.ndarray:
+    """(n_samples,) bool: is the leave-one-out majority vote right."""
+    X = as_float_matrix(X, "X")
+    n_samples = X.shape[0]
+    y = _encode(_labels(labels, n_samples))
+    k = check_n_neighbors(n_neighbors, n_samples - 1, what="n_samples - 1")
+    if graph is None:
+        graph = knn_graph(X, n_neighbors=k, method="exact", device=device)
+    idx = _check_graph(graph, n_samples, k, "graph").indices[:, :k]
+    correct = np.empty(n_samples, dtype=bool)
+    chunk = max(1, 2**24 // (k * k))
+    for start in range(0, n_samples, chunk):
+        stop = min(start + chunk, n_samples)
+        correct[start:stop] = _vote(y[idx[start:stop]], None) == y[start:stop]
+    return correct
+
+
+def _vote(neighbour_labels: np.ndarray, weights: np.ndarray | None) -> np.ndarray:
+    """Winning label per row of (rows, k) neighbour labels, nearest first.
+
+    Score of neighbour position j = total weight of the positions with the same label;
+    the winner is the label at the first (nearest) position with the top score, which
+    breaks ties between classes toward the tied class of the nearest neighbour. Positions
+    of one class sum the same masked vector, so their scores are bitwise equal.
+    """
+    same = neighbour_labels[:, :, None] == neighbour_labels[:, None, :]
+    if weights is None:
+        score = same.sum(axis=2)
+    else:
+        score = (same * weights[:, None, :]).sum(axis=2)
+    first_best = np.argmax(score == score.max(axis=1, keepdims=True), axis=1)
+    return neighbour_labels[np.arange(len(neighbour_labels)), first_best]
+
+
+# =========================================================================== CKA
+
+
+def linear_cka(X, Y) -> float:
+    """Linear centred kernel alignment of two representations of the same samples.
+
+    CKA = ||Y^T X||_F^2 / (||X^T X||_F ||Y^T Y||_F) with centred columns (Kornblith et al.
+    2019), computed from feature-space products (blocks of at most 2048 columns), never an
+    n_samples x n_samples matrix.
+
+    Parameters
+    ----------
+    X : array-like of shape (n_samples, n_features_x)
+    Y : array-like of shape (n_samples, n_features_y)
+
+    Returns
+    -------
+    float in [0, 1]; nan when either representation is constant.
+    """
+    X = as_float_matrix(X, "X").astype(np.float64)
+    Y = _same_rows(as_float_matrix(Y, "Y").astype(np.float64), X, "Y")
+    X -= X.mean(axis=0)
+    Y -= Y.mean(axis=0)
+    xy = _cross_frobenius_sq(Y, X)
+    xx = np.sqrt(_cross_frobenius_sq(X, X))
+    yy = np.sqrt(_cross_frobenius_sq(Y, Y))
+    if xx == 0 or yy == 0:
+        return float("nan")
+    return float(xy / (xx * yy))
+
+
+def _cross_frobenius_sq(A: np.ndarray, B: np.ndarray, block: int = 2048) -> float:
+    """||A^T B||_F^2, column block by column block."""
+    total = 0.0
+    for i in range(0, A.shape[1], block):
+        for j in range(0, B.shape[1], block):
+            P = A[:, i:i + block].T @ B[:, j:j + block]
+            total += float(np.einsum("ij,ij->", P, P))
+    return total
+
+
+# =========================================================================== rank machinery
+
+
+def _rank_excess(P: np.ndarray, neighbour_sets, k: int, dev, block_size, knn: int | None = None):
+    """Sum over rows i and neighbours j of max(0, rank of j among i's distances in P - k).
+
+    Parameters
+    ----------
+    P : ndarray of shape (n_samples, n_dims)
+        The space in which ranks are taken.
+    neighbour_sets : list of int ndarray of shape (n_samples, k)
+        Neighbours found in another space; one excess sum per set.
+    knn : int, optional
+        Also return the exact ``knn`` nearest neighbours in P (found in the same pass).
+
+    Returns
+    -------
+    (list of int, ndarray of shape (n_samples, knn) or None)
+    """
+    import torch
+
+    n_samples = P.shape[0]
+    if P.shape[1] <= _LOWDIM_MAX and dev.type == "cpu" and knn is None and numba_kernels() is not None:
+        PT = np.ascontiguousarray((P - P.mean(axis=0)).T, dtype=np.float64)
+        return [_lowdim_excess(PT, np.ascontiguousarray(nb, dtype=np.int64), k) for nb in neighbour_sets], None
+    excess = [0] * len(neighbour_sets)
+    found = np.empty((n_samples, knn), dtype=np.int64) if knn else None
+    kernels = numba_kernels() if dev.type == "cpu" else None
+    block = pick_block_size(n_samples, block_size)
+    with torch.no_grad():
+        T, sq = to_centered_tensor(P, dev, torch.float64)
+        sets = [torch.as_tensor(np.ascontiguousarray(nb), dtype=torch.int64, device=dev) for nb in neighbour_sets]
+        for start in range(0, n_samples, block):
+            stop = min(start + block, n_samples)
+            D = ranking_block(T, sq, start, stop)
+            if knn and kernels is not None:
+                kernels["row_topk"](D.numpy(), found[start:stop], np.empty((stop - start, knn)))
+            elif knn:
+                found[start:stop] = torch.topk(D, knn, dim=1, largest=False, sorted=True).indices.cpu().numpy()
+            for s, nb in enumerate(sets):
+                thresholds = D.gather(1, nb[start:stop])
+                below = _count_below(D, thresholds)
+                excess[s] += int((below + 1 - k).clamp_(min=0).sum())
+            del D
+    return excess, found
+
+
+def _count_below(D, thresholds):
+    """(rows, k) int64: #{l : D[r, l] < thresholds[r, m]} (strict, so ties rank lowest)."""
+    import torch
+
+    nb = numba_kernels() if D.device.type == "cpu" else None
+    if nb is not None:
+        out = np.empty(thresholds.shape, dtype=np.int64)
+        nb["count_below"](D.numpy(), np.ascontiguousarray(thresholds.numpy()), out)
+        return torch.from_numpy(out)
+    return _count_below_torch(D, thresholds)
+
+
+def _count_below_torch(D, thresholds):
+    """Torch version of :func:`_count_below` (GPU, or CPU without numba): one searchsorted of
+    each row against its k sorted thresholds, a per-row bincount, then a cumulative sum."""
+    import torch
+
+    rows, k = thresholds.shape
+    sorted_t, order = torch.sort(thresholds, dim=1)
+    # pos[r, l] = #{m : sorted_t[r, m] <= D[r, l]}; D[r, l] < sorted_t[r, m] iff pos <= m.
+    pos = torch.searchsorted(sorted_t.contiguous(), D, right=True)
+    pos += torch.arange(rows, device=D.device)[:, None] * (k + 1)
+    hist = torch.bincount(pos.view(-1), minlength=rows * (k + 1)).view(rows, k + 1)
+    below_sorted = hist[:, :k].cumsum(dim=1)
+    below = torch.empty_like(below_sorted)
+    below.scatter_(1, order, below_sorted)
+    return below
+
+
+def _lowdim_excess(PT: np.ndarray, nbr: np.ndarray, k: int) -> int:
+    """Excess-rank sum in a space of few dimensions; ``PT`` is (n_dims, n_samples)."""
+    out = np.empty(nbr.shape, dtype=np.int64)
+    numba_kernels()["lowdim_count_below"](PT, nbr, out)
+    return int(np.maximum(out + 1 - k, 0).sum())
+
+
+# =========================================================================== validation
+
+
+def _trust_from_excess(excess: int, n_samples: int, k: int) -> float:
+    return float(1.0 - excess * (2.0 / (n_samples * k * (2.0 * n_samples - 3.0 * k - 1.0))))
+
+
+def _check_half(n_neighbors, n_samples: int) -> int:
+    if isinstance(n_neighbors, bool) or not isinstance(n_neighbors, (int, np.integer)) or n_neighbors < 1:
+        raise InputError(f"n_neighbors must be a positive integer; got {n_neighbors!r}")
+    if n_neighbors >= n_samples / 2:
+        raise InputError(
+            f"n_neighbors ({n_neighbors}) should be less than n_samples / 2 ({n_samples / 2:g}); "
+            f"expected n_neighbors < {n_samples / 2:g} for {n_samples} samples"
+        )
+    return int(n_neighbors)
+
+
+def _score_device(device):
+    dev = resolve_device(device)
+    if dev.type == "mps":  # no float64 on MPS, and the exactness contract needs it
+        import torch
+
+        return torch.device("cpu")
+    return dev
+
+
+def _same_rows(A: np.ndarray, X: np.ndarray, name: str) -> np.ndarray:
+    if A.shape[0] != X.shape[0]:
+        raise InputError(f"{name} has {A.shape[0]} samples; expected {X.shape[0]}, as X")
+    return A
+
+
+def _labels(labels, n_samples: int) -> np.ndarray:
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or labels.shape[0] != n_samples:
+        raise InputError(f"labels must have shape ({n_samples},); got {labels.shape}")
+    return labels
+
+
+def _encode(labels: np.ndarray) -> np.ndarray:
+    return np.unique(labels, return_inverse=True)[1].reshape(-1)
+
+
+def _check_graph(graph: KNNGraph, n_samples: int, k: int, name: str) -> KNNGraph:
+    idx = np.asarray(graph.indices)
+    if idx.ndim != 2 or idx.shape[0] != n_samples:
+        raise InputError(f"{name} has shape {idx.shape}; expected ({n_samples}, >= {k})")
+    if idx.shape[1] < k:
+        raise InputError(f"{name} has {idx.shape[1]} neighbours per sample; expected at least n_neighbors={k}")
+    head = idx[:, :k]
+    if head.size and (head.min() < 0 or head.max() >= n_samples):
+        raise InputError(f"{name} has neighbour indices outside [0, {n_samples})")
+    if (head == np.arange(n_samples)[:, None]).any():
+        raise InputError(f"{name} lists samples as their own neighbours; expected self excluded")
+    return graph
+
+
+def _graph_or_exact(P, graph, k, dev, block_size, name) -> KNNGraph:
+    if graph is None:
+        return knn_graph(P, n_neighbors=k, method="exact", device=dev, block_size=block_size)
+    return _check_graph(graph, P.shape[0], k, name)

@@ -1,0 +1,193 @@
+"""The contract every embedding backend passes (one shared test class, as in openTSNE).
+
+Backends: PCA, t-SNE through openTSNE, t-SNE through scikit-learn, UMAP. Each is run on a
+few hundred points of well-separated Gaussian clusters, with and without the shared
+neighbour graph; fits are cached per (backend, seed, graph) so the whole file stays fast.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from evalkit.config import EmbedConfig, TSNEConfig, UMAPConfig
+from evalkit.embed import create_embedder
+from evalkit.errors import EvalkitError
+from evalkit.neighbors import KNNGraph, knn_graph
+from evalkit.score import knn_accuracy
+
+N_CLASSES, N_PER_CLASS, DIM = 6, 40, 20  # 240 points; 6 components > umap-learn's 4 fixed slots
+
+BACKENDS = {
+    "pca": ("pca", EmbedConfig()),
+    "tsne-opentsne": ("tsne", EmbedConfig(tsne=TSNEConfig(n_iter=300))),
+    "tsne-sklearn": ("tsne", EmbedConfig(tsne=TSNEConfig(backend="sklearn", n_iter=300))),
+    "umap": ("umap", EmbedConfig(umap=UMAPConfig(n_epochs=100))),
+}
+# What params(n_samples, graph) reports for each method (resolved values, no "auto").
+PARAM_KEYS = {
+    "pca": {"n_components"},
+    "tsne": {"backend", "perplexity", "n_neighbors", "neighbors", "learning_rate", "early_exaggeration",
+             "early_exaggeration_iter", "n_iter", "init", "gradient", "n_jobs"},
+    "umap": {"n_neighbors", "min_dist", "n_epochs", "metric", "neighbors", "init", "n_jobs"},
+}
+
+
+def clusters(n_per_class=N_PER_CLASS, n_classes=N_CLASSES, dim=DIM, seed=0, scale=1.0):
+    rng = np.random.default_rng(seed)
+    y = np.repeat(np.arange(n_classes), n_per_class)
+    centres = rng.normal(scale=8.0, size=(n_classes, dim))
+    X = (centres[y] + rng.normal(size=(y.size, dim))) * scale
+    return X.astype(np.float32), y
+
+
+X, Y = clusters()
+GRAPH = knn_graph(X, n_neighbors=X.shape[0] // 2)  # enough for every backend
+_FITS: dict = {}
+
+
+def embedder(backend):
+    method, cfg = BACKENDS[backend]
+    return create_embedder(method, cfg)
+
+
+def fit(backend, *, seed=0, graph=True, cached=True):
+    key = (backend, seed, graph)
+    if not cached or key not in _FITS:
+        Z = embedder(backend).fit_transform(X, random_state=seed, graph=GRAPH if graph else None)
+        if not cached:
+            return Z
+        _FITS[key] = Z
+    return _FITS[key]
+
+
+@pytest.fixture(params=list(BACKENDS), scope="module")
+def backend(request):
+    return request.param
+
+
+class TestEmbedderContract:
+    @pytest.mark.parametrize("graph", [True, False], ids=["graph", "no-graph"])
+    def test_shape_dtype_finite(self, backend, graph):
+        Z = fit(backend, graph=graph)
+        assert Z.shape == (X.shape[0], 2)
+        assert Z.dtype == np.float32
+        assert np.isfinite(Z).all()
+        assert Z.std(axis=0).min() > 0  # not collapsed to a point or a line
+
+    def test_deterministic_for_a_seed(self, backend):
+        np.testing.assert_array_equal(fit(backend, seed=0), fit(backend, seed=0, cached=False))
+
+    def test_seed_changes_the_embedding(self, backend):
+        Z0, Z1 = fit(backend, seed=0), fit(backend, seed=1)
+        if backend == "pca":  # one answer, whatever the seed
+            np.testing.assert_array_equal(Z0, Z1)
+        else:
+            assert not np.allclose(Z0, Z1)
+
+    @pytest.mark.parametrize("graph", [True, False], ids=["graph", "no-graph"])
+    def test_separates_clusters(self, backend, graph):
+        assert knn_accuracy(fit(backend, graph=graph), Y, n_neighbors=5) >= 0.95
+
+    def test_scale_of_the_features_does_not_matter(self, backend):
+        Xs, ys = clusters(scale=1e5)
+        e = embedder(backend)
+        g = knn_graph(Xs, n_neighbors=max(1, e.graph_neighbors(len(Xs))))
+        Z = e.fit_transform(Xs, random_state=0, graph=g)
+        assert np.isfinite(Z).all()
+        assert knn_accuracy(Z, ys, n_neighbors=5) >= 0.95
+
+    def test_tiny_data(self, backend):
+        Xt, yt = clusters(n_per_class=5, n_classes=2, dim=4)
+        e = embedder(backend)
+        params = e.params(len(Xt))
+        if "perplexity" in params:
+            assert params["perplexity"] <= (len(Xt) - 1) / 3
+        for graph in (None, knn_graph(Xt, n_neighbors=max(1, e.graph_neighbors(len(Xt))))):
+            Z = e.fit_transform(Xt, random_state=0, graph=graph)
+            assert Z.shape == (10, 2) and Z.dtype == np.float32 and np.isfinite(Z).all()
+
+    def test_params_report_what_is_used(self, backend):
+        method, cfg = BACKENDS[backend]
+        e = embedder(backend)
+        params = e.params(X.shape[0], GRAPH)
+        opentsne = backend == "tsne-opentsne"  # a learning rate per phase: N / 12, then N
+        assert set(params) == PARAM_KEYS[method] | ({"learning_rate_early"} if opentsne else set())
+        assert all(isinstance(v, (str, int, float)) and v != "auto" for v in params.values())
+        if "neighbors" in params:
+            assert params["neighbors"].startswith("shared kNN graph")
+            assert not e.params(X.shape[0], None)["neighbors"].startswith("shared")
+        assert set(e.params()) <= PARAM_KEYS[method] | {"learning_rate_early"}  # before the data is known
+
+    def test_graph_with_too_few_neighbours_is_not_used(self, backend):
+        e = embedder(backend)
+        need = e.graph_neighbors(X.shape[0])
+        if need <= 1:
+            pytest.skip("uses no graph")
+        short = GRAPH.head(need - 1)
+        assert "shared" not in str(e.params(X.shape[0], short).get("neighbors"))
+        Z = e.fit_transform(X, random_state=0, graph=short)
+        assert knn_accuracy(Z, Y, n_neighbors=5) >= 0.95
+
+    def test_graph_of_other_data_is_refused(self, backend):
+        e = embedder(backend)
+        if e.graph_neighbors(X.shape[0]) == 0:
+            pytest.skip("uses no graph")
+        with pytest.raises(EvalkitError, match="neighbour graph has shape"):
+            e.fit_transform(X[:-1], random_state=0, graph=GRAPH)
+
+
+# --------------------------------------------------------------------------- backend specifics
+
+
+def test_opentsne_affinities_come_from_the_graph():
+    """A graph whose neighbours are not the true ones changes the embedding: it is used."""
+    e = embedder("tsne-opentsne")
+    k = e.graph_neighbors(X.shape[0])
+    rng = np.random.default_rng(0)
+    idx = np.stack([rng.choice(np.delete(np.arange(len(X)), i), size=k, replace=False) for i in range(len(X))])
+    random_graph = KNNGraph(idx, np.sort(rng.random((len(X), k)).astype(np.float32), axis=1), False, "random")
+    Z = e.fit_transform(X, random_state=0, graph=random_graph)
+    assert knn_accuracy(Z, Y, n_neighbors=5) < 0.5
+
+
+def test_learning_rate_auto_is_resolved():
+    n = 1200
+    ot = create_embedder("tsne", EmbedConfig()).params(n)
+    assert ot["learning_rate_early"] == pytest.approx(n / 12) and ot["learning_rate"] == n
+    assert ot["gradient"] == "bh" and ot["n_jobs"] == 1  # small data: one thread
+    assert create_embedder("tsne", EmbedConfig()).params(20_000)["gradient"] == "fft"
+    sk = create_embedder("tsne", EmbedConfig(tsne=TSNEConfig(backend="sklearn"))).params(n)
+    assert sk["learning_rate"] == pytest.approx(max(n / 12 / 4, 50))
+    assert create_embedder("tsne", EmbedConfig(tsne=TSNEConfig(learning_rate=200))).params(n)["learning_rate"] == 200
+
+
+def test_sklearn_tsne_needs_its_early_phase():
+    e = create_embedder("tsne", EmbedConfig(tsne=TSNEConfig(backend="sklearn", n_iter=100)))
+    with pytest.raises(EvalkitError, match="embed.tsne.n_iter: 100 is too small"):
+        e.fit_transform(X, random_state=0)
+
+
+def test_too_few_samples():
+    for method in ("tsne", "umap"):
+        with pytest.raises(EvalkitError, match="at least 4 samples"):
+            create_embedder(method, EmbedConfig()).fit_transform(X[:3], random_state=0)
+
+
+def test_pipeline_shares_one_graph_with_tsne_and_umap():
+    from evalkit.config import Config
+    from evalkit.pipeline import score_feature_set
+    from evalkit.results import FeatureSet
+
+    cfg = Config.model_validate({
+        "name": "t", "data": {"kind": "digits"}, "models": [{"name": "m", "features": "x.npz"}],
+        "embed": {"methods": ["tsne", "umap", "pca"], "tsne": {"n_iter": 300}, "umap": {"n_epochs": 50},
+                  "pca_dims": 8},
+    })
+    feature_row, rows, embs, _, params, _ = score_feature_set(FeatureSet("m", "l", X), Y, cfg)
+    assert params["tsne"]["neighbors"] == "shared kNN graph (exact)"
+    assert params["tsne"]["n_neighbors"] == 90  # 3 x perplexity 30
+    assert params["umap"]["neighbors"] == "shared kNN graph (exact)"
+    assert "raw features" in params["tsne"]["input"]
+    assert [r["method"] for r in rows] == ["tsne", "umap", "pca"]
+    for r in rows:
+        assert 0.5 < r["trustworthiness"] <= 1 and 0.5 < r["continuity"] <= 1

@@ -1,0 +1,190 @@
+"""The neighbors stage: exact graph == scikit-learn, approximate recall, self exclusion."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.neighbors import NearestNeighbors
+
+from evalkit import neighbors
+from evalkit.errors import EvalkitError
+from evalkit.neighbors import KNNGraph, knn_graph, resolve_device
+
+
+def _mixture(n, d, n_centers=5, seed=0, spread=4.0):
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(n_centers, d)) * spread
+    labels = rng.integers(0, n_centers, n)
+    return (centers[labels] + rng.normal(size=(n, d))).astype(np.float32), labels
+
+
+def _sklearn_graph(X, k):
+    dist, idx = NearestNeighbors(n_neighbors=k).fit(X).kneighbors()
+    return idx, dist
+
+
+@pytest.fixture
+def no_numba(monkeypatch):
+    """Force the pure-torch code paths (what a GPU runs) on CPU."""
+    monkeypatch.setattr(neighbors, "_NUMBA_KERNELS", None)
+    monkeypatch.setattr(neighbors, "_NUMBA_TRIED", True)
+    monkeypatch.setattr(neighbors, "KDTREE_MAX_FEATURES", 0)
+
+
+@pytest.mark.parametrize("n, d, k, dtype, block", [
+    (50, 2, 5, np.float64, None),    # k-d tree path
+    (120, 3, 10, np.float32, None),
+    (90, 20, 7, np.float64, 7),      # blocked torch path, 13 blocks
+    (300, 64, 15, np.float32, 64),
+])
+def test_exact_graph_equals_sklearn(n, d, k, dtype, block):
+    X = np.random.default_rng(n).normal(size=(n, d)).astype(dtype)
+    g = knn_graph(X, n_neighbors=k, method="exact", block_size=block)
+    idx, dist = _sklearn_graph(X, k)
+    assert isinstance(g, KNNGraph) and g.exact and g.method == "exact"
+    assert g.indices.shape == (n, k) and g.indices.dtype == np.int64
+    assert g.distances.shape == (n, k) and g.distances.dtype == np.float32
+    np.testing.assert_array_equal(g.indices, idx)
+    np.testing.assert_allclose(g.distances, dist, rtol=1e-5, atol=1e-5)
+    assert (np.diff(g.distances, axis=1) >= 0).all()
+
+
+def test_torch_path_equals_numba_path(no_numba):
+    X = np.random.default_rng(1).normal(size=(150, 2))
+    idx, _ = _sklearn_graph(X, 6)
+    np.testing.assert_array_equal(knn_graph(X, n_neighbors=6, method="exact", block_size=16).indices, idx)
+
+
+# pynndescent compiles ~40-80 s of numba code on the first call in a process (most of its
+# functions are not cached), whatever the data size: hence "slow".
+@pytest.mark.slow
+def test_approximate_graph_recall():
+    X, _ = _mixture(3000, 10, n_centers=8, seed=3)
+    exact = knn_graph(X, n_neighbors=10, method="exact")
+    approx = knn_graph(X, n_neighbors=10, method="pynndescent", random_state=0)
+    assert approx.method == "pynndescent" and not approx.exact
+    assert approx.indices.shape == (3000, 10)
+    assert not (approx.indices == np.arange(3000)[:, None]).any()
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(exact.indices, approx.indices)])
+    assert recall >= 0.9
+
+
+@pytest.mark.parametrize("method, d", [
+    ("exact", 2), ("exact", 16), pytest.param("pynndescent", 5, marks=pytest.mark.slow)])
+def test_self_excluded_with_duplicates(method, d):
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=(40, d))
+    X = np.concatenate([base, base, base[:10], np.repeat(base[:1], 8, axis=0)])  # many exact copies
+    n = len(X)
+    g = knn_graph(X, n_neighbors=5, method=method)
+    assert not (g.indices == np.arange(n)[:, None]).any()
+    assert g.indices.min() >= 0 and g.indices.max() < n
+    # every point has a copy, so its nearest neighbour is at distance 0
+    assert np.allclose(g.distances[:, 0], 0)
+    # no repeated neighbour within a row
+    assert all(len(set(row)) == 5 for row in g.indices)
+
+
+def test_all_points_identical():
+    X = np.ones((12, 3))
+    g = knn_graph(X, n_neighbors=4, method="exact")
+    assert not (g.indices == np.arange(12)[:, None]).any()
+    assert np.all(g.distances == 0)
+
+
+def test_auto_is_exact_below_threshold():
+    X, _ = _mixture(200, 8)
+    g = knn_graph(X, n_neighbors=5, method="auto", device="cpu")
+    assert g.method == "exact" and g.exact
+    assert neighbors.EXACT_MAX_SAMPLES >= 1000
+
+
+def test_head_restricts_columns():
+    X, _ = _mixture(100, 4)
+    g = knn_graph(X, n_neighbors=8, method="exact")
+    h = g.head(3)
+    np.testing.assert_array_equal(h.indices, g.indices[:, :3])
+    with pytest.raises(ValueError, match="at least"):
+        g.head(9)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"n_neighbors": 10}, "n_neighbors"),        # n_samples - 1 = 9
+    ({"n_neighbors": 0}, "n_neighbors"),
+    ({"n_neighbors": 2.5}, "integer"),
+    ({"n_neighbors": 3, "method": "exactt"}, "did you mean 'exact'"),
+    ({"n_neighbors": 3, "block_size": 0}, "block_size"),
+])
+def test_validation(kwargs, match):
+    X = np.random.default_rng(0).normal(size=(10, 3))
+    with pytest.raises(ValueError, match=match) as info:
+        knn_graph(X, **kwargs)
+    assert isinstance(info.value, EvalkitError)  # the CLI reports it with exit code 2
+
+
+def test_rejects_nan_and_bad_shapes():
+    with pytest.raises(ValueError, match="NaN"):
+        knn_graph(np.array([[0.0, np.nan], [1, 2], [3, 4]]), n_neighbors=1)
+    with pytest.raises(ValueError, match="2-D"):
+        knn_graph(np.zeros(5), n_neighbors=1)
+
+
+def test_resolve_device_cpu():
+    import torch
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    expected = "cuda" if torch.cuda.is_available() else None
+    dev = resolve_device(None)
+    assert dev == resolve_device("auto")
+    if expected:
+        assert dev.type == expected
+    with pytest.raises(ValueError, match="device"):
+        resolve_device("no-such-device")
+
+
+def test_import_is_light():
+    import subprocess
+    import sys
+
+    code = "import sys, evalkit.neighbors, evalkit.score; print('torch' in sys.modules, 'numba' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]
+
+
+def _near_duplicates(seed=0, n_base=40, d=16, eps=1e-6, offset=1e3):
+    """Triples of points 1e-6 apart, far from the origin: float32 alone cannot rank them."""
+    rng = np.random.default_rng(seed)
+    base = rng.normal(size=(n_base, d)) + offset
+    return np.concatenate([base, base + eps * rng.normal(size=base.shape), base + eps * rng.normal(size=base.shape)])
+
+
+def _brute_graph(X, k):
+    D = np.linalg.norm(X[:, None, :] - X[None, :, :], axis=2)
+    np.fill_diagonal(D, np.inf)
+    return np.argsort(D, axis=1, kind="stable")[:, :k]
+
+
+def test_float32_ranking_is_certified_on_near_ties():
+    import torch
+
+    X = _near_duplicates()
+    expected = _brute_graph(X, 6)
+    assert neighbors.Float32Ranking.usable(X, torch.device("cpu"))
+    np.testing.assert_array_equal(knn_graph(X, n_neighbors=6, method="exact", block_size=13).indices, expected)
+    # float32 alone gets these wrong: the certified path really did decide them in float64
+    X32 = torch.as_tensor(X - X.mean(axis=0), dtype=torch.float32)
+    naive = torch.cdist(X32, X32, compute_mode="use_mm_for_euclid_dist")
+    naive.fill_diagonal_(float("inf"))
+    assert not np.array_equal(torch.topk(naive, 6, largest=False).indices.numpy(), expected)
+
+
+def test_float32_ranking_bound_holds():
+    import torch
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(300, 700)) * rng.uniform(0.1, 10, size=(300, 1)) + 5
+    ranking = neighbors.Float32Ranking(X)
+    R = ranking.block(0, 300).numpy().astype(np.float64)
+    exact = ranking.sq64[None, :] - 2 * ranking.X64 @ ranking.X64.T
+    assert np.isinf(np.diag(R)).all()  # self masked by index
+    off = ~np.eye(300, dtype=bool)
+    assert (np.abs(R - exact)[off] <= np.broadcast_to(ranking.err[:, None], R.shape)[off]).all()

@@ -1,0 +1,423 @@
+"""Metric functions: known answers, agreement with scikit-learn, chunking."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.manifold import trustworthiness as sk_trustworthiness
+from sklearn.metrics import silhouette_score as sk_silhouette
+
+from evalkit import neighbors, score
+from evalkit.errors import EvalkitError
+from evalkit.neighbors import KNNGraph, knn_graph
+from evalkit.score import (
+    continuity,
+    linear_cka,
+    neighbourhood_scores,
+    per_class_knn_accuracy,
+    silhouette,
+    trustworthiness,
+    weighted_knn_accuracy,
+    knn_accuracy,
+)
+
+TOL = 1e-6
+
+
+def _data(n, d, seed, dtype=np.float64, n_classes=4):
+    """Clustered data, a noisy 2-D embedding of it and labels."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, n_classes, n)
+    centers = rng.normal(size=(n_classes, d)) * 2
+    X = centers[labels] + rng.normal(size=(n, d))
+    Z = X[:, :2] @ rng.normal(size=(2, 2)) + rng.normal(size=(n, 2))
+    return X.astype(dtype), Z.astype(dtype), labels
+
+
+@pytest.fixture
+def torch_only(monkeypatch):
+    """The pure-torch code paths a GPU runs (no numba kernels, no k-d tree), on CPU."""
+    monkeypatch.setattr(neighbors, "_NUMBA_KERNELS", None)
+    monkeypatch.setattr(neighbors, "_NUMBA_TRIED", True)
+    monkeypatch.setattr(neighbors, "KDTREE_MAX_FEATURES", 0)
+
+
+CASES = [  # n, d, k, dtype, block_size
+    (30, 3, 1, np.float64, None),
+    (60, 5, 3, np.float64, 7),
+    (101, 8, 10, np.float32, 7),
+    (150, 20, 5, np.float32, 32),
+    (240, 50, 15, np.float64, None),
+    (64, 4, 31, np.float64, 9),  # k just under n / 2
+]
+
+
+# ------------------------------------------------------------------ trustworthiness / continuity
+
+
+@pytest.mark.parametrize("n, d, k, dtype, block", CASES)
+def test_trustworthiness_and_continuity_equal_sklearn(n, d, k, dtype, block):
+    X, Z, _ = _data(n, d, seed=n + k, dtype=dtype)
+    t = trustworthiness(X, Z, n_neighbors=k, block_size=block)
+    c = continuity(X, Z, n_neighbors=k, block_size=block)
+    assert isinstance(t, float) and isinstance(c, float)
+    assert abs(t - sk_trustworthiness(X, Z, n_neighbors=k)) <= TOL
+    assert abs(c - sk_trustworthiness(Z, X, n_neighbors=k)) <= TOL
+
+
+@pytest.mark.parametrize("n, d, k, dtype, block", CASES[1:4])
+def test_torch_counting_path_equals_sklearn(torch_only, n, d, k, dtype, block):
+    X, Z, _ = _data(n, d, seed=7 * n, dtype=dtype)
+    assert abs(trustworthiness(X, Z, n_neighbors=k, block_size=block)
+               - sk_trustworthiness(X, Z, n_neighbors=k)) <= TOL
+    assert abs(continuity(X, Z, n_neighbors=k, block_size=block)
+               - sk_trustworthiness(Z, X, n_neighbors=k)) <= TOL
+
+
+def test_counting_kernels_agree():
+    import torch
+
+    rng = np.random.default_rng(0)
+    D = torch.as_tensor(rng.integers(0, 20, size=(9, 40)).astype(np.float64))  # many ties
+    thresholds = D.gather(1, torch.as_tensor(rng.integers(0, 40, size=(9, 6))))
+    expected = (D[:, :, None] < thresholds[:, None, :]).sum(1)
+    assert torch.equal(score._count_below_torch(D, thresholds), expected)
+    assert torch.equal(score._count_below(D, thresholds), expected)
+
+
+def test_trustworthiness_known_answer():
+    # Five points on a line, k=1, normalisation 2 / (N k (2N - 3k - 1)) = 1/15.
+    # X ranks from each point: lower positions are all closer than the next higher one.
+    # Z nearest neighbour -> its rank in X -> excess: a->c 2 (1), b->d 3 (2), c->a 2 (1),
+    # d->c 1 (0), e->b 3 (2): T = 1 - 6/15. Swapped (continuity): a->b 3 (2), b->a 3 (2),
+    # c->b 3 (2), d->c 1 (0), e->d 2 (1): C = 1 - 7/15.
+    X = np.array([[0.0], [1.0], [3.0], [7.0], [15.0]])
+    Z = np.array([[0.0], [10.0], [1.0], [3.0], [21.0]])
+    assert trustworthiness(X, Z, n_neighbors=1) == pytest.approx(0.6, abs=1e-12)
+    assert continuity(X, Z, n_neighbors=1) == pytest.approx(8 / 15, abs=1e-12)
+    assert abs(0.6 - sk_trustworthiness(X, Z, n_neighbors=1)) <= 1e-12
+    assert abs(8 / 15 - sk_trustworthiness(Z, X, n_neighbors=1)) <= 1e-12
+    assert trustworthiness(X, X, n_neighbors=2) == 1.0
+
+
+def test_uses_given_graph_and_its_first_columns():
+    X, Z, _ = _data(80, 6, seed=1)
+    gz = knn_graph(Z, n_neighbors=12, method="exact")
+    gx = knn_graph(X, n_neighbors=12, method="exact")
+    assert trustworthiness(X, Z, n_neighbors=5, graph_Z=gz) == trustworthiness(X, Z, n_neighbors=5)
+    assert continuity(X, Z, n_neighbors=5, graph_X=gx) == continuity(X, Z, n_neighbors=5)
+    # a (deliberately wrong) graph is used as given, not recomputed
+    shuffled = KNNGraph(np.roll(gz.indices, 1, axis=0), gz.distances, False, "pynndescent")
+    shuffled = KNNGraph(np.where(shuffled.indices == np.arange(80)[:, None], (shuffled.indices + 1) % 80,
+                                 shuffled.indices), gz.distances, False, "pynndescent")
+    assert trustworthiness(X, Z, n_neighbors=5, graph_Z=shuffled) < trustworthiness(X, Z, n_neighbors=5)
+
+
+def test_neighbourhood_scores_equal_separate_functions():
+    X, Z, _ = _data(120, 16, seed=2, dtype=np.float32)
+    rng = np.random.default_rng(0)
+    embeddings = {"noisy": Z, "random": rng.normal(size=(120, 2)), "pca": X[:, :2].astype(np.float64)}
+    for kwargs in ({}, {"graph_X": knn_graph(X, n_neighbors=8, method="exact")}):
+        got = neighbourhood_scores(X, embeddings, n_neighbors=8, block_size=7, **kwargs)
+        assert list(got) == list(embeddings)
+        for name, E in embeddings.items():
+            assert got[name]["trustworthiness"] == pytest.approx(trustworthiness(X, E, n_neighbors=8), abs=1e-12)
+            assert got[name]["continuity"] == pytest.approx(continuity(X, E, n_neighbors=8), abs=1e-12)
+            assert abs(got[name]["continuity"] - sk_trustworthiness(E, X, n_neighbors=8)) <= TOL
+
+
+def test_neighbourhood_scores_torch_path(torch_only):
+    X, Z, _ = _data(90, 10, seed=3)
+    got = neighbourhood_scores(X, {"z": Z}, n_neighbors=6, block_size=16)["z"]
+    assert abs(got["trustworthiness"] - sk_trustworthiness(X, Z, n_neighbors=6)) <= TOL
+    assert abs(got["continuity"] - sk_trustworthiness(Z, X, n_neighbors=6)) <= TOL
+
+
+def test_neighbourhood_scores_low_dimensional_X():
+    X, Z, _ = _data(70, 3, seed=4)
+    got = neighbourhood_scores(X, {"z": Z}, n_neighbors=5)["z"]
+    assert abs(got["trustworthiness"] - sk_trustworthiness(X, Z, n_neighbors=5)) <= TOL
+    assert abs(got["continuity"] - sk_trustworthiness(Z, X, n_neighbors=5)) <= TOL
+
+
+def test_n_neighbors_must_be_below_half():
+    X, Z, _ = _data(20, 3, seed=0)
+    for fn in (trustworthiness, continuity):
+        with pytest.raises(ValueError, match=r"n_neighbors \(10\) should be less than n_samples / 2 \(10\)") as info:
+            fn(X, Z, n_neighbors=10)
+        assert isinstance(info.value, EvalkitError)
+    with pytest.raises(ValueError, match="less than n_samples / 2"):
+        neighbourhood_scores(X, {"z": Z}, n_neighbors=10)
+    with pytest.raises(ValueError):  # sklearn agrees that this is invalid
+        sk_trustworthiness(X, Z, n_neighbors=10)
+    assert 0 <= trustworthiness(X, Z, n_neighbors=9) <= 1
+
+
+def test_validation_messages():
+    X, Z, labels = _data(30, 3, seed=0)
+    with pytest.raises(ValueError, match="Z has 29 samples; expected 30"):
+        trustworthiness(X, Z[:-1])
+    with pytest.raises(ValueError, match="neighbours per sample; expected at least"):
+        trustworthiness(X, Z, n_neighbors=5, graph_Z=knn_graph(Z, n_neighbors=3))
+    with pytest.raises(ValueError, match="own neighbours"):
+        bad = KNNGraph(np.tile(np.arange(30)[:, None], (1, 3)), np.zeros((30, 3), np.float32), True, "exact")
+        continuity(X, Z, n_neighbors=3, graph_X=bad)
+    with pytest.raises(ValueError, match="labels must have shape"):
+        silhouette(X, labels[:-1])
+
+
+def test_duplicates_and_ties_stay_in_range():
+    rng = np.random.default_rng(0)
+    X = rng.integers(0, 3, size=(40, 2)).astype(float)  # many duplicates and equal distances
+    Z = rng.integers(0, 3, size=(40, 2)).astype(float)
+    for fn in (trustworthiness, continuity):
+        assert 0.0 <= fn(X, Z, n_neighbors=5) <= 1.0
+    assert trustworthiness(X, X, n_neighbors=5) == 1.0  # ties are ranked lowest, never penalised
+
+
+# ------------------------------------------------------------------ silhouette
+
+
+@pytest.mark.parametrize("n, d, n_classes, dtype, block", [
+    (40, 2, 2, np.float64, 7),
+    (77, 6, 5, np.float32, 7),
+    (150, 30, 3, np.float64, None),
+    (200, 12, 12, np.float32, 50),
+])
+def test_silhouette_equals_sklearn(n, d, n_classes, dtype, block):
+    X, _, labels = _data(n, d, seed=n, dtype=dtype, n_classes=n_classes)
+    s = silhouette(X, labels, block_size=block)
+    assert isinstance(s, float)
+    assert abs(s - sk_silhouette(X, labels)) <= TOL
+
+
+def test_silhouette_singletons_strings_and_duplicates():
+    X, _, labels = _data(50, 4, seed=5)
+    labels = labels.astype(object)
+    labels[:3] = ["solo-a", "solo-b", "solo-c"]  # singleton classes score 0
+    names = np.array([str(v) for v in labels])
+    assert abs(silhouette(X, names, block_size=7) - sk_silhouette(X, names)) <= TOL
+    Xd = np.repeat(X[:10], 3, axis=0)  # every point three times
+    yd = np.repeat(np.arange(10) % 3, 3)
+    assert abs(silhouette(Xd, yd) - sk_silhouette(Xd, yd)) <= TOL
+    assert silhouette(np.ones((6, 2)), [0, 0, 0, 1, 1, 1]) == 0.0
+
+
+def test_silhouette_not_defined_is_nan():
+    X = np.random.default_rng(0).normal(size=(5, 2))
+    assert np.isnan(silhouette(X, [1, 1, 1, 1, 1]))
+    assert np.isnan(silhouette(X, [0, 1, 2, 3, 4]))
+    assert not np.isnan(silhouette(X, [0, 1, 2, 3, 3]))
+
+
+def test_silhouette_sample_is_stratified_and_seeded():
+    X, _, labels = _data(400, 5, seed=6, n_classes=3)
+    exact = silhouette(X, labels)
+    a = silhouette(X, labels, sample_size=200, random_state=1)
+    assert a == silhouette(X, labels, sample_size=200, random_state=1)
+    assert a != silhouette(X, labels, sample_size=200, random_state=2)
+    assert abs(a - exact) < 0.1
+    assert silhouette(X, labels, sample_size=10_000) == exact
+    keep = score._stratified_sample(labels, 100, 0)
+    assert len(keep) == 100 and len(set(keep)) == 100
+    np.testing.assert_allclose(np.bincount(labels[keep]), np.bincount(labels) / 4, atol=1)
+    with pytest.raises(ValueError, match="sample_size"):
+        silhouette(X, labels, sample_size=1)
+
+
+def test_silhouette_class_sums_torch_equals_numpy():
+    # index_add_ (what a GPU runs) and reduceat over label-sorted columns (CPU) agree
+    import torch
+
+    rng = np.random.default_rng(0)
+    y = np.sort(rng.integers(0, 4, 30))
+    D = torch.as_tensor(rng.random((7, 30)))
+    starts = np.concatenate([[0], np.cumsum(np.bincount(y, minlength=4))[:-1]])
+    a = score._class_sums(D, starts, torch.as_tensor(y), 4, use_numpy=True)
+    b = score._class_sums(D, starts, torch.as_tensor(y), 4, use_numpy=False)
+    np.testing.assert_allclose(a, b, rtol=1e-13)
+
+
+# ------------------------------------------------------------------ kNN accuracy
+
+
+def _brute_knn_accuracy(X, labels, k):
+    """Leave-one-out majority vote written out directly (O(N^2) memory, small data only)."""
+    D = np.linalg.norm(X[:, None] - X[None], axis=2)
+    np.fill_diagonal(D, np.inf)
+    correct = []
+    for i in range(len(X)):
+        nbrs = np.argsort(D[i], kind="stable")[:k]
+        votes = {}
+        for j in nbrs:
+            votes[labels[j]] = votes.get(labels[j], 0) + 1
+        best = max(votes.values())
+        pred = next(labels[j] for j in nbrs if votes[labels[j]] == best)  # nearest among tied
+        correct.append(pred == labels[i])
+    return np.array(correct)
+
+
+# Points on a line; labels a=0, b=2 (label 1 absent). k=2 votes tie 1-1 for points 0, 1, 3, 4
+# and go to the nearest neighbour's class; points 2 and 5 are outvoted 0-2.
+LINE_X = np.array([[0.0], [1.0], [2.5], [10.0], [11.0], [12.5]])
+LINE_Y = np.array([0, 0, 2, 2, 2, 0])
+
+
+def test_knn_accuracy_hand_worked():
+    assert knn_accuracy(LINE_X, LINE_Y, n_neighbors=2) == pytest.approx(4 / 6)
+    per_class = per_class_knn_accuracy(LINE_X, LINE_Y, n_neighbors=2)
+    assert per_class.shape == (3,)
+    np.testing.assert_allclose(per_class, [2 / 3, np.nan, 2 / 3])
+    assert knn_accuracy(LINE_X, LINE_Y, n_neighbors=1) == pytest.approx(4 / 6)
+    assert knn_accuracy(LINE_X, ["a", "a", "b", "b", "b", "a"], n_neighbors=2) == pytest.approx(4 / 6)
+
+
+@pytest.mark.parametrize("n, d, k, n_classes", [(50, 3, 1, 2), (80, 5, 4, 3), (120, 10, 10, 5), (60, 4, 7, 6)])
+def test_knn_accuracy_equals_brute_force(n, d, k, n_classes):
+    X, _, labels = _data(n, d, seed=n * k, n_classes=n_classes)
+    X += np.random.default_rng(0).normal(size=X.shape) * 2  # make it hard enough to have errors
+    correct = _brute_knn_accuracy(X, labels, k)
+    assert knn_accuracy(X, labels, n_neighbors=k) == pytest.approx(correct.mean(), abs=1e-12)
+    per_class = per_class_knn_accuracy(X, labels, n_neighbors=k)
+    for c in range(n_classes):
+        if (labels == c).any():
+            assert per_class[c] == pytest.approx(correct[labels == c].mean(), abs=1e-12)
+    graph = knn_graph(X, n_neighbors=k + 3, method="exact")
+    assert knn_accuracy(X, labels, n_neighbors=k, graph=graph) == knn_accuracy(X, labels, n_neighbors=k)
+
+
+def test_per_class_needs_non_negative_integers():
+    with pytest.raises(ValueError, match="non-negative integers"):
+        per_class_knn_accuracy(LINE_X, LINE_Y - 1, n_neighbors=1)
+    with pytest.raises(ValueError, match="non-negative integers"):
+        per_class_knn_accuracy(LINE_X, LINE_Y.astype(str), n_neighbors=1)
+
+
+def _unit(deg):
+    r = np.deg2rad(deg)
+    return [np.cos(r), np.sin(r)]
+
+
+def test_weighted_knn_hand_worked():
+    # Unit vectors: P0 sees P1 (cos 0.9, class A), P2 (cos 0.8, B), P3 (cos 0.7, B).
+    # T=0.07: exp(0.9/T) > exp(0.8/T) + exp(0.7/T), so P0 -> A (right); at T=1 B wins.
+    # P1, P2, P3 are outvoted for every T. Scaling rows changes nothing (cosine).
+    a1, a2, a3 = np.rad2deg(np.arccos([0.9, 0.8, 0.7]))
+    X = np.array([_unit(0), _unit(a1), _unit(-a2), _unit(a3)]) * np.array([[1.0], [3.0], [0.5], [2.0]])
+    y = np.array(["A", "A", "B", "B"])
+    assert weighted_knn_accuracy(X, y, n_neighbors=3, temperature=0.07) == pytest.approx(0.25)
+    assert weighted_knn_accuracy(X, y, n_neighbors=3, temperature=1.0) == 0.0
+    assert knn_accuracy(X, y, n_neighbors=3) == 0.0  # plain majority: B for P0
+
+
+def test_weighted_knn_equals_dino_reference():
+    import torch
+
+    X, _, labels = _data(150, 12, seed=9, n_classes=4)
+    X += np.random.default_rng(1).normal(size=X.shape) * 2
+    k, T = 20, 0.07
+    # DINO eval_knn.py, leave-one-out over the same set
+    feats = torch.nn.functional.normalize(torch.as_tensor(X), dim=1)
+    sim = feats @ feats.T
+    sim.fill_diagonal_(-float("inf"))
+    dist, idx = sim.topk(k, largest=True, sorted=True)
+    retrieved = torch.as_tensor(labels)[idx]
+    one_hot = torch.nn.functional.one_hot(retrieved, 4).double()
+    probs = (one_hot * (dist / T).exp()[:, :, None]).sum(1)
+    expected = (probs.argmax(1).numpy() == labels).mean()
+    assert weighted_knn_accuracy(X, labels, n_neighbors=k, temperature=T) == pytest.approx(expected, abs=1e-12)
+
+
+def test_weighted_knn_validation():
+    with pytest.raises(ValueError, match="temperature"):
+        weighted_knn_accuracy(LINE_X, LINE_Y, n_neighbors=2, temperature=0)
+    with pytest.raises(ValueError, match="n_neighbors"):
+        weighted_knn_accuracy(LINE_X, LINE_Y, n_neighbors=6)
+
+
+# ------------------------------------------------------------------ CKA
+
+
+def _cka_direct(X, Y):
+    """HSIC with linear kernels on the N x N Gram matrices (small data only)."""
+    n = len(X)
+    H = np.eye(n) - 1.0 / n
+    K, L = H @ X @ X.T @ H, H @ Y @ Y.T @ H
+    return np.sum(K * L) / np.sqrt(np.sum(K * K) * np.sum(L * L))
+
+
+@pytest.mark.parametrize("n, p, q", [(30, 5, 5), (50, 3, 12), (40, 60, 7)])
+def test_linear_cka_equals_direct_formula(n, p, q):
+    rng = np.random.default_rng(n + p + q)
+    X = rng.normal(size=(n, p))
+    Y = X[:, :1] @ rng.normal(size=(1, q)) + rng.normal(size=(n, q))
+    assert linear_cka(X, Y) == pytest.approx(_cka_direct(X, Y), abs=1e-10)
+    assert linear_cka(X.astype(np.float32), Y) == pytest.approx(_cka_direct(X, Y), abs=1e-5)
+
+
+def test_linear_cka_invariances():
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(80, 6))
+    Q, _ = np.linalg.qr(rng.normal(size=(6, 6)))
+    assert linear_cka(X, X) == pytest.approx(1.0, abs=1e-12)
+    assert linear_cka(X, X @ Q) == pytest.approx(1.0, abs=1e-12)
+    Y = rng.normal(size=(80, 4))
+    assert linear_cka(X, 7.5 * Y + 3) == pytest.approx(linear_cka(X, Y), abs=1e-12)
+    assert linear_cka(X, Y) == pytest.approx(linear_cka(Y, X), abs=1e-12)
+    assert 0 <= linear_cka(X, Y) <= 1
+    assert np.isnan(linear_cka(X, np.ones((80, 3))))
+    with pytest.raises(ValueError, match="Y has 79 samples"):
+        linear_cka(X, Y[:-1])
+
+
+def test_linear_cka_many_columns_uses_blocks():
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(20, 2500))  # more columns than one 2048 block
+    Y = rng.normal(size=(20, 3))
+    assert linear_cka(X, Y) == pytest.approx(_cka_direct(X, Y), abs=1e-10)
+
+
+def test_near_ties_far_from_the_origin():
+    # near-duplicates 1e-6 apart at distance 500 from the origin: ranks need float64 on
+    # centred data (||x||^2 ~ 1e6 would swamp the 1e-12 squared distances otherwise)
+    rng = np.random.default_rng(2)
+    base = rng.normal(size=(30, 12)) + 500
+    X = np.concatenate([base + 1e-6 * rng.normal(size=base.shape) for _ in range(4)])
+    Z = rng.normal(size=(len(X), 2))
+    n, k = len(X), 9
+    D = np.linalg.norm(X[:, None] - X[None], axis=2)
+    np.fill_diagonal(D, np.inf)
+    nbr = knn_graph(Z, n_neighbors=k).indices
+    thresholds = np.take_along_axis(D, nbr, axis=1)
+    ranks = (D[:, :, None] < thresholds[:, None, :]).sum(1) + 1
+    expected = 1 - np.maximum(ranks - k, 0).sum() * 2 / (n * k * (2 * n - 3 * k - 1))
+    assert trustworthiness(X, Z, n_neighbors=k, block_size=25) == pytest.approx(expected, abs=1e-12)
+    np.testing.assert_array_equal(knn_graph(X, n_neighbors=3).indices, np.argsort(D, axis=1, kind="stable")[:, :3])
+
+
+# ------------------------------------------------------------------ GPU (run where CUDA exists)
+
+
+def _cuda_available():
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:  # pragma: no cover
+        return False
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _cuda_available(), reason="needs CUDA")
+def test_cuda_paths_equal_sklearn():
+    X, Z, labels = _data(300, 40, seed=11, dtype=np.float32)
+    g = knn_graph(X, n_neighbors=8, method="auto", device="cuda", block_size=64)
+    assert g.method == "exact"
+    np.testing.assert_array_equal(g.indices, knn_graph(X, n_neighbors=8, method="exact", device="cpu").indices)
+    for block in (None, 37):
+        kw = {"device": "cuda", "block_size": block}
+        assert abs(trustworthiness(X, Z, n_neighbors=8, **kw) - sk_trustworthiness(X, Z, n_neighbors=8)) <= TOL
+        assert abs(continuity(X, Z, n_neighbors=8, **kw) - sk_trustworthiness(Z, X, n_neighbors=8)) <= TOL
+        assert abs(silhouette(X, labels, **kw) - sk_silhouette(X, labels)) <= TOL
+        got = neighbourhood_scores(X, {"z": Z}, n_neighbors=8, **kw)["z"]
+        assert abs(got["trustworthiness"] - sk_trustworthiness(X, Z, n_neighbors=8)) <= TOL
+        assert abs(got["continuity"] - sk_trustworthiness(Z, X, n_neighbors=8)) <= TOL
