@@ -39,10 +39,17 @@ __all__ = [
 ]
 
 #: ``method="auto"`` is exact up to this many samples on CPU, pynndescent beyond.
-#: Measured on a 2-core Xeon (2.5 GHz), 256 features, k=10, warm numba cache:
-#: exact 3.2 s vs pynndescent 5.9 s at 10,000; 13 s vs 13 s at 20,000; 51 s vs 28 s at
-#: 40,000. Exact costs O(N^2 D) and pynndescent roughly O(N log N), so they cross near
-#: 20,000; below it exact is both cheaper and exact.
+#: Measured on this project's 2-core Xeon (busy: about one core free), 256 features, k=10,
+#: 10-cluster Gaussian mixture, pynndescent warm (n_jobs=-1):
+#:   n       exact    pynndescent   pynndescent recall@10
+#:   5,000   0.4 s    0.7 s         0.87
+#:   10,000  1.3 s    1.2 s         0.76
+#:   20,000  4.3 s    1.9 s         0.63
+#:   40,000  17.7 s   4.7 s         0.49
+#:   70,000  47 s     -
+#: Warm, exact stops being cheaper near 10,000. But pynndescent's first call in a process
+#: compiles 45-75 s of numba code (most of it is not cached), which exact never pays, and
+#: exact is exact; 20,000 (4 s exact) is where we switch.
 EXACT_MAX_SAMPLES = 20_000
 #: On CUDA the exact search is a few seconds even at this size.
 EXACT_MAX_SAMPLES_CUDA = 200_000
@@ -563,19 +570,6 @@ def _build_numba_kernels() -> dict:
                     acc += 1 if buf[l] < tm else 0
                 out[i, m] = acc
 
-    @numba.njit(cache=True, inline="always")
-    def exact_rank_value(X64, sq64, i, l):
-        # r64(i, l) = ||x_l||^2 - 2 x_i.x_l in float64, always by this same arithmetic
-        s = 0.0
-        for c in range(X64.shape[1]):
-            s += X64[i, c] * X64[l, c]
-        return sq64[l] - 2.0 * s
-
-    @numba.njit(cache=True, inline="always")
-    def up32(x):
-        # a float32 >= x
-        return np.float32(x + abs(x) * 2.0**-22 + 1e-30)
-
     @numba.njit(parallel=True, cache=True)
     def row_topk_certified(R, start, X64, sq64, err, idx):
         # Exact k smallest r64 per row (ties to the lower index): float32 top-k gives the
@@ -583,6 +577,7 @@ def _build_numba_kernels() -> dict:
         # so those candidates are re-ranked in float64.
         n_rows, n = R.shape
         k = idx.shape[1]
+        d = X64.shape[1]
         for r in numba.prange(n_rows):
             i = start + r
             row = R[r]
@@ -597,7 +592,9 @@ def _build_numba_kernels() -> dict:
                         p -= 1
                     vb[p] = v
                     worst = vb[k - 1]
-            limit = up32(np.float64(worst) + 2.0 * err[i])
+            # a float32 >= worst + 2 err (moved up by more than half an ulp, then rounded)
+            bound = np.float64(worst) + 2.0 * err[i]
+            limit = np.float32(bound + abs(bound) * 2.0**-22 + 1e-30)
             n_cand = 0
             for l in range(n):
                 n_cand += 1 if row[l] <= limit else 0
@@ -611,7 +608,11 @@ def _build_numba_kernels() -> dict:
             best_i = np.full(k, -1, dtype=np.int64)
             for q in range(n_cand):
                 l = cand[q]
-                v = exact_rank_value(X64, sq64, i, l)
+                # r64(i, l) = ||x_l||^2 - 2 x_i.x_l in float64
+                dot = 0.0
+                for c in range(d):
+                    dot += X64[i, c] * X64[l, c]
+                v = sq64[l] - 2.0 * dot
                 if v < best_v[k - 1]:
                     p = k - 1
                     while p > 0 and best_v[p - 1] > v:
