@@ -392,7 +392,9 @@ def weighted_knn_accuracy(X, labels, *, n_neighbors: int = 20, temperature: floa
     if not (isinstance(temperature, (int, float, np.floating)) and np.isfinite(temperature) and temperature > 0):
         raise InputError(f"temperature must be a positive number; got {temperature!r}")
     Xn = X.astype(np.float64)
-    Xn /= np.maximum(np.linalg.norm(Xn, axis=1, keepdims=True), 1e-12)
+    # divide by the largest entry first so rows at tiny scales (1e-20) do not underflow the norm
+    Xn /= np.where((peak := np.abs(Xn).max(axis=1, keepdims=True)) > 0, peak, 1.0)
+    Xn /= np.maximum(np.linalg.norm(Xn, axis=1, keepdims=True), 1e-300)
     if graph is None:
         graph = knn_graph(Xn, n_neighbors=k, method="exact", device=device)
     idx = _check_graph(graph, n_samples, k, "graph").indices[:, :k]

@@ -421,3 +421,16 @@ def test_cuda_paths_equal_sklearn():
         got = neighbourhood_scores(X, {"z": Z}, n_neighbors=8, **kw)["z"]
         assert abs(got["trustworthiness"] - sk_trustworthiness(X, Z, n_neighbors=8)) <= TOL
         assert abs(got["continuity"] - sk_trustworthiness(Z, X, n_neighbors=8)) <= TOL
+
+
+def test_weighted_knn_is_scale_invariant_down_to_tiny_scales():
+    from evalkit.score import weighted_knn_accuracy
+
+    rng = np.random.default_rng(3)
+    centres = np.array([[5.0, 0.0, 0.0], [0.0, 5.0, 0.0], [0.0, 0.0, 5.0]])
+    y = np.repeat(np.arange(3), 20)
+    X = centres[y] + rng.normal(scale=0.3, size=(60, 3))
+    ref = weighted_knn_accuracy(X, y, n_neighbors=5)
+    assert ref == 1.0
+    for scale in (1e-20, 1e-30, 1e20):
+        assert weighted_knn_accuracy(X * scale, y, n_neighbors=5) == ref
