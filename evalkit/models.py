@@ -194,7 +194,7 @@ def read_checkpoint(path: str | Path, *, unsafe_pickle: bool = False) -> dict:
             obj = torch.load(path, map_location="cpu", weights_only=not unsafe_pickle)
         except Exception as exc:  # UnpicklingError, RuntimeError for zip errors, EOFError for truncation
             text = str(exc)
-            if re.search(r"unsupported global|weights only load failed", text, re.I):
+            if re.search(r"unsupported global", text, re.I):
                 found = re.search(r"GLOBAL:? (\S+)", text)
                 what = f" ({found.group(1)})" if found else ""
                 raise EvalkitError(
