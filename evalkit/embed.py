@@ -68,10 +68,14 @@ def _finite(Z: np.ndarray, method: str) -> np.ndarray:
 
 def _as_input(X, method: str) -> np.ndarray:
     X = np.ascontiguousarray(X, dtype=np.float32)
-    if X.ndim != 2:
+    if X.ndim != 2 or X.shape[1] < 1:
         raise EvalkitError(f"embed: {method} expects features of shape (n_samples, n_features); got {X.shape}")
     if X.shape[0] < 4:
         raise EvalkitError(f"embed.methods: {method} needs at least 4 samples; got {X.shape[0]}")
+    if not np.isfinite(X).all():
+        raise EvalkitError(f"embed: {method} was given NaN or infinite features")
+    if X.shape[1] == 1:  # the PCA start needs two columns; a zero one changes no distance
+        X = np.hstack([X, np.zeros_like(X)])
     return X
 
 

@@ -106,6 +106,11 @@ class TestEmbedderContract:
             Z = e.fit_transform(Xt, random_state=0, graph=graph)
             assert Z.shape == (10, 2) and Z.dtype == np.float32 and np.isfinite(Z).all()
 
+    def test_one_feature(self, backend):
+        X1 = X[:, :1] - X[:, :1].mean()
+        Z = embedder(backend).fit_transform(X1, random_state=0)
+        assert Z.shape == (X.shape[0], 2) and Z.dtype == np.float32 and np.isfinite(Z).all()
+
     def test_params_report_what_is_used(self, backend):
         method, cfg = BACKENDS[backend]
         e = embedder(backend)
@@ -167,10 +172,14 @@ def test_sklearn_tsne_needs_its_early_phase():
         e.fit_transform(X, random_state=0)
 
 
-def test_too_few_samples():
+def test_too_few_samples_and_non_finite_features():
+    bad = X.copy()
+    bad[3, 2] = np.nan
     for method in ("tsne", "umap"):
         with pytest.raises(EvalkitError, match="at least 4 samples"):
             create_embedder(method, EmbedConfig()).fit_transform(X[:3], random_state=0)
+        with pytest.raises(EvalkitError, match="NaN or infinite"):
+            create_embedder(method, EmbedConfig()).fit_transform(bad, random_state=0)
 
 
 def test_pipeline_shares_one_graph_with_tsne_and_umap():
