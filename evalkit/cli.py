@@ -193,7 +193,16 @@ def main(argv=None) -> int:
             signal.signal(signal.SIGINT, signal.SIG_IGN)  # end it with a traceback instead
         what = "interrupted" if isinstance(exc, KeyboardInterrupt) else "terminated"
         print(f"evalkit: {what}; nothing was written (an earlier run folder is left as it was)", file=sys.stderr)
-        return EXIT_INTERRUPTED if isinstance(exc, KeyboardInterrupt) else EXIT_TERMINATED
+        code = EXIT_INTERRUPTED if isinstance(exc, KeyboardInterrupt) else EXIT_TERMINATED
+        if argv is None:
+            # The run has unwound (temp folders removed in finally blocks). Leave now: seen in CI,
+            # CPython's shutdown could still re-raise SIGINT on itself (exit -2 instead of 130).
+            import os
+
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        return code
     except BrokenPipeError:  # `evalkit layers ... | head`: the reader has gone; so does the output
         import os
 
