@@ -499,35 +499,37 @@ def _build_numba_kernels() -> dict:
                 idx[r, m] = ib[m]
                 val[r, m] = vb[m]
 
+    @numba.njit(cache=True)
+    def count_row(buf, t, out_row):
+        # out_row[m] = #{l : buf[l] < t[m]}: one pass keeps the entries below the largest
+        # threshold (branch-free compaction, overwriting buf), then one vectorisable counting
+        # pass per threshold over those.
+        tmax = t.max()
+        kept = 0
+        for l in range(buf.shape[0]):
+            v = buf[l]
+            buf[kept] = v
+            kept += 1 if v < tmax else 0
+        for m in range(t.shape[0]):
+            tm = t[m]
+            if tm == tmax:
+                out_row[m] = kept
+                continue
+            acc = 0
+            for l in range(kept):
+                acc += 1 if buf[l] < tm else 0
+            out_row[m] = acc
+
     @numba.njit(parallel=True, cache=True)
     def count_below(D, thresholds, out):
         # out[r, m] = #{l : D[r, l] < thresholds[r, m]}. Per row: one pass keeps the entries
         # below the largest threshold (branch-free compaction), then one vectorisable
         # counting pass per threshold over those.
         n_rows, n = D.shape
-        k = thresholds.shape[1]
         for r in numba.prange(n_rows):
-            row = D[r]
-            t = thresholds[r]
-            tmax = t[0]
-            for m in range(1, k):
-                if t[m] > tmax:
-                    tmax = t[m]
             buf = np.empty(n, dtype=D.dtype)
-            kept = 0
-            for l in range(n):
-                v = row[l]
-                buf[kept] = v
-                kept += 1 if v < tmax else 0
-            for m in range(k):
-                tm = t[m]
-                if tm == tmax:
-                    out[r, m] = kept
-                    continue
-                acc = 0
-                for l in range(kept):
-                    acc += 1 if buf[l] < tm else 0
-                out[r, m] = acc
+            buf[:] = D[r]
+            count_row(buf, thresholds[r], out[r])
 
     @numba.njit(parallel=True, cache=True)
     def lowdim_count_below(PT, nbr, out):
@@ -554,21 +556,7 @@ def _build_numba_kernels() -> dict:
                     diff = x - pc[l]
                     buf[l] += diff * diff
             buf[i] = np.inf  # self excluded by index
-            tmax = t.max()
-            kept = 0
-            for l in range(n):
-                v = buf[l]
-                buf[kept] = v
-                kept += 1 if v < tmax else 0
-            for m in range(k):
-                tm = t[m]
-                if tm == tmax:
-                    out[i, m] = kept
-                    continue
-                acc = 0
-                for l in range(kept):
-                    acc += 1 if buf[l] < tm else 0
-                out[i, m] = acc
+            count_row(buf, t, out[i])
 
     @numba.njit(parallel=True, cache=True)
     def row_topk_certified(R, start, X64, sq64, err, idx):
