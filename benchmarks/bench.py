@@ -2,7 +2,7 @@
 
 For each size N (Gaussian mixture, 10 classes, 256 features, float32, seeded) one run times
 
-- **evalkit**: :func:`evalkit.pipeline.score_feature_set` with the default config (the stage
+- **evalkit**: :func:`evalkit.scoring.score_feature_set` with the default config (the stage
   ``evalkit report`` runs per feature set): one kNN graph of the raw features shared by
   t-SNE (openTSNE), UMAP and the metrics, PCA, trustworthiness + continuity of every
   embedding, silhouette, kNN accuracy, weighted kNN, per-class kNN;
@@ -117,7 +117,7 @@ def side_evalkit(n: int) -> dict:
     import torch  # noqa: F401
     import umap  # noqa: F401
 
-    from evalkit import embed, neighbors, pipeline, score
+    from evalkit import embed, neighbors, pipeline, score, scoring
     from evalkit.config import Config
     from evalkit.results import FeatureSet
 
@@ -125,7 +125,7 @@ def side_evalkit(n: int) -> dict:
     X, y = make_features(n)
     config = Config.model_validate({"name": "bench", "data": {"kind": "features", "path": "bench.npz"},
                                     "models": [{"name": "gmm", "features": "bench.npz"}]})
-    config, _ = pipeline.validate_sizes(config, n, N_CLASSES)
+    embed_cfg, metrics_cfg, _ = pipeline.fit_sizes(config.embed, config.metrics, n)
 
     stages = Stages()  # where the time goes, without changing what runs
     targets = [(neighbors, "knn_graph", "knn_graph"), (embed, "reduce_dims", "pca_reduce")] + [
@@ -136,13 +136,13 @@ def side_evalkit(n: int) -> dict:
         setattr(module, attr, stages.wrap(stage, original))
 
     t0 = time.perf_counter()
-    feature_row, rows, embeddings, *_ = pipeline.score_feature_set(
-        FeatureSet("gmm", "features", X), y, config, notes=set(), undefined={})
+    out = scoring.score_feature_set(FeatureSet("gmm", "features", X), y, embed=embed_cfg, settings=metrics_cfg)
+    rows, embeddings = list(out.rows), out.embeddings
     seconds = time.perf_counter() - t0
     for e in embeddings:
         stages.seconds[e.method] = e.seconds
     scores = {r["method"]: {k: v for k, v in r.items() if k not in ("model", "layer", "method")}
-              for r in [feature_row, *rows]}
+              for r in rows}
     return {"seconds": seconds, "import_seconds": import_s, "stages": stages.seconds, "scores": scores,
             "params": {e.method: dict(e.params) for e in embeddings},
             "peak_rss_bytes": peak_rss_bytes(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss),

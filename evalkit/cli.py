@@ -68,7 +68,8 @@ def _report(args) -> int:
 
     from evalkit.check import describe, exit_code, write_junit
     from evalkit.config import load_config
-    from evalkit.pipeline import default_out_dir, run_report
+    from evalkit.pipeline import run_report
+    from evalkit.runfolder import default_out_dir
 
     config = load_config(args.config)
     out = Path(args.out) if args.out else default_out_dir(config)
@@ -160,6 +161,30 @@ def _on_sigterm(signum, frame):
     raise _Terminated()
 
 
+def _log_to_stdout() -> None:
+    """Progress (the "evalkit" logger, INFO) on stdout: stderr carries only problems."""
+    import logging
+
+    class StdoutHandler(logging.StreamHandler):
+        """Writes to whatever ``sys.stdout`` is at the time (tests and notebooks swap it)."""
+
+        @property
+        def stream(self):
+            return sys.stdout
+
+        @stream.setter
+        def stream(self, value):
+            pass
+
+    logger = logging.getLogger("evalkit")
+    if not any(type(h).__name__ == "StdoutHandler" for h in logger.handlers):
+        handler = StdoutHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
 def main(argv=None) -> int:
     import signal
     import warnings
@@ -178,6 +203,7 @@ def main(argv=None) -> int:
     debug = getattr(args, "debug", False)
     args.argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
     handler = {"report": _report, "check": _check, "layers": _layers}[args.command]
+    _log_to_stdout()
     previous = None
     try:
         previous = signal.signal(signal.SIGTERM, _on_sigterm)

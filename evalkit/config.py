@@ -14,24 +14,27 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import (
     BaseModel,
-    ConfigDict,
     Field,
     ValidationError,
     field_validator,
     model_validator,
 )
 
+from evalkit.embed import PCAConfig, TSNEConfig, UMAPConfig  # noqa: F401  (re-exported)
 from evalkit.errors import EvalkitError
+from evalkit.registry import FEATURES, StrictModel as _Strict, methods as _methods, metrics as _metrics
 
-METHODS = ("tsne", "umap", "pca")
-FEATURE_METRICS = ("silhouette", "knn_accuracy", "weighted_knn_accuracy")
-EMBEDDING_METRICS = ("trustworthiness", "continuity", "silhouette", "knn_accuracy")
-ALL_METRICS = tuple(dict.fromkeys(EMBEDDING_METRICS + FEATURE_METRICS))
 _UNIONS = (Union, types.UnionType)
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+def metric_names(method: str | None = None) -> tuple:
+    """Registered score names (those that apply to ``method``, when given)."""
+    return tuple(m.name for m in _metrics() if method is None or m.applies_to(method))
+
+
+def method_names() -> tuple:
+    """Registered embedding methods, in registration order (the default ``embed.methods``)."""
+    return _methods().names()
 
 
 class DataConfig(_Strict):
@@ -127,36 +130,31 @@ class ExtractConfig(_Strict):
     cache_dir: str = ".evalkit-cache"
 
 
-class TSNEConfig(_Strict):
-    backend: Literal["opentsne", "sklearn"] = "opentsne"
-    perplexity: float = Field(30.0, gt=0)
-    learning_rate: Union[Literal["auto"], float] = "auto"
-    early_exaggeration: float = Field(12.0, gt=0)
-    n_iter: int = Field(750, ge=50, description="total iterations, early exaggeration included")
-    n_jobs: int = -1
+def _embed_config_class():
+    """``EmbedConfig`` with one ``embed.<method>`` settings key per registered method."""
+    from pydantic import create_model
+
+    names = method_names()
+    per_method = {m.name: (m.config, m.config()) for m in _methods()}
+
+    class _EmbedBase(_Strict):
+        methods: tuple[Literal[names], ...] = names  # type: ignore[valid-type]
+        pca_dims: int = Field(50, ge=2)
+        seeds: tuple[int, ...] = (0,)
+
+        @field_validator("methods", "seeds")
+        @classmethod
+        def _unique(cls, v):
+            if not v:
+                raise ValueError("give at least one")
+            if len(set(v)) != len(v):
+                raise ValueError("entries must be unique")
+            return v
+
+    return create_model("EmbedConfig", __base__=_EmbedBase, **per_method)
 
 
-class UMAPConfig(_Strict):
-    n_neighbors: int = Field(15, ge=2)
-    min_dist: float = Field(0.1, ge=0)
-    n_epochs: Optional[int] = Field(None, ge=1)
-
-
-class EmbedConfig(_Strict):
-    methods: tuple[Literal["tsne", "umap", "pca"], ...] = METHODS
-    pca_dims: int = Field(50, ge=2)
-    seeds: tuple[int, ...] = (0,)
-    tsne: TSNEConfig = TSNEConfig()
-    umap: UMAPConfig = UMAPConfig()
-
-    @field_validator("methods", "seeds")
-    @classmethod
-    def _unique(cls, v):
-        if not v:
-            raise ValueError("give at least one")
-        if len(set(v)) != len(v):
-            raise ValueError("entries must be unique")
-        return v
+EmbedConfig = _embed_config_class()
 
 
 class MetricsConfig(_Strict):
@@ -196,8 +194,8 @@ class CheckConfig(_Strict):
     @field_validator("metric")
     @classmethod
     def _known_metric(cls, v):
-        if v not in ALL_METRICS:
-            raise ValueError(_unknown_message(v, ALL_METRICS))
+        if v not in metric_names():
+            raise ValueError(_unknown_message(v, metric_names()))
         return v
 
     @model_validator(mode="after")
@@ -264,7 +262,7 @@ class Config(_Strict):
     def _checks_select_rows(self):
         """A check's ``where`` must be able to match a row: a misspelt name is a mistake."""
         models = {m.name: m for m in self.models}
-        methods = ("features",) + tuple(self.embed.methods)
+        methods = (FEATURES,) + tuple(self.embed.methods)
         for i, check in enumerate(self.checks):
             w = check.where
             at = f"checks[{i}].where"
@@ -277,7 +275,7 @@ class Config(_Strict):
             if not _is_glob(w.layer) and w.layer not in layers:
                 raise LocatedError(f"{at}.layer", "no such layer in the selected models; " + _unknown_message(w.layer, layers))
             if not _is_glob(w.method):
-                valid = FEATURE_METRICS if w.method == "features" else EMBEDDING_METRICS
+                valid = metric_names(w.method)
                 if check.metric not in valid:
                     raise LocatedError(f"checks[{i}].metric", f"{check.metric!r} is not computed for method "
                                        f"{w.method!r}; expected one of {', '.join(map(repr, valid))}")

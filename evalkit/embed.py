@@ -1,6 +1,7 @@
 """2-D embeddings behind one small interface: t-SNE (openTSNE or scikit-learn), UMAP, PCA.
 
-``create_embedder(method, embed_config)`` returns an object with
+``create_embedder(method, embed_config)`` returns an object (built by the method's entry in
+:data:`evalkit.registry.METHODS`, registered at the bottom of this module) with
 
 - ``fit_transform(X, *, random_state=0, graph=None) -> ndarray (n_samples, 2) float32``;
 - ``graph_neighbors(n_samples) -> int``: how many neighbours per sample it takes from a
@@ -23,10 +24,15 @@ from typing import Optional
 
 import numpy as np
 
-from evalkit.errors import EvalkitError, unknown
+from typing import Literal, Union
 
-__all__ = ["create_embedder", "reduce_dims", "EMBEDDERS", "TSNE_BACKENDS", "n_jobs",
-           "PCAEmbedder", "TSNEEmbedder", "UMAPEmbedder"]
+from pydantic import Field
+
+from evalkit.errors import EvalkitError
+from evalkit.registry import METHODS, Method, StrictModel
+
+__all__ = ["create_embedder", "reduce_dims", "TSNE_BACKENDS", "n_jobs", "PCAConfig", "TSNEConfig",
+           "UMAPConfig", "PCAEmbedder", "TSNEEmbedder", "UMAPEmbedder"]
 
 #: openTSNE's "auto" switches from Barnes-Hut to FFT-interpolated gradients at this size.
 OPENTSNE_FFT_MIN_SAMPLES = 10_000
@@ -162,9 +168,7 @@ class TSNEEmbedder:
     name = "tsne"
 
     def __init__(self, cfg):
-        self.cfg = cfg  # evalkit.config.TSNEConfig
-        if cfg.backend not in TSNE_BACKENDS:
-            raise unknown("embed.tsne.backend", str(cfg.backend), TSNE_BACKENDS)
+        self.cfg = cfg  # TSNEConfig
 
     def _perplexity(self, n: int) -> float:
         # perplexity must leave room for 3 * perplexity neighbours
@@ -285,7 +289,7 @@ class UMAPEmbedder:
     name = "umap"
 
     def __init__(self, cfg):
-        self.cfg = cfg  # evalkit.config.UMAPConfig
+        self.cfg = cfg  # UMAPConfig
 
     def _k(self, n: int) -> int:
         return int(min(self.cfg.n_neighbors, n - 1))
@@ -386,12 +390,67 @@ def _umap_init(X, knn_idx, knn_dist, n_epochs: int, random_state: int) -> np.nda
     return (Y + rs.normal(scale=1e-4, size=Y.shape)).astype(np.float32)
 
 
-EMBEDDERS = {"tsne": TSNEEmbedder, "umap": UMAPEmbedder, "pca": PCAEmbedder}
-
-
 def create_embedder(method: str, embed_cfg):
-    """The embedder for ``method`` configured from an :class:`evalkit.config.EmbedConfig`."""
-    if method not in EMBEDDERS:
-        raise unknown("embedding method", method, EMBEDDERS)
-    sub = getattr(embed_cfg, method, None)
-    return EMBEDDERS[method](sub)
+    """The embedder for ``method`` configured from an :class:`evalkit.config.EmbedConfig`
+    (its ``embed.<method>`` settings)."""
+    spec = METHODS.get(method)
+    settings = getattr(embed_cfg, method, None)
+    return spec.create(settings if settings is not None else spec.config())
+
+
+# =========================================================================== the registry
+# Each method is defined once: its settings (validated under ``embed.<name>``), how to build
+# it, its input, and how its defaults shrink for few samples. Config validation, the scoring
+# loop and the report read these entries.
+
+
+class PCAConfig(StrictModel):
+    """PCA has no settings: the first two principal components of the raw features."""
+
+
+class TSNEConfig(StrictModel):
+    backend: Literal["opentsne", "sklearn"] = "opentsne"
+    perplexity: float = Field(30.0, gt=0)
+    learning_rate: Union[Literal["auto"], float] = "auto"
+    early_exaggeration: float = Field(12.0, gt=0)
+    n_iter: int = Field(750, ge=50, description="total iterations, early exaggeration included")
+    n_jobs: int = -1
+
+
+class UMAPConfig(StrictModel):
+    n_neighbors: int = Field(15, ge=2)
+    min_dist: float = Field(0.1, ge=0)
+    n_epochs: Optional[int] = Field(None, ge=1)
+
+
+def _tsne_sizes(cfg: TSNEConfig, n_samples: int):
+    """t-SNE needs n_samples > 3 x perplexity: lower a default, refuse an explicit value."""
+    p_max = (n_samples - 1) / 3.0
+    if cfg.perplexity <= p_max:
+        return cfg, []
+    if "perplexity" in cfg.model_fields_set:
+        raise EvalkitError(f"embed.tsne.perplexity: {cfg.perplexity:g} is too large for {n_samples} samples "
+                           f"(t-SNE needs n_samples > 3 x perplexity); expected at most {p_max:.3g}: "
+                           f"lower embed.tsne.perplexity or use more data")
+    note = (f"embed.tsne.perplexity lowered from its default {cfg.perplexity:g} to {p_max:.3g}: only "
+            f"{n_samples} samples (t-SNE needs n_samples > 3 x perplexity)")
+    return cfg.model_copy(update={"perplexity": p_max}), [note]
+
+
+def _umap_sizes(cfg: UMAPConfig, n_samples: int):
+    """Each sample has n_samples - 1 neighbours: lower a default, refuse an explicit value."""
+    k_max = n_samples - 1
+    if cfg.n_neighbors <= k_max:
+        return cfg, []
+    if "n_neighbors" in cfg.model_fields_set:
+        raise EvalkitError(f"embed.umap.n_neighbors: {cfg.n_neighbors} is too large for {n_samples} samples "
+                           f"(each sample has n_samples - 1 neighbours); expected at most {k_max}: lower "
+                           f"embed.umap.n_neighbors or use more data")
+    note = (f"embed.umap.n_neighbors lowered from its default {cfg.n_neighbors} to {k_max}: only {n_samples} "
+            f"samples (each sample has n_samples - 1 neighbours)")
+    return cfg.model_copy(update={"n_neighbors": k_max}), [note]
+
+
+METHODS.register(Method("tsne", "t-SNE", TSNEConfig, TSNEEmbedder, input="reduced", fit_sizes=_tsne_sizes))
+METHODS.register(Method("umap", "UMAP", UMAPConfig, UMAPEmbedder, input="reduced", fit_sizes=_umap_sizes))
+METHODS.register(Method("pca", "PCA", PCAConfig, PCAEmbedder, input="raw", seeded=False))

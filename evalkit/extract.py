@@ -19,6 +19,7 @@ import numpy as np
 from evalkit.cache import cache_key, cache_read, cache_write  # noqa: F401  (re-exported)
 from evalkit.errors import EvalkitError, unknown
 from evalkit.preprocess import build_transform, resolve_preprocess  # noqa: F401  (re-exported)
+from evalkit.progress import progress_bar
 from evalkit.results import FeatureSet
 
 PENULTIMATE = "penultimate"
@@ -213,13 +214,16 @@ def _is_oom(exc: BaseException) -> bool:
 
 
 def run_layers(model, loader, layer_map: dict, *, device, pooling, bf16: bool = False, progress: bool = False,
-               stop_early: bool = True, log=None):
+               stop_early: bool = True, log=None, labels_out: Optional[list] = None):
     """Run ``model`` over ``loader`` once, capturing every layer of ``layer_map`` with hooks.
 
     Parameters
     ----------
     model : torch.nn.Module
-    loader : iterable of float tensors (B, C, H, W)
+    loader : iterable of batches
+        Float tensors (B, C, H, W), ``(inputs, labels, ...)`` tuples or lists, or dicts with
+        the inputs under ``image``/``pixel_values``/``input``/``inputs``/``x`` and the labels
+        under ``label``/``labels``/``target``/``targets``/``y`` (see :func:`split_batch`).
     layer_map : dict
         From :func:`resolve_layers`.
     device : torch.device
@@ -233,6 +237,8 @@ def run_layers(model, loader, layer_map: dict, *, device, pooling, bf16: bool = 
         A module that runs several times per forward pass yields its first call's output.
     log : callable, optional
         Receives one-line notes (out-of-memory retries).
+    labels_out : list, optional
+        Receives each batch's labels (a 1-D array per batch) when the batches carry them.
 
     Returns
     -------
@@ -283,8 +289,10 @@ def run_layers(model, loader, layer_map: dict, *, device, pooling, bf16: bool = 
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
     step = getattr(loader, "batch_size", None) or 1 << 30
     done, start = 0, time.perf_counter()
-    bar = _progress(len(loader.dataset)) if progress and hasattr(loader, "dataset") else None
-    try:
+    total = len(loader.dataset) if progress and hasattr(loader, "dataset") else 0
+    with contextlib.ExitStack() as stack:
+        bar = stack.enter_context(progress_bar(total, "extracting", unit="img", min_total=PROGRESS_MIN_IMAGES))
+        stack.callback(lambda: [h.remove() for h in handles])
         with torch.inference_mode(), autocast:
             batches = iter(loader)
             while True:
@@ -294,6 +302,9 @@ def run_layers(model, loader, layer_map: dict, *, device, pooling, bf16: bool = 
                     break
                 except EvalkitError as exc:  # raised in a DataLoader worker: multi-line
                     raise EvalkitError(_one_line(exc)) from None
+                batch, batch_labels = split_batch(batch)
+                if labels_out is not None and batch_labels is not None:
+                    labels_out.append(batch_labels)
                 batch = batch.to(device, non_blocking=True)
                 pos = 0
                 while pos < batch.shape[0]:
@@ -319,13 +330,7 @@ def run_layers(model, loader, layer_map: dict, *, device, pooling, bf16: bool = 
                         chunks[layer].append(arr)
                     pos += part.shape[0]
                 done += batch.shape[0]
-                if bar is not None:
-                    bar.update(batch.shape[0])
-    finally:
-        for h in handles:
-            h.remove()
-        if bar is not None:
-            bar.close()
+                bar.update(batch.shape[0])
     if device.type == "cuda":
         torch.cuda.synchronize()
     rate = done / max(time.perf_counter() - start, 1e-9)
@@ -334,11 +339,47 @@ def run_layers(model, loader, layer_map: dict, *, device, pooling, bf16: bool = 
     return feats, rate
 
 
-def _progress(total: int):
-    from tqdm import tqdm
+INPUT_KEYS = ("image", "images", "pixel_values", "input", "inputs", "x", "img")
+LABEL_KEYS = ("label", "labels", "target", "targets", "y", "class", "class_idx")
 
-    return tqdm(total=total, unit="img", leave=False, file=sys.stderr,
-                disable=not sys.stderr.isatty() or total < PROGRESS_MIN_IMAGES)
+
+def split_batch(batch):
+    """``(inputs, labels or None)`` of one batch.
+
+    A tensor is the inputs; a tuple or list is ``(inputs, labels, ...)`` (anything after the
+    labels is ignored); a dict holds the inputs under one of :data:`INPUT_KEYS` and the labels
+    under one of :data:`LABEL_KEYS`. Labels become a 1-D numpy array (numbers or strings).
+    """
+    import torch
+
+    if isinstance(batch, torch.Tensor):
+        return batch, None
+    if isinstance(batch, (tuple, list)):
+        if not batch or not isinstance(batch[0], torch.Tensor):
+            raise EvalkitError(f"data: a batch is a {type(batch).__name__} whose first item is "
+                               f"{type(batch[0]).__name__ if batch else 'missing'}; expected (inputs, labels) with "
+                               f"inputs a tensor of shape (batch, channels, height, width)")
+        return batch[0], (_labels_array(batch[1]) if len(batch) > 1 else None)
+    if isinstance(batch, dict):
+        x = next((batch[k] for k in INPUT_KEYS if k in batch), None)
+        if not isinstance(x, torch.Tensor):
+            raise EvalkitError(f"data: a batch is a dict with keys {sorted(map(str, batch))}; expected the inputs "
+                               f"under one of {', '.join(INPUT_KEYS)} (a tensor)")
+        y = next((batch[k] for k in LABEL_KEYS if k in batch), None)
+        return x, (_labels_array(y) if y is not None else None)
+    raise EvalkitError(f"data: a batch is a {type(batch).__name__}; expected a tensor, an (inputs, labels) "
+                       f"tuple or a dict with an 'image' or 'pixel_values' key")
+
+
+def _labels_array(y) -> np.ndarray:
+    import torch
+
+    if isinstance(y, torch.Tensor):
+        y = y.detach().cpu()
+        if y.ndim == 2 and y.shape[1] > 1:  # one-hot or scores: the class is the largest entry
+            y = y.argmax(dim=1)
+        return y.reshape(-1).numpy()
+    return np.asarray(list(y) if not isinstance(y, np.ndarray) else y).reshape(-1)
 
 
 # --- one model entry ------------------------------------------------------------------------

@@ -128,6 +128,9 @@ def create_model(source: str, *, kwargs: dict | None = None, seed: int = 0):
     if not sep:
         raise EvalkitError(f"source {source!r}: expected PREFIX:NAME with PREFIX one of {', '.join(FACTORIES)} "
                            f"(e.g. timm:{source} or torchvision:{source})")
+    if prefix == "memory":  # what evalkit.evaluate() records for models that lived in a Python process
+        raise EvalkitError(f"source {source!r}: a model passed in memory to the Python API; a config cannot load "
+                           f"it: name a factory (python:module:factory) and a checkpoint, or a features file")
     if prefix not in FACTORIES:
         raise unknown("model source prefix", prefix, FACTORIES)
     kwargs = dict(kwargs or {})

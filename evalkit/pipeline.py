@@ -1,46 +1,75 @@
-"""The whole run: config -> data -> extract -> neighbours -> embed -> score -> report / check.
+"""The one code path: feature sets in, a :class:`~evalkit.results.Result` out.
 
-``run_report(config, out_dir)`` is what ``evalkit report`` calls; notebooks can call the
-stages one by one (``evalkit.data.load_dataset``, ``evalkit.extract.extract_model``, ...).
+:func:`evaluate_feature_sets` embeds and scores feature sets that are already in memory; the
+Python API (:mod:`evalkit.api`) and ``evalkit report`` (:func:`run_report`: config -> data ->
+extraction -> the same function -> the run folder) both call it.
 """
 from __future__ import annotations
 
-import itertools
+import logging
 import platform
 import sys
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
 from evalkit.errors import EvalkitError
-from evalkit.results import Embedding, RunResult
+from evalkit.results import CKA, Result
+
+logger = logging.getLogger("evalkit")
 
 
-def _progress(msg: str) -> None:
-    """Progress goes to stdout: stderr carries only problems (errors, failing checks)."""
-    print(msg, file=sys.stdout, flush=True)
+@dataclass(frozen=True)
+class Samples:
+    """The samples every feature set describes, in row order.
 
-
-def validate_sizes(config, n_samples: int, n_classes: int, *, n_total: int | None = None):
-    """Fail early, naming the key, when the data are too small for the chosen parameters.
-
-    A parameter the config sets explicitly must fit the data (``n_neighbors < n_samples / 2``
-    for trustworthiness, ``3 x perplexity < n_samples`` for t-SNE, ...); a default that does
-    not fit small data is lowered instead. Returns ``(config, notes)``: the config with the
-    values actually used (what the run folder's config.yaml records, so running that file
-    again gives the same run) and one note per lowered default.
+    Attributes
+    ----------
+    labels : ndarray of shape (n_samples,), int64, values 0..n_classes-1
+    label_names : tuple of str
+    indices : ndarray of shape (n_samples,), int64
+        Positions in the dataset split (what the run folder records).
+    name : str
+        The data set, as the report names it.
+    n_total : int or None
+        Samples before a subsample, when there was one.
+    sample_ids : ndarray of str or None
     """
-    mc, ec = config.metrics, config.embed
-    subsampled = n_total is not None and n_total > n_samples
-    fewer = (f"; data.max_samples keeps {n_samples} of {n_total}" if subsampled else "")
-    if n_samples < 4:
-        raise EvalkitError(f"data: {n_samples} samples; evalkit needs at least 4 (raise data.max_samples or add data){fewer}")
-    notes, metrics_update, umap_update, tsne_update = [], {}, {}, {}
 
-    def fit(key: str, value: int, limit: int, why: str, explicit: bool, update: dict, field: str):
-        if value <= limit:
+    labels: np.ndarray
+    label_names: tuple
+    indices: np.ndarray
+    name: str = "data"
+    n_total: Optional[int] = None
+    sample_ids: Optional[np.ndarray] = None
+    seed: Optional[int] = None
+
+
+def fit_sizes(embed, metrics, n_samples: int, *, n_total: int | None = None):
+    """Fit the settings to the data size; fail early, naming the key, where they cannot fit.
+
+    A value set explicitly must fit (``n_neighbors < n_samples / 2`` for trustworthiness,
+    ``3 x perplexity < n_samples`` for t-SNE, ...); a default that does not fit small data is
+    lowered instead. Returns ``(embed, metrics, notes)``: the settings actually used (what the
+    run folder's config.yaml records, so running that file again gives the same run) and one
+    note per lowered default.
+    """
+    from evalkit.registry import methods
+
+    subsampled = n_total is not None and n_total > n_samples
+    fewer = f"; data.max_samples keeps {n_samples} of {n_total}" if subsampled else ""
+    if n_samples < 4:
+        raise EvalkitError(f"data: {n_samples} samples; evalkit needs at least 4 (raise data.max_samples or add "
+                           f"data){fewer}")
+    notes, update = [], {}
+
+    def fit(key: str, field: str, limit: int, why: str, explicit: bool):
+        value = getattr(metrics, field)
+        if value is None or value <= limit:
             return
         if explicit:
             raise EvalkitError(f"{key}: {value} is too large for {n_samples} samples ({why}); expected at most "
@@ -48,115 +77,159 @@ def validate_sizes(config, n_samples: int, n_classes: int, *, n_total: int | Non
         update[field] = limit
         notes.append(f"{key} lowered from its default {value} to {limit}: only {n_samples} samples ({why})")
 
-    k_max = (n_samples - 1) // 2
-    fit("metrics.n_neighbors", mc.n_neighbors, k_max, "n_neighbors < n_samples / 2 for trustworthiness",
-        "n_neighbors" in mc.model_fields_set, metrics_update, "n_neighbors")
-    if mc.knn_k is not None:
-        fit("metrics.knn_k", mc.knn_k, n_samples - 1, "each sample has n_samples - 1 neighbours", True,
-            metrics_update, "knn_k")
-    fit("metrics.weighted_knn_k", mc.weighted_knn_k, n_samples - 1, "each sample has n_samples - 1 neighbours",
-        "weighted_knn_k" in mc.model_fields_set, metrics_update, "weighted_knn_k")
-    p_max = (n_samples - 1) / 3.0
-    if "tsne" in ec.methods and ec.tsne.perplexity > p_max:
-        if "perplexity" not in ec.tsne.model_fields_set:
-            tsne_update["perplexity"] = p_max
-            notes.append(f"embed.tsne.perplexity lowered from its default {ec.tsne.perplexity:g} to {p_max:.3g}: "
-                         f"only {n_samples} samples (t-SNE needs n_samples > 3 x perplexity)")
-        else:
-            raise EvalkitError(f"embed.tsne.perplexity: {ec.tsne.perplexity:g} is too large for {n_samples} samples "
-                               f"(t-SNE needs n_samples > 3 x perplexity); expected at most {p_max:.3g}: "
-                               f"lower embed.tsne.perplexity or use more data{fewer}")
-    if "umap" in ec.methods:
-        fit("embed.umap.n_neighbors", ec.umap.n_neighbors, n_samples - 1, "each sample has n_samples - 1 neighbours",
-            "n_neighbors" in ec.umap.model_fields_set, umap_update, "n_neighbors")
-    if metrics_update:
-        config = config.model_copy(update={"metrics": mc.model_copy(update=metrics_update)})
-    if umap_update or tsne_update:
-        embed = ec.model_copy(update={"umap": ec.umap.model_copy(update=umap_update),
-                                      "tsne": ec.tsne.model_copy(update=tsne_update)})
-        config = config.model_copy(update={"embed": embed})
-    return config, notes
+    fit("metrics.n_neighbors", "n_neighbors", (n_samples - 1) // 2, "n_neighbors < n_samples / 2 for "
+        "trustworthiness", "n_neighbors" in metrics.model_fields_set)
+    fit("metrics.knn_k", "knn_k", n_samples - 1, "each sample has n_samples - 1 neighbours", True)
+    fit("metrics.weighted_knn_k", "weighted_knn_k", n_samples - 1, "each sample has n_samples - 1 neighbours",
+        "weighted_knn_k" in metrics.model_fields_set)
+    if update:
+        metrics = metrics.model_copy(update=update)
+    per_method = {}
+    for name in embed.methods:
+        spec = methods().get(name)
+        if spec.fit_sizes is None:
+            continue
+        try:
+            settings, method_notes = spec.fit_sizes(getattr(embed, name), n_samples)
+        except EvalkitError as exc:
+            raise EvalkitError(f"{exc}{fewer}") from None
+        per_method[name] = settings
+        notes.extend(method_notes)
+    if per_method:
+        embed = embed.model_copy(update=per_method)
+    return embed, metrics, notes
 
 
-# --- the run folder -------------------------------------------------------------------------
+def evaluate_feature_sets(feature_sets, samples: Samples, *, embed, metrics, checks=(), device=None,
+                          config_yaml: str = "", name: str = "evalkit-run", notes=(),
+                          provenance: dict | None = None, thumbnails=None) -> Result:
+    """Embed and score every feature set, compare them, evaluate the checks.
 
-RUN_FILES = ("index.html", "metrics.json")  # every run folder has both
-
-
-def default_out_dir(config) -> Path:
-    """``reports/out/NAME``; a name that is not a plain folder name needs ``--out``."""
-    name = config.name
-    if name in (".", "..") or any(c in name for c in "/\\\0") or name.startswith("."):
-        raise EvalkitError(f"name: {name!r} cannot name a folder under reports/out; pass --out DIR "
-                           f"or use a name without '/', '\\' or a leading '.'")
-    return Path("reports/out") / name
-
-
-def check_out_dir(out_dir) -> Path:
-    """Fail before any work when ``out_dir`` cannot become the run folder.
-
-    It must be a folder or not exist yet, under a writable folder, and an existing folder must
-    be an earlier run folder: the run replaces it as a whole, so any other folder (``--out .``,
-    a data folder) is refused rather than deleted.
+    Parameters
+    ----------
+    feature_sets : sequence of FeatureSet
+        Features of shape (n_samples, n_features), rows in the order of ``samples``.
+    samples : Samples
+    embed, metrics : evalkit.config.EmbedConfig, evalkit.config.MetricsConfig
+        Already fitted to the data size (:func:`fit_sizes`).
+    checks : sequence of evalkit.config.CheckConfig
+    device : torch.device, optional
+    config_yaml : str
+        The resolved settings, written as the run folder's config.yaml.
+    notes : sequence of str
+        Notes from earlier stages (lowered defaults, classifier widths, ...).
+    provenance : dict, optional
+        Entries added to the provenance (command, extraction time, ...).
     """
-    import tempfile
+    from evalkit.check import evaluate_checks
+    from evalkit.progress import progress_bar
+    from evalkit.score import linear_cka
+    from evalkit.scoring import score_feature_set
 
-    out = Path(out_dir).expanduser().absolute()
-    if out.exists() and not out.is_dir():
-        raise EvalkitError(f"--out {out_dir}: is a file; expected a run folder (or a path that does not exist yet)")
-    existing = next((p for p in (out, *out.parents) if p.exists()), None)
-    blocker = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
-    if blocker is not None:
-        raise EvalkitError(f"--out {out_dir}: {blocker} is a file; expected a folder there")
-    if out.is_dir():
-        cwd = Path.cwd().absolute()
-        if out == cwd or out in cwd.parents:
-            raise EvalkitError(f"--out {out_dir}: is the working folder or holds it; the run replaces its "
-                               f"folder as a whole, so expected a folder of its own (e.g. reports/out/NAME)")
-        entries = [e.name for e in out.iterdir()]
-        if entries and not all(f in entries for f in RUN_FILES):
-            raise EvalkitError(f"--out {out_dir}: exists and is not an evalkit run folder (no index.html and "
-                               f"metrics.json); the run replaces its folder as a whole, so expected a new or "
-                               f"earlier run folder")
-    probe_in = out.parent if out.parent.exists() else existing
+    started = datetime.now(timezone.utc)
+    t0 = time.perf_counter()
+    labels = samples.labels
+    for fs in feature_sets:
+        check_features(fs, len(labels))
+    all_notes = list(dict.fromkeys(notes))
+    rows, embeddings, per_class, method_params, stability, undefined = [], [], {}, {}, {}, {}
+    with progress_bar(len(feature_sets), "embedding and scoring", unit="set") as bar:
+        for fs in feature_sets:
+            t1 = time.perf_counter()
+            out = score_feature_set(fs, labels, embed=embed, settings=metrics, device=device, log=logger.debug)
+            rows.extend(out.rows)
+            embeddings.extend(out.embeddings)
+            per_class[fs.key] = out.per_class_knn
+            method_params.update(out.method_params)
+            stability.update(out.stability)
+            undefined.update(out.undefined_reasons)
+            all_notes.extend(n for n in out.notes if n not in all_notes)
+            bar.update(1)
+            logger.info(f"  {fs.key}: {fs.features.shape[1]} features, embedded and scored in "
+                        f"{time.perf_counter() - t1:.1f} s")
+    keys = tuple(fs.key for fs in feature_sets)
+    cka = CKA(keys, tuple(tuple(linear_cka(a.features, b.features) for b in feature_sets) for a in feature_sets))
+    check_results = evaluate_checks([dict(r) for r in rows], checks)
+    prov = {
+        "started": started.isoformat(timespec="seconds"),
+        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "duration_s": round(time.perf_counter() - t0, 2),
+        "device": _device_text(device),
+        "host": platform.node(),
+        "platform": platform.platform(),
+        "seeds": list(embed.seeds),
+        "data_seed": samples.seed,
+        "dataset": samples.name,
+        "n_samples": int(len(labels)),
+        "n_classes": int(len(samples.label_names)),
+        "versions": _versions(),
+    }
+    prov.update(provenance or {})
+    return Result(
+        name=name, labels=labels, label_names=tuple(samples.label_names), indices=samples.indices,
+        feature_sets=tuple(feature_sets), embeddings=tuple(embeddings), rows=tuple(rows),
+        checks=tuple(check_results), provenance=prov, config_yaml=config_yaml, per_class_knn=per_class, cka=cka,
+        method_params=method_params, stability=stability, notes=tuple(sorted(all_notes)),
+        undefined_reasons=undefined, n_neighbors=metrics.n_neighbors, knn_k=metrics.knn_k or metrics.n_neighbors,
+        sample_ids=samples.sample_ids, thumbnails=thumbnails)
+
+
+def run_report(config, out_dir, *, use_cache: bool = True, argv=None) -> Result:
+    """``evalkit report``: load the data, extract every model entry, evaluate, write the run folder.
+
+    The folder is checked before any work and written atomically at the end.
+    """
+    from evalkit.data import load_dataset
+    from evalkit.extract import extract_model, resolve_device
+    from evalkit.runfolder import _PROCESS_START, check_out_dir, clean_stale_siblings, write_run
+
+    t0 = time.perf_counter()
+    out_dir = check_out_dir(out_dir)
+    clean_stale_siblings(out_dir, older_than=_PROCESS_START)
     try:
-        Path(tempfile.mkdtemp(prefix=f".{out.name}.probe-", dir=probe_in)).rmdir()
-    except OSError as exc:
-        raise EvalkitError(f"--out {out_dir}: cannot write in {probe_in} ({exc.strerror or exc}); expected a "
-                           f"writable folder") from None
-    return out
+        dataset = load_dataset(config.data)
+    except OSError as exc:  # an unreadable file: a user's problem, named by the OS
+        where = exc.filename or config.data.path
+        raise EvalkitError(f"data.path: {where}: cannot read ({exc.strerror or exc})") from exc
+    n_classes = int(np.unique(dataset.labels).size)
+    embed, metrics, notes = fit_sizes(config.embed, config.metrics, len(dataset),
+                                      n_total=getattr(dataset, "n_total", None))
+    config = config.model_copy(update={"embed": embed, "metrics": metrics})
+    logger.info(f"evalkit: {dataset.name}: {len(dataset):,} samples, {n_classes} classes")
+
+    device = resolve_device(config.extract.device)
+    feature_sets = []
+    for mcfg in config.models:
+        try:
+            sets = extract_model(mcfg, dataset, config.extract, use_cache=use_cache, log=logger.info)
+        except Exception as exc:
+            err = _model_error(exc, mcfg)
+            if err is None:
+                raise
+            raise err from exc
+        for fs in sets:
+            check_features(fs, len(dataset))
+        feature_sets.extend(sets)
+    t_extract = time.perf_counter() - t0
+    samples = Samples(dataset.labels, tuple(dataset.label_names), dataset.indices, name=dataset.name,
+                      n_total=getattr(dataset, "n_total", None), seed=config.data.seed)
+    result = evaluate_feature_sets(
+        feature_sets, samples, embed=embed, metrics=metrics, checks=config.checks, device=device,
+        config_yaml=config.to_yaml(), name=config.name, notes=notes,
+        provenance={"command": " ".join(argv) if argv else "evalkit report", "extract_s": round(t_extract, 2)})
+    result.provenance["duration_s"] = round(time.perf_counter() - t0, 2)
+    write_run(Path(out_dir), result)
+    return result
 
 
-def clean_stale_siblings(out_dir, *, older_than: float) -> list:
-    """Remove ``.NAME.tmp-*`` folders a killed run left beside the run folder.
+def _device_text(device) -> str:
+    if device is None:
+        return "cpu"
+    if device.type == "cuda":
+        import torch
 
-    Only folders last modified before ``older_than`` (this process's start) go, so a run that
-    is writing right now is left alone. A ``.NAME.old-*`` folder is an earlier run moved aside
-    for the swap: it is put back when the run folder itself is missing, else removed.
-    """
-    import glob
-    import shutil
-
-    out = Path(out_dir).expanduser().absolute()
-    if not out.parent.is_dir():
-        return []
-    removed = []
-    for kind in ("old", "tmp"):
-        for path in sorted(out.parent.glob(f".{glob.escape(out.name)}.{kind}-*")):
-            try:
-                if not path.is_dir() or path.is_symlink() or path.stat().st_mtime >= older_than:
-                    continue
-                if kind == "old" and not out.exists():
-                    path.rename(out)
-                    continue
-                shutil.rmtree(path)
-                removed.append(path)
-            except OSError:
-                continue  # another run got there first, or no permission: not this run's business
-    return removed
-
-
-_PROCESS_START = time.time()
+        return f"{device} ({torch.cuda.get_device_name(0)})"
+    return f"{device} ({platform.processor() or platform.machine()})"
 
 
 # --- stage boundaries -------------------------------------------------------------------------
@@ -232,29 +305,6 @@ def check_features(fs, n_samples: int):
                            f"checkpoint and extract.bf16")
 
 
-def _mean_std(values):
-    vals = [v for v in values if v is not None and np.isfinite(v)]
-    if not vals:
-        return None, None
-    return float(np.mean(vals)), (float(np.std(vals)) if len(vals) > 1 else None)
-
-
-def procrustes_disparity(coords) -> float | None:
-    """Mean Procrustes disparity over pairs of seeds (0 = identical up to rotation, scale, shift)."""
-    from scipy.spatial import procrustes
-
-    pairs = list(itertools.combinations(coords, 2))
-    if not pairs:
-        return None
-    out = []
-    for a, b in pairs:
-        try:
-            out.append(procrustes(a.astype(np.float64), b.astype(np.float64))[2])
-        except ValueError:  # a degenerate (constant) embedding
-            out.append(float("nan"))
-    return float(np.nanmean(out)) if np.isfinite(out).any() else None
-
-
 def _versions() -> dict:
     from importlib import metadata
 
@@ -269,200 +319,3 @@ def _versions() -> dict:
     return out
 
 
-def score_feature_set(fs, labels, config, *, device=None, notes=None, undefined=None):
-    """Rows, embeddings, extras for one feature set (every method x seed)."""
-    from evalkit import score
-    from evalkit.embed import create_embedder, reduce_dims
-    from evalkit.neighbors import knn_graph
-
-    X = fs.features
-    n = X.shape[0]
-    mc = config.metrics
-    k = mc.n_neighbors
-    knn_k = mc.knn_k or k
-    n_classes = np.unique(labels).size
-    embedders = {method: create_embedder(method, config.embed) for method in config.embed.methods}
-    # One graph of the raw features serves the metrics and t-SNE (3 x perplexity neighbours)
-    # and UMAP (n_neighbors - 1 besides the point itself): neither searches its own.
-    graph_k = min(n - 1, max(k, knn_k, mc.weighted_knn_k, *(e.graph_neighbors(n) for e in embedders.values())))
-    graph = knn_graph(X, n_neighbors=graph_k, device=device)
-
-    sil_sample = mc.silhouette_max_samples if (mc.silhouette_max_samples and n > mc.silhouette_max_samples) else None
-    if sil_sample and notes is not None:
-        notes.add(f"silhouette: computed on a seeded stratified sample of {sil_sample:,} of {n:,} points "
-                  f"(metrics.silhouette_max_samples); every other score uses all points")
-
-    def sil(Z):
-        if n_classes < 2 or n_classes >= n:
-            return None
-        return score.silhouette(Z, labels, device=device, sample_size=sil_sample)
-
-    if n_classes < 2 and undefined is not None:
-        undefined["silhouette"] = "not defined for a single class"
-        undefined["knn_accuracy"] = "not meaningful for a single class"
-        undefined["weighted_knn_accuracy"] = "not meaningful for a single class"
-    feature_row = {
-        "model": fs.model, "layer": fs.layer, "method": "features", "n_features": int(X.shape[1]),
-        "silhouette": sil(X),
-        "knn_accuracy": score.knn_accuracy(X, labels, n_neighbors=knn_k, graph=graph) if n_classes > 1 else None,
-        "weighted_knn_accuracy": score.weighted_knn_accuracy(X, labels, n_neighbors=min(mc.weighted_knn_k, n - 1))
-        if n_classes > 1 else None,
-    }
-    per_class = score.per_class_knn_accuracy(X, labels, n_neighbors=knn_k, graph=graph)
-
-    # t-SNE and UMAP take their neighbours from the graph of the raw features, the space the
-    # neighbourhood metrics judge them in; the PCA-reduced features only give t-SNE its PCA
-    # start and UMAP the centroids of disconnected components (PCA was only ever a speed
-    # step for a neighbour search that the shared graph now replaces).
-    Xr = reduce_dims(X, config.embed.pca_dims)
-    if Xr.shape[1] == 1:
-        # t-SNE and UMAP initialise from two principal components; a zero second column
-        # changes no distance, so the embedding is that of the single feature.
-        Xr = np.hstack([Xr, np.zeros_like(Xr)])
-    scale = float(np.sqrt(np.mean(np.square(Xr - Xr.mean(axis=0), dtype=np.float64))))
-    if scale > 0 and not 1e-4 <= scale <= 1e4:
-        # t-SNE and UMAP calibrate each point's bandwidth, so the result does not depend on the
-        # scale of the data; their numerics do (openTSNE's PCA start divides by a std of ~0).
-        # The graph's distances are rescaled inside evalkit.embed for the same reason.
-        Xr = ((Xr - Xr.mean(axis=0)) / scale).astype(np.float32)
-        if notes is not None:
-            notes.add(f"{fs.model}/{fs.layer}: features of scale {scale:.3g} are rescaled to unit scale "
-                      f"before t-SNE and UMAP (neither depends on the scale; their numerics do)")
-    constant = bool(n and np.ptp(X, axis=0).max() == 0)
-    if constant and notes is not None:
-        notes.add(f"{fs.model}/{fs.layer}: all {n} samples have identical features, so every embedding "
-                  f"places them at one point (t-SNE and UMAP are not defined for such data)")
-    embeddings, rows, method_params, stability = [], [], {}, {}
-    per_method = {}
-    for method, embedder in embedders.items():
-        method_params[method] = embedder.params(n, graph)
-        if method in ("tsne", "umap") and X.shape[1] > config.embed.pca_dims:
-            method_params[method]["input"] = (f"neighbours of the raw features, start from PCA to "
-                                              f"{config.embed.pca_dims} dims")
-        per_seed = []
-        for seed in config.embed.seeds:
-            t0 = time.perf_counter()
-            if constant:
-                Z = np.zeros((n, 2), dtype=np.float32)
-            else:
-                Z = embedder.fit_transform(X if method == "pca" else Xr, random_state=seed, graph=graph)
-            embeddings.append(Embedding(fs.model, fs.layer, method, seed, Z, method_params[method],
-                                        time.perf_counter() - t0))
-            per_seed.append(Z)
-        per_method[method] = per_seed
-    # One pass over X's distances scores every method and seed (at 70,000 x 256 a pass takes
-    # minutes). An approximate graph is not passed: the same pass finds the exact neighbours.
-    nb = score.neighbourhood_scores(
-        X, {f"{method}/{i}": Z for method, zs in per_method.items() for i, Z in enumerate(zs)}, n_neighbors=k,
-        graph_X=graph if graph.exact and graph.indices.shape[1] >= k else None, device=device)
-    for method, per_seed in per_method.items():
-        vals = {
-            "trustworthiness": [nb[f"{method}/{i}"]["trustworthiness"] for i in range(len(per_seed))],
-            "continuity": [nb[f"{method}/{i}"]["continuity"] for i in range(len(per_seed))],
-            "silhouette": [sil(Z) for Z in per_seed],
-            "knn_accuracy": [score.knn_accuracy(Z, labels, n_neighbors=knn_k) if n_classes > 1 else None
-                             for Z in per_seed],
-        }
-        row = {"model": fs.model, "layer": fs.layer, "method": method}
-        for metric, vs in vals.items():
-            mean, std = _mean_std(vs)
-            row[metric] = mean
-            if len(per_seed) > 1:
-                row[f"{metric}_std"] = std
-        rows.append(row)
-        if len(per_seed) > 1:
-            stability[f"{fs.model}/{fs.layer}/{method}"] = procrustes_disparity(per_seed)
-    return feature_row, rows, embeddings, per_class, method_params, stability
-
-
-def run_report(config, out_dir, *, use_cache: bool = True, log=_progress, argv=None) -> RunResult:
-    """Run every stage and write the run folder atomically; returns the :class:`RunResult`."""
-    from evalkit.check import evaluate_checks
-    from evalkit.data import load_dataset
-    from evalkit.extract import extract_model, resolve_device
-    from evalkit.report import write_run
-    from evalkit.score import linear_cka
-
-    started = datetime.now(timezone.utc)
-    t0 = time.perf_counter()
-    out_dir = check_out_dir(out_dir)
-    clean_stale_siblings(out_dir, older_than=_PROCESS_START)
-    try:
-        dataset = load_dataset(config.data)
-    except OSError as exc:  # an unreadable file: a user's problem, named by the OS
-        where = exc.filename or config.data.path
-        raise EvalkitError(f"data.path: {where}: cannot read ({exc.strerror or exc})") from exc
-    labels = dataset.labels
-    n_classes = int(np.unique(labels).size)
-    config, size_notes = validate_sizes(config, len(dataset), n_classes, n_total=getattr(dataset, "n_total", None))
-    log(f"evalkit: {dataset.name}: {len(dataset):,} samples, {n_classes} classes")
-
-    device = resolve_device(config.extract.device)
-    feature_sets = []
-    for mcfg in config.models:
-        try:
-            sets = extract_model(mcfg, dataset, config.extract, use_cache=use_cache, log=log)
-        except Exception as exc:
-            err = _model_error(exc, mcfg)
-            if err is None:
-                raise
-            raise err from exc
-        for fs in sets:
-            check_features(fs, len(dataset))
-        feature_sets.extend(sets)
-    t_extract = time.perf_counter() - t0
-
-    notes: set = set(size_notes)
-    undefined: dict = {}
-    rows, embeddings, per_class, method_params, stability = [], [], {}, {}, {}
-    for fs in feature_sets:
-        t1 = time.perf_counter()
-        frow, erows, embs, pc, mp, stab = score_feature_set(fs, labels, config, device=device, notes=notes,
-                                                            undefined=undefined)
-        rows.append(frow)
-        rows.extend(erows)
-        embeddings.extend(embs)
-        per_class[f"{fs.model}/{fs.layer}"] = [None if not np.isfinite(v) else float(v) for v in pc]
-        method_params.update(mp)
-        stability.update(stab)
-        log(f"  {fs.model}/{fs.layer}: {fs.features.shape[1]} features, embedded and scored in "
-            f"{time.perf_counter() - t1:.1f} s")
-
-    keys = [fs.key for fs in feature_sets]
-    cka = [[linear_cka(a.features, b.features) for b in feature_sets] for a in feature_sets]
-    checks = evaluate_checks(rows, config.checks)
-    finished = datetime.now(timezone.utc)
-    provenance = {
-        "started": started.isoformat(timespec="seconds"),
-        "finished": finished.isoformat(timespec="seconds"),
-        "duration_s": round(time.perf_counter() - t0, 2),
-        "extract_s": round(t_extract, 2),
-        "device": str(device) + (f" ({_gpu_name()})" if device.type == "cuda" else f" ({platform.processor() or platform.machine()})"),
-        "host": platform.node(),
-        "platform": platform.platform(),
-        "command": " ".join(argv) if argv else "evalkit report",
-        "seeds": list(config.embed.seeds),
-        "data_seed": config.data.seed,
-        "dataset": dataset.name,
-        "n_samples": len(dataset),
-        "n_classes": n_classes,
-        "versions": _versions(),
-    }
-    result = RunResult(
-        name=config.name, labels=labels, label_names=dataset.label_names, indices=dataset.indices,
-        feature_sets=tuple(feature_sets), embeddings=tuple(embeddings), rows=tuple(rows), checks=tuple(checks),
-        provenance=provenance, config_yaml=config.to_yaml(),
-        extras={
-            "per_class_knn": per_class, "cka": {"keys": keys, "matrix": cka}, "method_params": method_params,
-            "stability": stability, "notes": sorted(notes), "undefined_reasons": undefined,
-            "n_neighbors": config.metrics.n_neighbors, "knn_k": config.metrics.knn_k or config.metrics.n_neighbors,
-        },
-    )
-    write_run(Path(out_dir), result)
-    return result
-
-
-def _gpu_name() -> str:
-    import torch
-
-    return torch.cuda.get_device_name(0)

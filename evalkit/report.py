@@ -1,21 +1,17 @@
-"""The run folder: ``index.html``, ``metrics.json``, ``embeddings.npz`` and ``config.yaml``.
+"""The report page: ``index.html`` of a run folder, and a result's view in Jupyter.
 
-Data first, rendering second: :func:`build_context` turns a :class:`~evalkit.results.RunResult`
+Data first, rendering second: :func:`build_context` turns a :class:`~evalkit.results.Result`
 into plain dataclasses of display-ready values, and the jinja2 templates in
-``reports/templates`` (package ``evalkit.templates``, autoescaped) only lay them out.
-:func:`write_run` writes the folder atomically.
+``reports/templates`` (package ``evalkit.templates``, autoescaped) only lay them out. Score and
+method titles, their order and which direction is better come from the registries
+(:mod:`evalkit.registry`). Writing the folder is :mod:`evalkit.runfolder`'s job.
 """
 from __future__ import annotations
 
 import base64
 import hashlib
-import io
-import json
 import math
-import os
-import secrets
 import shlex
-import shutil
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -23,31 +19,40 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from evalkit.errors import EvalkitError
-from evalkit.results import RunResult
+from evalkit.registry import FEATURES, methods as _methods, metrics as _metrics
+from evalkit.results import ID_KEYS, INFO_KEYS, Result
 
-__all__ = ["write_run", "render_html", "build_context", "metrics_payload", "embedding_arrays"]
+__all__ = ["render_html", "render_notebook", "build_context"]
 
-# Display order and names; methods and metrics not listed here follow in order of appearance.
-METHOD_ORDER = ("tsne", "umap", "pca")
-METHOD_TITLES = {"tsne": "t-SNE", "umap": "UMAP", "pca": "PCA", "features": "raw features"}
-METRIC_ORDER = ("trustworthiness", "continuity", "silhouette", "knn_accuracy",
-                "weighted_knn_accuracy")
-METRIC_TITLES = {
-    "trustworthiness": "trustworthiness", "continuity": "continuity",
-    "silhouette": "silhouette", "knn_accuracy": "kNN accuracy",
-    "weighted_knn_accuracy": "weighted kNN accuracy",
-}
-METRIC_SHORT = {
-    "trustworthiness": "trust.", "continuity": "contin.", "silhouette": "silhouette",
-    "knn_accuracy": "kNN acc.", "weighted_knn_accuracy": "w-kNN acc.",
-}
 # Row keys that describe a row rather than score it: shown, never marked "best".
-NOT_SCORES = frozenset({"seed", "seeds", "n_seeds", "n_samples", "n_neighbors", "dim",
-                        "n_features"})
-LOWER_IS_BETTER = frozenset({"seconds", "duration_s", "disparity"})
-ID_KEYS = ("model", "layer", "method")
+NOT_SCORES = INFO_KEYS | {"seed", "n_neighbors"}
 NOT_APPLICABLE = "\u2013"  # – : metric not computed for this method
+
+
+def _method_order() -> tuple:
+    return _methods().names()
+
+
+def _method_title(name: str) -> str:
+    if name == FEATURES:
+        return "raw features"
+    return _methods().get(name).title if name in _methods() else name
+
+
+def _metric_order() -> tuple:
+    return _metrics().names()
+
+
+def _metric_title(name: str) -> str:
+    return _metrics().get(name).title if name in _metrics() else name.replace("_", " ")
+
+
+def _metric_short(name: str) -> str:
+    return _metrics().get(name).short if name in _metrics() else name.replace("_", " ")
+
+
+def _lower_is_better(name: str) -> bool:
+    return name in _metrics() and not _metrics().get(name).higher_is_better
 
 
 # --------------------------------------------------------------------------- context
@@ -205,11 +210,11 @@ class ReportContext:
     css: str
     js: str
     csp: str
+    compact: bool = False  # summary, checks and pictures only (the Jupyter view)
 
 
-def build_context(result: RunResult) -> ReportContext:
+def build_context(result: Result, *, compact: bool = False) -> ReportContext:
     """Turn a run into display-ready data for the template (no HTML here)."""
-    extras = result.extras or {}
     labels = np.asarray(result.labels)
     n_classes = len(result.label_names)
     from evalkit import plots
@@ -223,7 +228,7 @@ def build_context(result: RunResult) -> ReportContext:
 
     rows = [dict(r) for r in result.rows]
     metrics = _metric_keys(rows)
-    reasons = {str(k): str(v) for k, v in (extras.get("undefined_reasons") or {}).items()}
+    reasons = {str(k): str(v) for k, v in (result.undefined_reasons or {}).items()}
     best = _best_values(rows, metrics)
     feature_keys = _feature_keys(result)
     methods = _method_columns(result, rows)
@@ -249,160 +254,44 @@ def build_context(result: RunResult) -> ReportContext:
         grid=_grid(result, rows, feature_keys, methods, colors, best, reasons),
         seeds_note=_seeds_note(result),
         scores=_score_table(rows, metrics, best, reasons),
-        cka=_cka_table(extras.get("cka")),
-        per_class=_per_class_table(extras.get("per_class_knn"), result.label_names),
+        cka=_cka_table(result.cka),
+        per_class=_per_class_table(result.per_class_knn, result.label_names),
         per_class_open=n_classes <= 30,
-        stability=_stability_table(extras.get("stability")),
-        metric_notes=_metric_notes(metrics, _n_neighbors(extras, config)),
-        notes=tuple(str(n) for n in extras.get("notes", ()) or ()),
+        stability=_stability_table(result.stability),
+        metric_notes=_metric_notes(metrics, _n_neighbors(result, config), result.knn_k),
+        notes=tuple(str(n) for n in result.notes or ()),
         provenance=_provenance_items(result.provenance),
         config_yaml=str(result.config_yaml),
         css=_static("report.css"),
         js=_static("report.js"),
         csp=_content_security_policy(_static("report.js")),
+        compact=compact,
     )
 
 
-def render_html(result: RunResult) -> str:
+def render_html(result: Result, *, compact: bool = False) -> str:
     """The report page as one self-contained HTML string (no network references)."""
-    return _environment().get_template("report.html").render(ctx=build_context(result))
+    return _environment().get_template("report.html").render(ctx=build_context(result, compact=compact))
 
 
-# --------------------------------------------------------------------------- writing
+def render_notebook(result: Result) -> str:
+    """A result's view in Jupyter: one line of facts, then the summary, the checks and the
+    grid of pictures in an isolated frame (the page's styles cannot leak into the notebook)."""
+    import html
 
-
-def write_run(out_dir, result: RunResult) -> Path:
-    """Write the run folder ``out_dir`` atomically and return its path.
-
-    Everything is written into a hidden sibling folder first, which then replaces ``out_dir``
-    (an existing folder is moved aside and deleted only after the swap). If anything fails, the
-    previous folder stays exactly as it was and no temporary folder is left behind.
-
-    Raises
-    ------
-    EvalkitError
-        If ``out_dir`` exists and is not a folder, or its parent cannot be created or written.
-    """
-    out = Path(out_dir).expanduser().absolute()
-    if out.exists() and not out.is_dir():
-        raise EvalkitError(f"run folder {out}: exists and is not a folder; expected a folder "
-                           "(or a path that does not exist yet)")
-    parent = out.parent
-    blocker = next((p for p in (parent, *parent.parents) if p.exists()), None)
-    if blocker is not None and not blocker.is_dir():
-        raise EvalkitError(f"run folder {out}: {blocker} is a file; expected a folder there")
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise EvalkitError(f"cannot create the folder {parent} for the run folder {out.name}: "
-                           f"{exc.strerror or exc}") from None
-
-    # Render everything before touching the disk: a failing render leaves nothing behind.
-    files = {
-        "index.html": render_html(result).encode("utf-8"),
-        "metrics.json": (json.dumps(metrics_payload(result), indent=2, allow_nan=False)
-                         + "\n").encode("utf-8"),
-        "embeddings.npz": _npz_bytes(embedding_arrays(result)),
-        "config.yaml": str(result.config_yaml).encode("utf-8"),
-    }
-
-    tmp = _make_sibling(parent, f".{out.name}.tmp-")
-    old: Path | None = None
-    swapped = False
-    try:
-        for name, data in files.items():
-            _write_file(tmp / name, data)
-        if out.exists():
-            old = parent / f".{out.name}.old-{secrets.token_hex(4)}"
-            os.rename(out, old)
-        os.rename(tmp, out)
-        swapped = True
-    finally:
-        if not swapped:
-            shutil.rmtree(tmp, ignore_errors=True)
-            if old is not None and not out.exists():
-                os.rename(old, out)  # put the previous run back
-                old = None
-        if old is not None:
-            if old.is_symlink():  # out_dir was a link to a folder: drop the link, not its target
-                old.unlink()
-            else:
-                shutil.rmtree(old, ignore_errors=True)
-    return out
-
-
-def metrics_payload(result: RunResult) -> dict:
-    """The content of ``metrics.json``: strict-JSON-ready (NaN and infinities become None)."""
-    return {
-        "rows": [_jsonable(dict(r)) for r in result.rows],
-        "checks": [_jsonable(c.as_dict()) for c in result.checks],
-        "provenance": _jsonable(dict(result.provenance)),
-        "extras": _jsonable(dict(result.extras or {})),
-    }
-
-
-def embedding_arrays(result: RunResult) -> dict[str, np.ndarray]:
-    """The arrays of ``embeddings.npz``.
-
-    ``MODEL/LAYER/METHOD`` -> float32 (n_samples, 2) for the first seed of each embedding,
-    ``MODEL/LAYER/METHOD@seedS`` for the others, plus ``labels``, ``indices`` (int64) and
-    ``label_names`` (unicode strings).
-    """
-    arrays: dict[str, np.ndarray] = {}
-    for emb in result.embeddings:
-        key = emb.key if emb.key not in arrays else f"{emb.key}@seed{emb.seed}"
-        arrays[key] = np.asarray(emb.coords, dtype=np.float32)
-    arrays["labels"] = np.asarray(result.labels, dtype=np.int64)
-    arrays["indices"] = np.asarray(result.indices, dtype=np.int64)
-    arrays["label_names"] = np.array([str(n) for n in result.label_names], dtype=str)
-    return arrays
-
-
-def _make_sibling(parent: Path, prefix: str) -> Path:
-    for _ in range(100):
-        path = parent / f"{prefix}{secrets.token_hex(4)}"
-        try:
-            path.mkdir()  # default mode, so the final folder gets the usual permissions
-            return path
-        except FileExistsError:
-            continue
-        except OSError as exc:
-            raise EvalkitError(f"cannot write in {parent}: {exc.strerror or exc}; expected a "
-                               "writable folder for the run") from None
-    raise EvalkitError(f"cannot create a temporary folder in {parent}")
-
-
-def _write_file(path: Path, data: bytes) -> None:
-    with open(path, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
-def _npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
-    buffer = io.BytesIO()
-    np.savez_compressed(buffer, **arrays)
-    return buffer.getvalue()
-
-
-def _jsonable(value: Any) -> Any:
-    """Plain JSON types; NaN and infinities become None, numpy values become Python ones."""
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple, set, frozenset)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return _jsonable(value.tolist())
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    if isinstance(value, (int, np.integer)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        value = float(value)
-        return value if math.isfinite(value) else None
-    if value is None or isinstance(value, str):
-        return value
-    return str(value)
+    page = render_html(result, compact=True)
+    n_sets = len(result.feature_sets)
+    failed = sum(c.status in ("fail", "error") for c in result.checks)
+    verdict = ("no checks" if not result.checks else
+               f"all {len(result.checks)} checks passed" if not failed else
+               f"{failed} of {len(result.checks)} checks failed")
+    height = 420 + 330 * n_sets + 40 * len(result.checks)
+    return (f'<div class="evalkit-result"><p><strong>evalkit</strong> {html.escape(str(result.name))}: '
+            f'{len(result.labels):,} samples, {len(result.label_names)} classes, {n_sets} feature sets; '
+            f'{verdict}. <code>result.save(DIR)</code> writes the full report.</p>'
+            f'<iframe srcdoc="{html.escape(page, quote=True)}" title="evalkit result {html.escape(str(result.name))}" '
+            f'style="width:100%;height:{min(height, 2400)}px;border:1px solid #ddd" '
+            f'sandbox="allow-scripts"></iframe></div>')
 
 
 # --------------------------------------------------------------------------- templates
@@ -505,7 +394,7 @@ def _metric_keys(rows: list[dict]) -> tuple:
                 seen.append(key)
     spreads = {k for k in seen if k.endswith("_std") and k[:-4] in seen}
     keys = [k for k in seen if k not in spreads]
-    ordered = [k for k in METRIC_ORDER if k in keys]
+    ordered = [k for k in _metric_order() if k in keys]
     return tuple(ordered + [k for k in keys if k not in ordered])
 
 
@@ -515,7 +404,7 @@ def _best_values(rows: list[dict], metrics: Iterable[str]) -> dict:
     for metric in metrics:
         if metric in NOT_SCORES:
             continue
-        sign = -1.0 if metric in LOWER_IS_BETTER else 1.0
+        sign = -1.0 if _lower_is_better(metric) else 1.0
         for row in rows:
             value = _finite(row.get(metric))
             if value is None:
@@ -532,18 +421,18 @@ def _is_best(best: Mapping, row: Mapping, metric: str) -> bool:
     return value is not None and target is not None and value == target
 
 
-def _method_columns(result: RunResult, rows: list[dict]) -> tuple:
+def _method_columns(result: Result, rows: list[dict]) -> tuple:
     present: list[str] = []
     for name in [e.method for e in result.embeddings] + [r.get("method") for r in rows]:
         if name and name != "features" and name not in present:
             present.append(str(name))
-    ordered = [m for m in METHOD_ORDER if m in present] + [m for m in present
-                                                          if m not in METHOD_ORDER]
-    params = dict((result.extras or {}).get("method_params") or {})
+    order = _method_order()
+    ordered = [m for m in order if m in present] + [m for m in present if m not in order]
+    params = dict(result.method_params or {})
     for emb in result.embeddings:  # fall back on what the embeddings recorded
         if emb.method not in params and emb.params:
             params[emb.method] = dict(emb.params)
-    return tuple(MethodColumn(m, METHOD_TITLES.get(m, m),
+    return tuple(MethodColumn(m, _method_title(m),
                               tuple((str(k), _param_text(v))
                                     for k, v in (params.get(m) or {}).items()))
                  for m in ordered)
@@ -557,7 +446,7 @@ def _param_text(value: Any) -> str:
     return str(value)
 
 
-def _feature_keys(result: RunResult) -> list:
+def _feature_keys(result: Result) -> list:
     """(model, layer) pairs in config order: feature sets first, then any only in rows."""
     keys: list = []
     sources = ([(f.model, f.layer) for f in result.feature_sets]
@@ -588,7 +477,7 @@ def _grid(result, rows, feature_keys, methods, colors, best, reasons) -> tuple:
         feature_scores = ()
         if frow is not None:
             feature_scores = tuple(
-                Score(m, METRIC_SHORT.get(m, m.replace("_", " ")),
+                Score(m, _metric_short(m),
                       _metric_cell(frow, m, reasons, _is_best(best, frow, m)))
                 for m in _metric_keys([frow]) if m not in NOT_SCORES)
         panels = []
@@ -601,7 +490,7 @@ def _grid(result, rows, feature_keys, methods, colors, best, reasons) -> tuple:
             scores = ()
             if erow is not None:
                 scores = tuple(
-                    Score(m, METRIC_SHORT.get(m, m.replace("_", " ")),
+                    Score(m, _metric_short(m),
                           _metric_cell(erow, m, reasons, _is_best(best, erow, m)))
                     for m in _metric_keys([erow]) if m not in NOT_SCORES)
             alt = (f"{column.title} of {model}/{layer}: {n} points coloured by class "
@@ -613,7 +502,7 @@ def _grid(result, rows, feature_keys, methods, colors, best, reasons) -> tuple:
     return tuple(grid)
 
 
-def _seeds_note(result: RunResult) -> str:
+def _seeds_note(result: Result) -> str:
     per_key: dict = {}
     for emb in result.embeddings:
         per_key.setdefault(emb.key, []).append(emb.seed)
@@ -628,7 +517,7 @@ def _seeds_note(result: RunResult) -> str:
 def _summary_methods(rows: list[dict], methods: tuple) -> tuple:
     out = []
     if any(r.get("method") == "features" for r in rows):
-        out.append(MethodColumn("features", METHOD_TITLES["features"], ()))
+        out.append(MethodColumn(FEATURES, _method_title(FEATURES), ()))
     return tuple(out) + tuple(methods)
 
 
@@ -647,7 +536,7 @@ def _best_rows(rows: list[dict], metrics: tuple, best: Mapping, summary_methods:
                               if _finite(r.get(metric)) == top)
             cells.append(BestCell(names, _fmt(top), f"best of {len(group)} feature sets"))
         if any(c is not None for c in cells):
-            out.append(BestRow(metric, METRIC_TITLES.get(metric, metric.replace("_", " ")),
+            out.append(BestRow(metric, _metric_title(metric),
                                tuple(cells)))
     return tuple(out)
 
@@ -676,10 +565,10 @@ def _check_row(check) -> CheckRow:
 def _score_table(rows: list[dict], metrics: tuple, best: Mapping, reasons) -> Table:
     columns = [Column("model", "model", False), Column("layer", "layer", False),
                Column("method", "method", False)]
-    columns += [Column(m, METRIC_TITLES.get(m, m.replace("_", " ")),
+    columns += [Column(m, _metric_title(m),
                        any(_finite(r.get(m)) is not None for r in rows)
                        or not any(isinstance(r.get(m), str) for r in rows),
-                       "lower is better" if m in LOWER_IS_BETTER else "higher is better")
+                       "lower is better" if _lower_is_better(m) else "higher is better")
                 for m in metrics]
     table_rows = []
     for row in rows:
@@ -700,10 +589,10 @@ def _heat_cell(value: Any, vmin: float = 0.0, vmax: float = 1.0) -> Cell:
 
 
 def _cka_table(cka: Any) -> Table | None:
-    if not cka or not cka.get("keys"):
+    if cka is None or not cka.keys:
         return None
-    keys = [str(k) for k in cka["keys"]]
-    matrix = cka.get("matrix") or []
+    keys = [str(k) for k in cka.keys]
+    matrix = cka.matrix or []
     columns = (Column("", "", False),) + tuple(Column(k, k, True) for k in keys)
     rows = []
     for i, key in enumerate(keys):
@@ -747,10 +636,10 @@ def _stability_table(stability: Any) -> Table | None:
         table.setdefault(feature_set, {})[method] = _finite(value)
         if method not in methods:
             methods.append(method)
-    methods = [m for m in METHOD_ORDER if m in methods] + [m for m in methods
-                                                          if m not in METHOD_ORDER]
+    order = _method_order()
+    methods = [m for m in order if m in methods] + [m for m in methods if m not in order]
     columns = (Column("feature set", "feature set", False),) + tuple(
-        Column(m, METHOD_TITLES.get(m, m), True, "Procrustes disparity; lower is more stable")
+        Column(m, _method_title(m), True, "Procrustes disparity; lower is more stable")
         for m in methods)
     rows = []
     for feature_set, per_method in table.items():
@@ -767,33 +656,23 @@ def _stability_table(stability: Any) -> Table | None:
     return Table(columns, tuple(rows), "Procrustes disparity across seeds (lower is more stable)")
 
 
-def _n_neighbors(extras: Mapping, config: Mapping) -> Any:
-    if extras.get("n_neighbors") is not None:
-        return extras["n_neighbors"]
+def _n_neighbors(result: Result, config: Mapping) -> Any:
+    if result.n_neighbors is not None:
+        return result.n_neighbors
     metrics = config.get("metrics") if isinstance(config, Mapping) else None
     return metrics.get("n_neighbors") if isinstance(metrics, Mapping) else None
 
 
-def _metric_notes(metrics: tuple, k: Any) -> tuple:
+def _metric_notes(metrics: tuple, k: Any, knn_k: Any = None) -> tuple:
+    """(title, explanation) of each score shown, from its registry entry."""
     kk = f"k = {k}" if k is not None else "k"
-    notes = {
-        "trustworthiness": (f"Are the {kk} nearest neighbours of a point in the picture also "
-                            "near it in the feature space? 1 = no false neighbours "
-                            "(Venna & Kaski); penalises points pulled together by the embedding."),
-        "continuity": (f"The reverse: are the {kk} nearest neighbours in the feature space kept "
-                       "near in the picture? 1 = no neighbours torn apart."),
-        "silhouette": ("Mean silhouette of the classes with euclidean distance, from -1 to 1: "
-                       "how much closer a point is to its own class than to the nearest other "
-                       "class. Computed in the picture for embeddings, in the feature space "
-                       "for raw features."),
-        "knn_accuracy": (f"Leave-one-out kNN accuracy: each point is classified by a majority "
-                         f"vote of its {kk} nearest neighbours in that space (itself "
-                         "excluded)."),
-        "weighted_knn_accuracy": ("Weighted kNN accuracy on raw features (DINO protocol): "
-                                  "L2-normalised features, cosine similarity, neighbour votes "
-                                  "weighted by exp(similarity / 0.07)."),
-    }
-    return tuple((METRIC_TITLES.get(m, m), notes[m]) for m in metrics if m in notes)
+    knn = f"k = {knn_k}" if knn_k is not None else kk
+    out = []
+    for m in metrics:
+        if m in _metrics() and _metrics().get(m).description:
+            text = _metrics().get(m).description.replace("{knn_k}", knn).replace("{k}", kk)
+            out.append((_metric_title(m), text))
+    return tuple(out)
 
 
 def _provenance_items(provenance: Mapping) -> tuple:

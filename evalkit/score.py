@@ -630,3 +630,60 @@ def _graph_or_exact(P, graph, k, dev, block_size, name) -> KNNGraph:
     if graph is None:
         return knn_graph(P, n_neighbors=k, method="exact", device=dev, block_size=block_size)
     return _check_graph(graph, P.shape[0], k, name)
+
+
+# =========================================================================== the registry
+# Each score is defined once, here: the scoring loop (evalkit.scoring), config validation, the
+# check vocabulary and the report's tables and notes all read these entries. ``compute``
+# receives an evalkit.scoring.Space: one space (the raw features or one embedding) of one
+# feature set, with its exact neighbour graphs and the settings of ``metrics:``.
+
+from evalkit.registry import METRICS, Metric  # noqa: E402  (the functions above need no registry)
+
+_BOTH = frozenset({"features", "embedding"})
+
+
+def _silhouette_of(space):
+    sample = space.settings.silhouette_max_samples
+    n = space.n_samples
+    if sample and n > sample:
+        space.note(f"silhouette: computed on a seeded stratified sample of {sample:,} of {n:,} points "
+                   f"(metrics.silhouette_max_samples); every other score uses all points")
+    else:
+        sample = None
+    if space.n_classes >= n:
+        return None
+    return silhouette(space.coords, space.labels, device=space.device, sample_size=sample)
+
+
+METRICS.register(Metric(
+    "trustworthiness", "trustworthiness", "trust.", frozenset({"embedding"}),
+    lambda space: space.neighbourhood("trustworthiness"), params=("n_neighbors",),
+    description=("Are the {k} nearest neighbours of a point in the picture also near it in the feature "
+                 "space? 1 = no false neighbours (Venna & Kaski); penalises points pulled together by "
+                 "the embedding.")))
+METRICS.register(Metric(
+    "continuity", "continuity", "contin.", frozenset({"embedding"}),
+    lambda space: space.neighbourhood("continuity"), params=("n_neighbors",),
+    description=("The reverse: are the {k} nearest neighbours in the feature space kept near in the "
+                 "picture? 1 = no neighbours torn apart.")))
+METRICS.register(Metric(
+    "silhouette", "silhouette", "silhouette", _BOTH, _silhouette_of, needs_classes=True,
+    params=("silhouette_max_samples",),
+    description=("Mean silhouette of the classes with euclidean distance, from -1 to 1: how much closer "
+                 "a point is to its own class than to the nearest other class. Computed in the picture "
+                 "for embeddings, in the feature space for raw features.")))
+METRICS.register(Metric(
+    "knn_accuracy", "kNN accuracy", "kNN acc.", _BOTH,
+    lambda space: knn_accuracy(space.coords, space.labels, n_neighbors=space.knn_k,
+                               graph=space.graph(space.knn_k)),
+    needs_classes=True, params=("knn_k",),
+    description=("Leave-one-out kNN accuracy: each point is classified by a majority vote of its {knn_k} "
+                 "nearest neighbours in that space (itself excluded).")))
+METRICS.register(Metric(
+    "weighted_knn_accuracy", "weighted kNN accuracy", "w-kNN acc.", frozenset({"features"}),
+    lambda space: weighted_knn_accuracy(space.coords, space.labels,
+                                        n_neighbors=min(space.settings.weighted_knn_k, space.n_samples - 1)),
+    needs_classes=True, params=("weighted_knn_k",),
+    description=("Weighted kNN accuracy on raw features (DINO protocol): L2-normalised features, cosine "
+                 "similarity, neighbour votes weighted by exp(similarity / 0.07).")))

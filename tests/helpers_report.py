@@ -1,4 +1,4 @@
-"""A realistic fake RunResult for the report tests: random data, no torch, no embedders."""
+"""A realistic fake Result for the report tests: random data, no torch, no embedders."""
 from __future__ import annotations
 
 import math
@@ -6,7 +6,7 @@ import zlib
 
 import numpy as np
 
-from evalkit.results import CheckResult, Embedding, FeatureSet, RunResult
+from evalkit.results import CKA, CheckResult, Embedding, FeatureSet, Result
 
 LAYERS = ("features", "head")
 DEFAULT_CHECKS = "default"
@@ -21,8 +21,8 @@ _METHOD_PARAMS = {
 def make_result(n: int = 300, n_classes: int = 4, models=("a", "b"),
                 methods=("tsne", "umap", "pca"), seeds=(0,), label_names=None,
                 checks=DEFAULT_CHECKS, layers=LAYERS, extras: bool = True,
-                name: str = "fake-run") -> RunResult:
-    """A RunResult of ``n`` samples, ``len(models) * len(layers)`` feature sets.
+                name: str = "fake-run") -> Result:
+    """A Result of ``n`` samples, ``len(models) * len(layers)`` feature sets.
 
     Coordinates are Gaussian blobs per class whose separation grows with the model's and the
     layer's position, so scores and pictures differ between feature sets. Everything is seeded:
@@ -104,7 +104,7 @@ def make_result(n: int = 300, n_classes: int = 4, models=("a", "b"),
         result_extras = {
             "method_params": {m: dict(_METHOD_PARAMS.get(m, {})) for m in methods},
             "undefined_reasons": {"silhouette": "needs at least 2 classes with 2+ samples each"},
-            "cka": {"keys": keys, "matrix": cka.tolist()},
+            "cka": CKA(tuple(keys), tuple(map(tuple, cka.tolist()))),
             "per_class_knn": {
                 key: [round(float(v), 4) for v in np.clip(
                     0.6 + 0.07 * i + rng.normal(scale=0.08, size=n_classes), 0, 1)]
@@ -112,8 +112,8 @@ def make_result(n: int = 300, n_classes: int = 4, models=("a", "b"),
             "stability": ({f"{key}/{m}": round(float(rng.uniform(0.01, 0.2)), 4)
                            for key in keys for m in methods if m != "pca"}
                           if len(seeds) > 1 else {}),
-            "notes": [f"stratified subsample of {n} from {10 * n} samples (seed 0)",
-                      "features L2-normalised before kNN"],
+            "notes": (f"stratified subsample of {n} from {10 * n} samples (seed 0)",
+                      "features L2-normalised before kNN"),
             "n_neighbors": 10,
         }
 
@@ -135,7 +135,7 @@ def make_result(n: int = 300, n_classes: int = 4, models=("a", "b"),
                    + f"embed:\n  methods: [{', '.join(methods)}]\n"
                    + f"  seeds: [{', '.join(map(str, seeds))}]\n"
                    "metrics:\n  n_neighbors: 10\n")
-    return RunResult(name=name, labels=labels, label_names=label_names, indices=indices,
-                     feature_sets=tuple(feature_sets), embeddings=tuple(embeddings),
-                     rows=tuple(rows), checks=checks, provenance=provenance,
-                     config_yaml=config_yaml, extras=result_extras)
+    return Result(name=name, labels=labels, label_names=label_names, indices=indices,
+                  feature_sets=tuple(feature_sets), embeddings=tuple(embeddings),
+                  rows=tuple(rows), checks=checks, provenance=provenance,
+                  config_yaml=config_yaml, **result_extras)

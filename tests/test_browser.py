@@ -9,7 +9,7 @@ import os
 import pytest
 
 from browser_util import Browser, find_chromium, screenshot
-from evalkit import report
+from evalkit import runfolder
 from helpers_report import make_result
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(180)]
@@ -29,7 +29,7 @@ ROWS = "Array.from(document.querySelector('table.scores').tBodies[0].rows)"
 def run_dir(tmp_path_factory):
     result = make_result(n=300, n_classes=4, models=(HOSTILE_MODEL, "b"), seeds=(0, 1),
                          label_names=(HOSTILE_CLASS, "cat", "dog", "a & b"))
-    return report.write_run(tmp_path_factory.mktemp("browser") / "run", result)
+    return runfolder.write_run(tmp_path_factory.mktemp("browser") / "run", result)
 
 
 @pytest.fixture(scope="module")

@@ -184,15 +184,17 @@ def test_too_few_samples_and_non_finite_features():
 
 def test_pipeline_shares_one_graph_with_tsne_and_umap():
     from evalkit.config import Config
-    from evalkit.pipeline import score_feature_set
     from evalkit.results import FeatureSet
+    from evalkit.scoring import score_feature_set
 
     cfg = Config.model_validate({
         "name": "t", "data": {"kind": "digits"}, "models": [{"name": "m", "features": "x.npz"}],
         "embed": {"methods": ["tsne", "umap", "pca"], "tsne": {"n_iter": 300}, "umap": {"n_epochs": 50},
                   "pca_dims": 8},
     })
-    feature_row, rows, embs, _, params, _ = score_feature_set(FeatureSet("m", "l", X), Y, cfg)
+    out = score_feature_set(FeatureSet("m", "l", X), Y, embed=cfg.embed, settings=cfg.metrics)
+    feature_row, rows, params = out.rows[0], out.rows[1:], out.method_params
+    assert feature_row["method"] == "features"
     assert params["tsne"]["neighbors"] == "shared kNN graph (exact)"
     assert params["tsne"]["n_neighbors"] == 90  # 3 x perplexity 30
     assert params["umap"]["neighbors"] == "shared kNN graph (exact)"

@@ -106,7 +106,7 @@ def test_a_later_run_removes_what_a_killed_run_left(tmp_path, monkeypatch, capsy
     assert "earlier run" not in (out / "index.html").read_text()
 
     # killed between moving the earlier run aside and moving the new one in: the earlier run is put back
-    from evalkit.pipeline import clean_stale_siblings
+    from evalkit.runfolder import clean_stale_siblings
 
     out.rename(tmp_path / ".run.old-0badc0de")
     clean_stale_siblings(out, older_than=time.time() + 1)
@@ -115,8 +115,8 @@ def test_a_later_run_removes_what_a_killed_run_left(tmp_path, monkeypatch, capsy
 
 @pytest.mark.parametrize("when", ["while scoring", "while writing"])
 def test_ctrl_c_in_process_exits_130_and_keeps_the_earlier_run(when, tmp_path, monkeypatch, capsys):
-    import evalkit.pipeline
-    import evalkit.report
+    import evalkit.runfolder
+    import evalkit.scoring
 
     monkeypatch.chdir(tmp_path)
     X, y = blobs()
@@ -133,10 +133,10 @@ def test_ctrl_c_in_process_exits_130_and_keeps_the_earlier_run(when, tmp_path, m
         raise KeyboardInterrupt
 
     if when == "while scoring":
-        monkeypatch.setattr(evalkit.pipeline, "score_feature_set", interrupt)
+        monkeypatch.setattr(evalkit.scoring, "score_feature_set", interrupt)
     else:
-        real_write = evalkit.report._write_file
-        monkeypatch.setattr(evalkit.report, "_write_file", interrupt)
+        real_write = evalkit.runfolder._write_file
+        monkeypatch.setattr(evalkit.runfolder, "_write_file", interrupt)
     code, _, err = run_cli(["report", cfg, "--out", out], capsys)
     assert code == 130 and calls
     assert err.strip().splitlines() == ["evalkit: interrupted; nothing was written (an earlier run folder is left as it was)"]

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from evalkit import plots, report
+from evalkit import plots, report, runfolder
 from evalkit.errors import EvalkitError
 from helpers_report import make_result
 
@@ -51,7 +51,7 @@ def _tree(folder: Path) -> dict:
 
 
 def test_write_run_writes_the_four_files(tmp_path, result):
-    out = report.write_run(tmp_path / "run", result)
+    out = runfolder.write_run(tmp_path / "run", result)
     assert out == (tmp_path / "run").absolute()
     assert sorted(p.name for p in out.iterdir()) == [
         "config.yaml", "embeddings.npz", "index.html", "metrics.json"]
@@ -60,7 +60,7 @@ def test_write_run_writes_the_four_files(tmp_path, result):
 
 
 def test_metrics_json_is_strict_and_nan_becomes_null(tmp_path, result):
-    out = report.write_run(tmp_path / "run", result)
+    out = runfolder.write_run(tmp_path / "run", result)
     text = (out / "metrics.json").read_text(encoding="utf-8")
     assert "NaN" not in text and "Infinity" not in text
     data = _strict_json(text)
@@ -72,11 +72,11 @@ def test_metrics_json_is_strict_and_nan_becomes_null(tmp_path, result):
     assert data["checks"][2]["value"] is None
     assert set(data["checks"][0]) == set(result.checks[0].as_dict())
     assert data["provenance"]["seeds"] == [0, 1]
-    assert data["extras"]["cka"]["keys"] == result.extras["cka"]["keys"]
+    assert data["extras"]["cka"]["keys"] == list(result.cka.keys)
 
 
 def test_embeddings_npz_keys_shapes_dtypes(tmp_path, result):
-    out = report.write_run(tmp_path / "run", result)
+    out = runfolder.write_run(tmp_path / "run", result)
     with np.load(out / "embeddings.npz", allow_pickle=False) as npz:
         keys = set(npz.files)
         n = len(result.labels)
@@ -93,7 +93,7 @@ def test_embeddings_npz_keys_shapes_dtypes(tmp_path, result):
 
 
 def test_json_sanitiser_handles_numpy_and_non_finite():
-    payload = report._jsonable({"a": np.float32(0.5), "b": np.int64(3),
+    payload = runfolder._jsonable({"a": np.float32(0.5), "b": np.int64(3),
                                 "c": np.array([1.0, np.nan]), "d": (float("inf"), -float("inf")),
                                 "e": Path("x"), 1: np.bool_(True)})
     assert payload == {"a": 0.5, "b": 3, "c": [1.0, None], "d": [None, None], "e": "x", "1": True}
@@ -104,7 +104,7 @@ def test_json_sanitiser_handles_numpy_and_non_finite():
                     lambda inner: st.lists(inner, max_size=4)
                     | st.dictionaries(st.text(max_size=5), inner, max_size=4), max_leaves=20))
 def test_json_sanitiser_always_gives_strict_json(value):
-    text = json.dumps(report._jsonable(value), allow_nan=False)
+    text = json.dumps(runfolder._jsonable(value), allow_nan=False)
     _strict_json(text)
 
 
@@ -113,9 +113,9 @@ def test_json_sanitiser_always_gives_strict_json(value):
 
 def test_rewrite_replaces_the_folder(tmp_path, result):
     out = tmp_path / "run"
-    report.write_run(out, result)
+    runfolder.write_run(out, result)
     (out / "stale.txt").write_text("from an older run")
-    report.write_run(out, result)
+    runfolder.write_run(out, result)
     assert not (out / "stale.txt").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
@@ -128,7 +128,7 @@ def test_failure_mid_write_keeps_the_previous_folder(tmp_path, result, monkeypat
     (out / "sub" / "data.bin").write_bytes(bytes(range(256)))
     before = _tree(out)
 
-    real_write = report._write_file
+    real_write = runfolder._write_file
     calls = []
 
     def failing_write(path, data):
@@ -137,9 +137,9 @@ def test_failure_mid_write_keeps_the_previous_folder(tmp_path, result, monkeypat
             raise OSError(28, "No space left on device")
         real_write(path, data)
 
-    monkeypatch.setattr(report, "_write_file", failing_write)
+    monkeypatch.setattr(runfolder, "_write_file", failing_write)
     with pytest.raises(OSError, match="No space left"):
-        report.write_run(out, result)
+        runfolder.write_run(out, result)
     assert len(calls) == 2
     assert _tree(out) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
@@ -159,9 +159,9 @@ def test_failure_during_the_swap_puts_the_previous_folder_back(tmp_path, result,
             raise OSError(5, "Input/output error")
         real_rename(src, dst)
 
-    monkeypatch.setattr(report.os, "rename", failing_rename)
+    monkeypatch.setattr(runfolder.os, "rename", failing_rename)
     with pytest.raises(OSError, match="Input/output"):
-        report.write_run(out, result)
+        runfolder.write_run(out, result)
     monkeypatch.undo()
     assert calls[0][0] == "run" and calls[1][1] == "run"
     assert _tree(out) == before
@@ -174,7 +174,7 @@ def test_failure_while_rendering_leaves_nothing(tmp_path, result, monkeypatch):
 
     monkeypatch.setattr(report, "render_html", broken)
     with pytest.raises(RuntimeError):
-        report.write_run(tmp_path / "run", result)
+        runfolder.write_run(tmp_path / "run", result)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -182,14 +182,14 @@ def test_out_dir_that_is_a_file_is_a_user_error(tmp_path, result):
     target = tmp_path / "run"
     target.write_text("not a folder")
     with pytest.raises(EvalkitError, match=r"run.*not a folder"):
-        report.write_run(target, result)
+        runfolder.write_run(target, result)
     assert target.read_text() == "not a folder"
 
 
 def test_parent_that_is_a_file_is_a_user_error(tmp_path, result):
     (tmp_path / "parent").write_text("x")
     with pytest.raises(EvalkitError, match="parent"):
-        report.write_run(tmp_path / "parent" / "run", result)
+        runfolder.write_run(tmp_path / "parent" / "run", result)
 
 
 @pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0,
@@ -200,7 +200,7 @@ def test_unwritable_parent_is_a_user_error(tmp_path, result):
     parent.chmod(0o500)
     try:
         with pytest.raises(EvalkitError, match="ro"):
-            report.write_run(parent / "run", result)
+            runfolder.write_run(parent / "run", result)
     finally:
         parent.chmod(0o700)
 
@@ -215,12 +215,12 @@ def test_permission_denied_in_parent_is_a_user_error(tmp_path, result, monkeypat
 
     monkeypatch.setattr(Path, "mkdir", denied)
     with pytest.raises(EvalkitError, match=r"cannot write in .*Permission denied"):
-        report.write_run(tmp_path / "run", result)
+        runfolder.write_run(tmp_path / "run", result)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_missing_parents_are_created(tmp_path, result):
-    out = report.write_run(tmp_path / "a" / "b" / "run", result)
+    out = runfolder.write_run(tmp_path / "a" / "b" / "run", result)
     assert (out / "index.html").exists()
 
 

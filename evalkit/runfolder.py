@@ -1,0 +1,262 @@
+"""The run folder: out-dir guards, the atomic swap, and the files a run writes.
+
+A run folder holds ``index.html``, ``metrics.json``, ``embeddings.npz`` and ``config.yaml``.
+:func:`check_out_dir` refuses, before any work, a folder that cannot become one (a file, a
+folder of other things, the working folder); :func:`write_run` renders everything in memory,
+writes it into a hidden sibling folder and swaps that into place, so an interrupted or
+failing run never leaves a half-written report and never touches the previous one.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import secrets
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from evalkit.errors import EvalkitError
+
+__all__ = ["check_out_dir", "default_out_dir", "clean_stale_siblings", "write_run", "metrics_payload",
+           "embedding_arrays", "RUN_FILES"]
+
+
+RUN_FILES = ("index.html", "metrics.json")  # every run folder has both
+
+
+def default_out_dir(config) -> Path:
+    """``reports/out/NAME``; a name that is not a plain folder name needs ``--out``."""
+    name = config.name
+    if name in (".", "..") or any(c in name for c in "/\\\0") or name.startswith("."):
+        raise EvalkitError(f"name: {name!r} cannot name a folder under reports/out; pass --out DIR "
+                           f"or use a name without '/', '\\' or a leading '.'")
+    return Path("reports/out") / name
+
+
+def check_out_dir(out_dir, *, overwrite: bool = True) -> Path:
+    """Fail before any work when ``out_dir`` cannot become the run folder.
+
+    It must be a folder or not exist yet, under a writable folder, and an existing folder must
+    be an earlier run folder: the run replaces it as a whole, so any other folder (``--out .``,
+    a data folder) is refused rather than deleted. ``overwrite=False`` refuses an earlier run
+    folder too.
+    """
+    import tempfile
+
+    out = Path(out_dir).expanduser().absolute()
+    if out.exists() and not out.is_dir():
+        raise EvalkitError(f"--out {out_dir}: is a file; expected a run folder (or a path that does not exist yet)")
+    existing = next((p for p in (out, *out.parents) if p.exists()), None)
+    blocker = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise EvalkitError(f"--out {out_dir}: {blocker} is a file; expected a folder there")
+    if out.is_dir():
+        cwd = Path.cwd().absolute()
+        if out == cwd or out in cwd.parents:
+            raise EvalkitError(f"--out {out_dir}: is the working folder or holds it; the run replaces its "
+                               f"folder as a whole, so expected a folder of its own (e.g. reports/out/NAME)")
+        entries = [e.name for e in out.iterdir()]
+        if entries and not overwrite:
+            raise EvalkitError(f"--out {out_dir}: exists; expected a new folder (or pass overwrite=True to replace "
+                               f"an earlier run folder)")
+        if entries and not all(f in entries for f in RUN_FILES):
+            raise EvalkitError(f"--out {out_dir}: exists and is not an evalkit run folder (no index.html and "
+                               f"metrics.json); the run replaces its folder as a whole, so expected a new or "
+                               f"earlier run folder")
+    probe_in = out.parent if out.parent.exists() else existing
+    try:
+        Path(tempfile.mkdtemp(prefix=f".{out.name}.probe-", dir=probe_in)).rmdir()
+    except OSError as exc:
+        raise EvalkitError(f"--out {out_dir}: cannot write in {probe_in} ({exc.strerror or exc}); expected a "
+                           f"writable folder") from None
+    return out
+
+
+def clean_stale_siblings(out_dir, *, older_than: float) -> list:
+    """Remove ``.NAME.tmp-*`` folders a killed run left beside the run folder.
+
+    Only folders last modified before ``older_than`` (this process's start) go, so a run that
+    is writing right now is left alone. A ``.NAME.old-*`` folder is an earlier run moved aside
+    for the swap: it is put back when the run folder itself is missing, else removed.
+    """
+    import glob
+    import shutil
+
+    out = Path(out_dir).expanduser().absolute()
+    if not out.parent.is_dir():
+        return []
+    removed = []
+    for kind in ("old", "tmp"):
+        for path in sorted(out.parent.glob(f".{glob.escape(out.name)}.{kind}-*")):
+            try:
+                if not path.is_dir() or path.is_symlink() or path.stat().st_mtime >= older_than:
+                    continue
+                if kind == "old" and not out.exists():
+                    path.rename(out)
+                    continue
+                shutil.rmtree(path)
+                removed.append(path)
+            except OSError:
+                continue  # another run got there first, or no permission: not this run's business
+    return removed
+
+
+_PROCESS_START = time.time()
+
+
+def write_run(out_dir, result) -> Path:
+    """Write the run folder ``out_dir`` atomically and return its path.
+
+    Everything is written into a hidden sibling folder first, which then replaces ``out_dir``
+    (an existing folder is moved aside and deleted only after the swap). If anything fails, the
+    previous folder stays exactly as it was and no temporary folder is left behind.
+
+    Raises
+    ------
+    EvalkitError
+        If ``out_dir`` exists and is not a folder, or its parent cannot be created or written.
+    """
+    out = Path(out_dir).expanduser().absolute()
+    if out.exists() and not out.is_dir():
+        raise EvalkitError(f"run folder {out}: exists and is not a folder; expected a folder "
+                           "(or a path that does not exist yet)")
+    parent = out.parent
+    blocker = next((p for p in (parent, *parent.parents) if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise EvalkitError(f"run folder {out}: {blocker} is a file; expected a folder there")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise EvalkitError(f"cannot create the folder {parent} for the run folder {out.name}: "
+                           f"{exc.strerror or exc}") from None
+
+    # Render everything before touching the disk: a failing render leaves nothing behind.
+    from evalkit.report import render_html
+
+    files = {
+        "index.html": render_html(result).encode("utf-8"),
+        "metrics.json": (json.dumps(metrics_payload(result), indent=2, allow_nan=False)
+                         + "\n").encode("utf-8"),
+        "embeddings.npz": _npz_bytes(embedding_arrays(result)),
+        "config.yaml": str(result.config_yaml).encode("utf-8"),
+    }
+
+    tmp = _make_sibling(parent, f".{out.name}.tmp-")
+    old: Path | None = None
+    swapped = False
+    try:
+        for name, data in files.items():
+            _write_file(tmp / name, data)
+        if out.exists():
+            old = parent / f".{out.name}.old-{secrets.token_hex(4)}"
+            os.rename(out, old)
+        os.rename(tmp, out)
+        swapped = True
+    finally:
+        if not swapped:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if old is not None and not out.exists():
+                os.rename(old, out)  # put the previous run back
+                old = None
+        if old is not None:
+            if old.is_symlink():  # out_dir was a link to a folder: drop the link, not its target
+                old.unlink()
+            else:
+                shutil.rmtree(old, ignore_errors=True)
+    return out
+
+
+def metrics_payload(result) -> dict:
+    """The content of ``metrics.json``: strict-JSON-ready (NaN and infinities become None)."""
+    return {
+        "rows": [_jsonable(dict(r)) for r in result.rows],
+        "checks": [_jsonable(c.as_dict()) for c in result.checks],
+        "provenance": _jsonable(dict(result.provenance)),
+        "extras": _jsonable(extras(result)),
+    }
+
+
+def extras(result) -> dict:
+    """The report material beside the rows, as metrics.json's ``extras`` holds it."""
+    cka = result.cka
+    return {
+        "per_class_knn": dict(result.per_class_knn),
+        "cka": {"keys": list(cka.keys), "matrix": [list(r) for r in cka.matrix]} if cka is not None else None,
+        "method_params": dict(result.method_params),
+        "stability": dict(result.stability),
+        "notes": list(result.notes),
+        "undefined_reasons": dict(result.undefined_reasons),
+        "n_neighbors": result.n_neighbors,
+        "knn_k": result.knn_k,
+    }
+
+
+def embedding_arrays(result) -> dict[str, np.ndarray]:
+    """The arrays of ``embeddings.npz``.
+
+    ``MODEL/LAYER/METHOD`` -> float32 (n_samples, 2) for the first seed of each embedding,
+    ``MODEL/LAYER/METHOD@seedS`` for the others, plus ``labels``, ``indices`` (int64) and
+    ``label_names`` (unicode strings).
+    """
+    arrays: dict[str, np.ndarray] = {}
+    for emb in result.embeddings:
+        key = emb.key if emb.key not in arrays else f"{emb.key}@seed{emb.seed}"
+        arrays[key] = np.asarray(emb.coords, dtype=np.float32)
+    arrays["labels"] = np.asarray(result.labels, dtype=np.int64)
+    arrays["indices"] = np.asarray(result.indices, dtype=np.int64)
+    arrays["label_names"] = np.array([str(n) for n in result.label_names], dtype=str)
+    return arrays
+
+
+def _make_sibling(parent: Path, prefix: str) -> Path:
+    for _ in range(100):
+        path = parent / f"{prefix}{secrets.token_hex(4)}"
+        try:
+            path.mkdir()  # default mode, so the final folder gets the usual permissions
+            return path
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise EvalkitError(f"cannot write in {parent}: {exc.strerror or exc}; expected a "
+                               "writable folder for the run") from None
+    raise EvalkitError(f"cannot create a temporary folder in {parent}")
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    with open(path, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def _jsonable(value: Any) -> Any:
+    """Plain JSON types; NaN and infinities become None, numpy values become Python ones."""
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _jsonable(value.tolist())
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        value = float(value)
+        return value if math.isfinite(value) else None
+    if value is None or isinstance(value, str):
+        return value
+    return str(value)
+
+

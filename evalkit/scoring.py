@@ -1,0 +1,295 @@
+"""Embed and score one feature set: every registered method x seed, every registered score.
+
+:func:`score_feature_set` is the loop the API and ``evalkit report`` share. It computes one
+k-nearest-neighbour graph of the raw features (shared by t-SNE, UMAP and the scores), runs each
+method of :data:`evalkit.registry.METHODS` for each seed, then asks each score of
+:data:`evalkit.registry.METRICS` for its value in each space it applies to. A score sees a
+:class:`Space`: the coordinates, the labels, exact neighbour graphs of that space (computed once
+and cached), and :meth:`Space.neighbourhood`, which runs the one blocked pass over the raw
+features that gives trustworthiness and continuity of every embedding and seed at once.
+"""
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from evalkit.registry import FEATURES, metrics, methods
+from evalkit.results import Embedding, FeatureSet, ScoreRow
+
+
+@dataclass(frozen=True)
+class FeatureSetScores:
+    """What :func:`score_feature_set` returns for one feature set."""
+
+    rows: tuple  # of ScoreRow: the raw features first, then one per method
+    embeddings: tuple  # of Embedding, every method x seed
+    per_class_knn: tuple  # kNN accuracy of each class on the raw features (None where undefined)
+    method_params: dict  # method -> the hyperparameters it used
+    stability: dict  # "model/layer/method" -> mean Procrustes disparity across seeds
+    notes: tuple
+    undefined_reasons: dict  # score -> why it is undefined for these data
+
+
+class _Shared:
+    """What the spaces of one feature set share: the raw features, their graph, the embeddings,
+    and results computed once for all of them."""
+
+    def __init__(self, X, labels, settings, device, graph, embeddings: dict):
+        self.X, self.labels, self.settings, self.device = X, labels, settings, device
+        self.graph = graph
+        self.embeddings = embeddings  # "method/seed" -> coords
+        self.n_classes = int(np.unique(labels).size)
+        self.cache: dict = {}
+        self.notes: list = []
+
+    def once(self, key, compute: Callable[[], Any]):
+        if key not in self.cache:
+            self.cache[key] = compute()
+        return self.cache[key]
+
+
+@dataclass
+class Space:
+    """One space a score is computed in: the raw features (``method == "features"``) or one
+    embedding (one method, one seed) of one feature set.
+
+    Attributes
+    ----------
+    method : str
+    seed : int or None
+    coords : ndarray of shape (n_samples, n_dims)
+        The space itself: the raw features, or the 2-D embedding.
+    """
+
+    method: str
+    seed: Optional[int]
+    coords: np.ndarray
+    _shared: _Shared = field(repr=False)
+
+    @property
+    def features(self) -> np.ndarray:
+        """The raw features (n_samples, n_features) of this feature set."""
+        return self._shared.X
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self._shared.labels
+
+    @property
+    def n_samples(self) -> int:
+        return int(self.coords.shape[0])
+
+    @property
+    def n_classes(self) -> int:
+        return self._shared.n_classes
+
+    @property
+    def settings(self):
+        """The ``metrics:`` settings (:class:`evalkit.config.MetricsConfig`)."""
+        return self._shared.settings
+
+    @property
+    def device(self):
+        return self._shared.device
+
+    @property
+    def k(self) -> int:
+        """``metrics.n_neighbors``: the k of the neighbourhood scores."""
+        return int(self.settings.n_neighbors)
+
+    @property
+    def knn_k(self) -> int:
+        """``metrics.knn_k`` (``n_neighbors`` when unset): the k of kNN accuracy."""
+        return int(self.settings.knn_k or self.settings.n_neighbors)
+
+    @property
+    def key(self) -> str:
+        return FEATURES if self.method == FEATURES else f"{self.method}/{self.seed}"
+
+    def note(self, text: str) -> None:
+        """A note for the report (shown once however many spaces add it)."""
+        if text not in self._shared.notes:
+            self._shared.notes.append(text)
+
+    def once(self, key, compute: Callable[[], Any]):
+        """``compute()`` once per feature set, shared by every space and score."""
+        return self._shared.once(key, compute)
+
+    def graph(self, n_neighbors: int):
+        """Neighbours of every sample in this space (self excluded, nearest first).
+
+        For the raw features this is the feature set's shared graph (approximate above
+        :data:`evalkit.neighbors.EXACT_MAX_SAMPLES` on CPU, like the graph t-SNE and UMAP use);
+        in an embedding it is exact, computed once.
+        """
+        from evalkit.neighbors import knn_graph
+
+        shared = self._shared
+        if self.method == FEATURES and shared.graph.n_neighbors >= n_neighbors:
+            return shared.graph.head(n_neighbors)
+        graph = shared.cache.get(("graph", self.key))
+        if graph is None or graph.n_neighbors < n_neighbors:
+            graph = knn_graph(self.coords, n_neighbors=n_neighbors, method="exact", device=self.device)
+            shared.cache[("graph", self.key)] = graph
+        return graph.head(n_neighbors)
+
+    def neighbourhood(self, name: str) -> float:
+        """``trustworthiness`` or ``continuity`` of this embedding, from the one pass over the
+        raw features' distances that serves every embedding and seed of the feature set."""
+        from evalkit.score import neighbourhood_scores
+
+        shared = self._shared
+        graph = shared.graph
+
+        def one_pass():
+            exact = graph if graph.exact and graph.n_neighbors >= self.k else None
+            return neighbourhood_scores(shared.X, shared.embeddings, n_neighbors=self.k, graph_X=exact,
+                                        device=self.device)
+
+        return shared.once("neighbourhood", one_pass)[self.key][name]
+
+
+def score_feature_set(fs: FeatureSet, labels, *, embed, settings, device=None, log=None) -> FeatureSetScores:
+    """Embed one feature set with every method and seed of ``embed`` and score every space.
+
+    Parameters
+    ----------
+    fs : FeatureSet
+        Features of shape (n_samples, n_features).
+    labels : ndarray of shape (n_samples,), int64
+    embed : evalkit.config.EmbedConfig
+        Methods, seeds, ``pca_dims`` and each method's settings (already fitted to the data size).
+    settings : evalkit.config.MetricsConfig
+    device : torch.device, optional
+        Where neighbour graphs and scores are computed.
+    log : callable, optional
+        Receives one line per finished method.
+    """
+    from evalkit.embed import create_embedder, reduce_dims
+    from evalkit.neighbors import knn_graph
+    from evalkit.score import per_class_knn_accuracy
+
+    X = fs.features
+    n = X.shape[0]
+    k = settings.n_neighbors
+    knn_k = settings.knn_k or k
+    specs = [methods().get(name) for name in embed.methods]
+    embedders = {spec.name: create_embedder(spec.name, embed) for spec in specs}
+    # One graph of the raw features serves the scores, t-SNE (3 x perplexity neighbours) and UMAP
+    # (n_neighbors - 1 besides the point itself): neither searches its own.
+    graph_k = min(n - 1, max(k, knn_k, settings.weighted_knn_k, *(e.graph_neighbors(n) for e in embedders.values())))
+    graph = knn_graph(X, n_neighbors=graph_k, device=device)
+    notes: list = []
+    Xr = _embedding_input(fs, embed.pca_dims, notes, reduce_dims)
+    constant = bool(n and np.ptp(X, axis=0).max() == 0)
+    if constant:
+        notes.append(f"{fs.key}: all {n} samples have identical features, so every embedding places them at one "
+                     f"point (t-SNE and UMAP are not defined for such data)")
+
+    embeddings, coords, method_params = [], {}, {}
+    for spec in specs:
+        embedder = embedders[spec.name]
+        params = dict(embedder.params(n, graph))
+        if spec.input == "reduced" and X.shape[1] > embed.pca_dims:
+            params["input"] = f"neighbours of the raw features, start from PCA to {embed.pca_dims} dims"
+        method_params[spec.name] = params
+        first = None
+        t_method = time.perf_counter()
+        for seed in embed.seeds:
+            t0 = time.perf_counter()
+            if constant:
+                Z = np.zeros((n, 2), dtype=np.float32)
+            elif first is not None and not spec.seeded:
+                Z = first  # the same answer for every seed
+            else:
+                Z = embedder.fit_transform(X if spec.input == "raw" else Xr, random_state=seed, graph=graph)
+            first = Z if first is None else first
+            embeddings.append(Embedding(fs.model, fs.layer, spec.name, seed, Z, params, time.perf_counter() - t0))
+            coords[f"{spec.name}/{seed}"] = Z
+        if log:
+            log(f"    {fs.key}: {spec.title} in {time.perf_counter() - t_method:.1f} s")
+
+    shared = _Shared(X, labels, settings, device, graph, coords)
+    undefined: dict = {}
+    feature_space = Space(FEATURES, None, X, shared)
+    rows = [_row(fs, FEATURES, [feature_space], undefined, info={"n_features": int(X.shape[1])})]
+    stability = {}
+    for spec in specs:
+        spaces = [Space(spec.name, seed, coords[f"{spec.name}/{seed}"], shared) for seed in embed.seeds]
+        rows.append(_row(fs, spec.name, spaces, undefined))
+        if len(spaces) > 1:
+            stability[f"{fs.key}/{spec.name}"] = procrustes_disparity([s.coords for s in spaces])
+    per_class = per_class_knn_accuracy(X, labels, n_neighbors=knn_k, graph=feature_space.graph(knn_k), device=device)
+    return FeatureSetScores(
+        rows=tuple(rows), embeddings=tuple(embeddings),
+        per_class_knn=tuple(None if not np.isfinite(v) else float(v) for v in per_class),
+        method_params=method_params, stability=stability, notes=tuple(notes + shared.notes),
+        undefined_reasons=undefined)
+
+
+def _row(fs: FeatureSet, method: str, spaces: list, undefined: dict, info=None) -> ScoreRow:
+    """Every score that applies to ``method``, averaged over the seeds' spaces."""
+    scores, stds = {}, {}
+    first = spaces[0]
+    for metric in metrics():
+        if not metric.applies_to(method):
+            continue
+        if metric.needs_classes and first.n_classes < 2:
+            undefined.setdefault(metric.name, "not defined for a single class")
+            values = [None]
+        else:
+            values = [metric.compute(space) for space in spaces]
+        mean, std = _mean_std(values)
+        scores[metric.name] = mean
+        if len(spaces) > 1:
+            stds[metric.name] = std
+    return ScoreRow(fs.model, fs.layer, method, scores, stds, dict(info or {}))
+
+
+def _embedding_input(fs: FeatureSet, pca_dims: int, notes: list, reduce_dims) -> np.ndarray:
+    """The input of the "reduced" methods: PCA to ``pca_dims``, at unit scale, at least 2 columns.
+
+    t-SNE and UMAP take their neighbours from the graph of the raw features (the space the
+    neighbourhood scores judge them in); the reduced features only give t-SNE its PCA start and
+    UMAP the centroids of disconnected components.
+    """
+    Xr = reduce_dims(fs.features, pca_dims)
+    if Xr.shape[1] == 1:
+        # t-SNE and UMAP initialise from two principal components; a zero second column changes
+        # no distance, so the embedding is that of the single feature.
+        Xr = np.hstack([Xr, np.zeros_like(Xr)])
+    scale = float(np.sqrt(np.mean(np.square(Xr - Xr.mean(axis=0), dtype=np.float64))))
+    if scale > 0 and not 1e-4 <= scale <= 1e4:
+        # Neither t-SNE nor UMAP depends on the scale of the data; their numerics do (openTSNE's
+        # PCA start divides by a std of ~0). The graph's distances are rescaled in evalkit.embed.
+        Xr = ((Xr - Xr.mean(axis=0)) / scale).astype(np.float32)
+        notes.append(f"{fs.key}: features of scale {scale:.3g} are rescaled to unit scale before t-SNE and "
+                     f"UMAP (neither depends on the scale; their numerics do)")
+    return Xr
+
+
+def _mean_std(values):
+    vals = [float(v) for v in values if v is not None and np.isfinite(v)]
+    if not vals:
+        return None, None
+    return float(np.mean(vals)), (float(np.std(vals)) if len(vals) > 1 else None)
+
+
+def procrustes_disparity(coords) -> float | None:
+    """Mean Procrustes disparity over pairs of seeds (0 = identical up to rotation, scale, shift)."""
+    from scipy.spatial import procrustes
+
+    pairs = list(itertools.combinations(coords, 2))
+    if not pairs:
+        return None
+    out = []
+    for a, b in pairs:
+        try:
+            out.append(procrustes(a.astype(np.float64), b.astype(np.float64))[2])
+        except ValueError:  # a degenerate (constant) embedding
+            out.append(float("nan"))
+    return float(np.nanmean(out)) if np.isfinite(out).any() else None
