@@ -346,22 +346,26 @@ def _progress(total: int):
 
 
 def _precomputed(mcfg, dataset) -> list:
-    """A ``features: FILE`` model entry: one row per sample of the full split, in its order."""
+    """A ``features: FILE`` model entry: one row per sample of the full split, in its order.
+
+    When the dataset came from the features files themselves, ``dataset.rows`` are the rows.
+    """
     from evalkit.data import encode_labels, read_feature_file
 
     feats, labels, _ = read_feature_file(mcfg.features)
-    n_total = dataset.n_total or (int(dataset.indices.max()) + 1 if len(dataset) else 0)
+    rows = dataset.rows if dataset.rows is not None else dataset.indices
+    n_total = dataset.n_total or (int(rows.max()) + 1 if len(dataset) else 0)
     if feats.shape[0] != n_total:
         raise EvalkitError(f"{mcfg.features}: {feats.shape[0]} feature rows for a dataset of {n_total} samples; "
                            f"expected one row per sample, in the dataset's order")
     if labels is not None:
-        codes = encode_labels(labels)[0][dataset.indices]
+        codes = encode_labels(labels)[0][rows]
         pairs = {(int(a), int(b)) for a, b in zip(codes, dataset.labels)}
         if len(pairs) != len({a for a, _ in pairs}) or len(pairs) != len({b for _, b in pairs}):
             raise EvalkitError(f"{mcfg.features}: its 'labels' disagree with the dataset's; rows must follow the "
                                f"dataset's sample order")
     layer = mcfg.layers[0] if mcfg.layers != (PENULTIMATE,) else "features"
-    return [FeatureSet(mcfg.name, layer, np.ascontiguousarray(feats[dataset.indices]))]
+    return [FeatureSet(mcfg.name, layer, np.ascontiguousarray(feats[rows]))]
 
 
 def extract_model(mcfg, dataset, ecfg, *, use_cache: bool = True, log=None, notes: Optional[list] = None) -> list:

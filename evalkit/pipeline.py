@@ -378,7 +378,7 @@ def score_feature_set(fs, labels, config, *, device=None, notes=None, undefined=
 def run_report(config, out_dir, *, use_cache: bool = True, log=_progress, argv=None) -> RunResult:
     """Run every stage and write the run folder atomically; returns the :class:`RunResult`."""
     from evalkit.check import evaluate_checks
-    from evalkit.data import load_dataset
+    from evalkit.data import resolve_dataset
     from evalkit.extract import extract_model, resolve_device
     from evalkit.report import write_run
     from evalkit.score import linear_cka
@@ -388,9 +388,9 @@ def run_report(config, out_dir, *, use_cache: bool = True, log=_progress, argv=N
     out_dir = check_out_dir(out_dir)
     clean_stale_siblings(out_dir, older_than=_PROCESS_START)
     try:
-        dataset = load_dataset(config.data)
+        dataset = resolve_dataset(config)
     except OSError as exc:  # an unreadable file: a user's problem, named by the OS
-        where = exc.filename or config.data.path
+        where = exc.filename or (config.data.path if config.data is not None else None)
         raise EvalkitError(f"data.path: {where}: cannot read ({exc.strerror or exc})") from exc
     labels = dataset.labels
     n_classes = int(np.unique(labels).size)
@@ -442,7 +442,7 @@ def run_report(config, out_dir, *, use_cache: bool = True, log=_progress, argv=N
         "platform": platform.platform(),
         "command": " ".join(argv) if argv else "evalkit report",
         "seeds": list(config.embed.seeds),
-        "data_seed": config.data.seed,
+        "data_seed": config.data.seed if config.data is not None else None,
         "dataset": dataset.name,
         "n_samples": len(dataset),
         "n_classes": n_classes,
