@@ -239,7 +239,7 @@ def _is_glob(pattern: str) -> bool:
 
 class Config(_Strict):
     name: str = Field("evalkit-run", min_length=1)
-    data: DataConfig = DataConfig()
+    data: Optional[DataConfig] = Field(None, description="required unless every model reads a 'features' file")
     models: tuple[ModelConfig, ...] = Field(min_length=1)
     extract: ExtractConfig = ExtractConfig()
     embed: EmbedConfig = EmbedConfig()
@@ -257,6 +257,17 @@ class Config(_Strict):
             if "/" in n:
                 raise ValueError(f"model name {n!r} may not contain '/'")
         return v
+
+    @model_validator(mode="after")
+    def _data_unless_features_only(self):
+        """Only a config whose models all read ``features`` files takes its samples from them."""
+        # memory: sources record models that lived in a Python process (evalkit.evaluate's config.yaml)
+        extracting = next((m for m in self.models if m.source and not m.source.startswith("memory:")), None)
+        if self.data is None and extracting is not None:
+            raise LocatedError("data", f"required when a model has a 'source' (model {extracting.name!r} extracts "
+                                       f"features from it); only a config whose models all read 'features' files "
+                                       f"may leave it out")
+        return self
 
     @model_validator(mode="after")
     def _checks_select_rows(self):

@@ -35,6 +35,10 @@ class Dataset:
         Identifies the data source (kind, path, split, file sizes and times) for the feature cache.
     n_total : int
         Samples in the full split, before ``max_samples``.
+    rows : ndarray of shape (n_samples,), int64, or None
+        For samples read from the ``features:`` files themselves (no ``data:`` section): each
+        sample's row in those files, while ``indices`` are the files' sample ids. None: the
+        files hold one row per sample of the full split, so ``indices`` are the rows.
     """
 
     name: str
@@ -45,6 +49,7 @@ class Dataset:
     features: Optional[np.ndarray] = None
     fingerprint: str = ""
     n_total: int = 0
+    rows: Optional[np.ndarray] = None
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -347,11 +352,14 @@ def _load_torchvision(cfg) -> Dataset:
 # --- feature files --------------------------------------------------------------------------
 
 
-def read_feature_file(path: str | Path, *, labels_path: Optional[str] = None):
+def read_feature_file(path: str | Path, *, labels_path: Optional[str] = None, with_ids: bool = False):
     """Read ``(features, labels, label_names)`` from ``.npz``, ``.npy`` (+ labels) or ``.safetensors``.
 
-    ``.npz`` holds ``features`` (N, D), ``labels`` (N,) and optionally ``label_names``.
+    ``.npz`` holds ``features`` (N, D), ``labels`` (N,) and optionally ``label_names`` and
+    the sample ids: ``ids`` (N,) or ``indices`` (N,). With ``with_ids`` the ids (or None)
+    come fourth: ``(features, labels, label_names, ids)``.
     """
+    ids = None
     path = Path(path)
     if not path.is_file():
         raise EvalkitError(f"{path}: feature file not found")
@@ -365,6 +373,8 @@ def read_feature_file(path: str | Path, *, labels_path: Optional[str] = None):
                 feats = z["features"]
                 labels = z["labels"] if "labels" in z.files else None
                 names = [str(n) for n in z["label_names"]] if "label_names" in z.files else None
+                id_key = next((k for k in ID_KEYS if k in z.files), None)
+                ids = z[id_key] if with_ids and id_key else None
         elif suffix == ".npy":
             feats = np.load(path, allow_pickle=False)
             labels, names = None, None
@@ -375,6 +385,7 @@ def read_feature_file(path: str | Path, *, labels_path: Optional[str] = None):
             if "features" not in tensors:
                 raise EvalkitError(f"{path}: needs a tensor 'features'; it has {', '.join(tensors)}")
             feats, labels, names = tensors["features"], tensors.get("labels"), None
+            ids = next((tensors[k] for k in ID_KEYS if k in tensors), None) if with_ids else None
         else:
             raise EvalkitError(f"{path}: unknown feature file type {suffix!r}; expected .npz, .npy or .safetensors")
     except EvalkitError:
@@ -400,7 +411,30 @@ def read_feature_file(path: str | Path, *, labels_path: Optional[str] = None):
             raise EvalkitError(f"{path}: labels must be 1-D (n_samples,); got shape {labels.shape}")
         if labels.shape[0] != feats.shape[0]:
             raise EvalkitError(f"{path}: {labels.shape[0]} labels for {feats.shape[0]} feature rows; expected one label per row")
-    return feats, labels, names
+    if not with_ids:
+        return feats, labels, names
+    if ids is not None:
+        ids = _check_ids(np.asarray(ids), feats.shape[0], path)
+    return feats, labels, names, ids
+
+
+ID_KEYS = ("ids", "indices")  # where a features file keeps its sample ids, first found wins
+
+
+def _check_ids(ids: np.ndarray, n_rows: int, path) -> np.ndarray:
+    """One unique id (a number or a string) per feature row."""
+    if ids.ndim != 1 or ids.shape[0] != n_rows:
+        raise EvalkitError(f"{path}: ids must be 1-D with one id per feature row ({n_rows}); got shape {ids.shape}")
+    uniq, counts = np.unique(ids, return_counts=True)
+    if (counts > 1).any():
+        k = int(np.argmax(counts > 1))
+        rows = np.flatnonzero(ids == uniq[k])[:2]
+        raise EvalkitError(f"{path}: ids must be unique; id {_show_value(uniq[k])} is on rows {rows[0]} and {rows[1]}")
+    return ids
+
+
+def _show_value(v) -> str:
+    return repr(v.item() if isinstance(v, np.generic) else v)
 
 
 def read_labels_file(path: str | Path) -> np.ndarray:
@@ -450,3 +484,110 @@ def _load_features_dataset(cfg) -> Dataset:
     st = Path(cfg.path).stat()
     return _select(Path(cfg.path).name, codes, names, cfg, features=feats,
                    fingerprint=f"features|{Path(cfg.path).resolve()}|{st.st_size}|{st.st_mtime_ns}")
+
+
+# --- samples from the features files themselves (no data: section) ---------------------------
+
+
+def resolve_dataset(config) -> Dataset:
+    """The dataset of a run: ``config.data``, or, without one, the models' ``features`` files."""
+    if config.data is not None:
+        return load_dataset(config.data)
+    return dataset_from_feature_files(config.models)
+
+
+class _FeatureFile:
+    """What one ``features:`` file says about the samples: labels (as text per row), ids."""
+
+    def __init__(self, path: str):
+        self.path = path
+        feats, labels, names, self.ids = read_feature_file(path, with_ids=True)
+        self.n = feats.shape[0]
+        self.labels, self.names = labels, names
+        self.named = labels is not None and (names is not None or not np.issubdtype(labels.dtype, np.integer))
+
+    def label_text(self) -> np.ndarray:
+        codes, names = encode_labels(self.labels, self.names, source=self.path)
+        return np.asarray(names, dtype=object)[codes]
+
+
+def _first_difference(a: np.ndarray, b: np.ndarray) -> Optional[int]:
+    differ = np.flatnonzero(a != b)
+    return int(differ[0]) if differ.size else None
+
+
+def _disagree(a: _FeatureFile, b: _FeatureFile, what: str) -> EvalkitError:
+    return EvalkitError(f"features files {a.path} and {b.path} disagree: {what}; without a 'data:' section every "
+                        f"features file must hold the same samples in the same order")
+
+
+def _same_labels(a: _FeatureFile, b: _FeatureFile) -> None:
+    """Labels agree row by row: as numbers when a side has no names for them, else by name."""
+    if not (a.named and b.named) and np.issubdtype(a.labels.dtype, np.number) \
+            and np.issubdtype(b.labels.dtype, np.number):
+        left, right = a.labels, b.labels
+    else:
+        left, right = a.label_text(), b.label_text()
+    row = _first_difference(np.asarray(left, dtype=object), np.asarray(right, dtype=object))
+    if row is not None:
+        raise _disagree(a, b, f"row {row}: label {_show_value(left[row])} vs {_show_value(right[row])}")
+
+
+def dataset_from_feature_files(model_cfgs) -> Dataset:
+    """The samples of a config without a ``data:`` section, read from its ``features:`` files.
+
+    Labels, label names and sample ids (the files' ``ids``, else ``indices``, else row
+    numbers) come from the files, which must agree: the same number of rows, the same label
+    on every row (compared by name where the files name them) and the same ids. A file
+    without labels or ids takes the others'.
+
+    Parameters
+    ----------
+    model_cfgs : sequence of evalkit.config.ModelConfig
+        Every entry must read a ``features`` file.
+
+    Returns
+    -------
+    Dataset
+        Every row of the files (no subsampling); ``rows`` are the row numbers, ``indices``
+        the integer sample ids (row numbers when the ids are strings); ``load_image`` None.
+    """
+    paths = [m.features for m in model_cfgs]
+    extracting = next((m for m in model_cfgs if not m.features), None)
+    if extracting is not None or not paths:
+        what = f"model {extracting.name!r} extracts features" if extracting is not None else "no model reads features"
+        raise EvalkitError(f"data: required ({what}); only a config whose models all read 'features' files may "
+                           f"leave it out")
+    files = [_FeatureFile(p) for p in dict.fromkeys(paths)]
+    first = files[0]
+    for other in files[1:]:
+        if other.n != first.n:
+            raise _disagree(first, other, f"{first.n} rows vs {other.n} rows")
+    labelled = [f for f in files if f.labels is not None]
+    if not labelled:
+        raise EvalkitError(f"{first.path}: no 'labels' array; without a 'data:' section the labels come from the "
+                           f"features files: add 'labels' (N,) to one of them (or give the config a 'data:' section)")
+    for other in labelled[1:]:
+        _same_labels(labelled[0], other)
+    with_ids = [f for f in files if f.ids is not None]
+    for other in with_ids[1:]:
+        a, b = with_ids[0].ids, other.ids
+        row = _first_difference(a.astype(str) if a.dtype != b.dtype else a, b.astype(str) if a.dtype != b.dtype else b)
+        if row is not None:
+            raise _disagree(with_ids[0], other, f"row {row}: id {_show_value(a[row])} vs {_show_value(b[row])}")
+    if first.n == 0:
+        raise EvalkitError(f"{first.path}: no samples (0 feature rows)")
+    ref = next((f for f in labelled if f.named), labelled[0])  # the one that names the classes, if any
+    codes, names = encode_labels(ref.labels, ref.names, source=ref.path)
+    ids = with_ids[0].ids if with_ids else None
+    rows = np.arange(first.n, dtype=np.int64)
+    indices = ids.astype(np.int64) if ids is not None and np.issubdtype(ids.dtype, np.integer) else rows
+    stats = [Path(f.path).stat() for f in files]
+    shown = [Path(f.path).name for f in files]
+    return Dataset(
+        name=" + ".join(shown) if len(shown) <= 3 else f"{shown[0]} + {len(shown) - 1} more features files",
+        labels=codes, label_names=tuple(names), indices=indices, load_image=None,
+        fingerprint="feature-files|" + "|".join(f"{Path(f.path).resolve()}|{st.st_size}|{st.st_mtime_ns}"
+                                                for f, st in zip(files, stats)),
+        n_total=first.n, rows=rows,
+    )

@@ -24,6 +24,7 @@ from evalkit.results import FeatureSet
 
 PENULTIMATE = "penultimate"
 PROGRESS_MIN_IMAGES = 2000  # below this a progress bar is noise
+_NOTES_KEY = "__notes__"  # a cache file's notes about its model (never a layer name: those come from a module)
 
 
 # --- device ---------------------------------------------------------------------------------
@@ -386,25 +387,29 @@ def _labels_array(y) -> np.ndarray:
 
 
 def _precomputed(mcfg, dataset) -> list:
-    """A ``features: FILE`` model entry: one row per sample of the full split, in its order."""
+    """A ``features: FILE`` model entry: one row per sample of the full split, in its order.
+
+    When the dataset came from the features files themselves, ``dataset.rows`` are the rows.
+    """
     from evalkit.data import encode_labels, read_feature_file
 
     feats, labels, _ = read_feature_file(mcfg.features)
-    n_total = dataset.n_total or (int(dataset.indices.max()) + 1 if len(dataset) else 0)
+    rows = dataset.rows if dataset.rows is not None else dataset.indices
+    n_total = dataset.n_total or (int(rows.max()) + 1 if len(dataset) else 0)
     if feats.shape[0] != n_total:
         raise EvalkitError(f"{mcfg.features}: {feats.shape[0]} feature rows for a dataset of {n_total} samples; "
                            f"expected one row per sample, in the dataset's order")
     if labels is not None:
-        codes = encode_labels(labels)[0][dataset.indices]
+        codes = encode_labels(labels)[0][rows]
         pairs = {(int(a), int(b)) for a, b in zip(codes, dataset.labels)}
         if len(pairs) != len({a for a, _ in pairs}) or len(pairs) != len({b for _, b in pairs}):
             raise EvalkitError(f"{mcfg.features}: its 'labels' disagree with the dataset's; rows must follow the "
                                f"dataset's sample order")
     layer = mcfg.layers[0] if mcfg.layers != (PENULTIMATE,) else "features"
-    return [FeatureSet(mcfg.name, layer, np.ascontiguousarray(feats[dataset.indices]))]
+    return [FeatureSet(mcfg.name, layer, np.ascontiguousarray(feats[rows]))]
 
 
-def extract_model(mcfg, dataset, ecfg, *, use_cache: bool = True, log=None) -> list:
+def extract_model(mcfg, dataset, ecfg, *, use_cache: bool = True, log=None, notes: Optional[list] = None) -> list:
     """Features of every requested layer of one model entry.
 
     Parameters
@@ -415,7 +420,10 @@ def extract_model(mcfg, dataset, ecfg, *, use_cache: bool = True, log=None) -> l
     use_cache : bool
         ``False`` (``--no-cache``) recomputes even when cached, then refreshes the cache.
     log : callable, optional
-        Receives one-line progress notes.
+        Receives one-line progress notes, and the notes below.
+    notes : list, optional
+        Receives one-line notes for the run's report (a classifier width taken from the
+        checkpoint); they come back with cached features too.
 
     Returns
     -------
@@ -443,14 +451,32 @@ def extract_model(mcfg, dataset, ecfg, *, use_cache: bool = True, log=None) -> l
         digest += f"|strict={mcfg.strict}|unsafe_pickle={mcfg.unsafe_pickle}"
     key = cache_key(mcfg, dataset, spec, digest, bf16=ecfg.bf16)
     cache_path = Path(ecfg.cache_dir) / f"{mcfg.name}-{key}.npz"
+    found: list = []  # notes about this model, kept with its cached features
+
+    def note(text: str) -> None:
+        found.append(text)
+        if notes is not None:
+            notes.append(text)
+        if log:
+            log(f"  note: {text}")
+
     if use_cache and ecfg.cache:
         hit = cache_read(cache_path)
+        cached_notes = hit.pop(_NOTES_KEY, None) if hit is not None else None
         if hit is not None and set(hit) == set(mcfg.layers) and all(a.shape[0] == len(dataset) for a in hit.values()):
             if log:
                 log(f"  {mcfg.name}: features from cache ({cache_path.name})")
+            for text in [] if cached_notes is None else cached_notes.reshape(-1).tolist():
+                note(str(text))
             return [FeatureSet(mcfg.name, layer, hit[layer]) for layer in mcfg.layers]
     if mcfg.checkpoint:
-        report = load_checkpoint(model, mcfg.checkpoint, unsafe_pickle=mcfg.unsafe_pickle, strict=mcfg.strict)
+        report = load_checkpoint(model, mcfg.checkpoint, unsafe_pickle=mcfg.unsafe_pickle, strict=mcfg.strict,
+                                 source=mcfg.source, kwargs=mcfg.kwargs, name=mcfg.name)
+        if report["model"] is not model:  # built again with the checkpoint's classifier width
+            model = report["model"]
+            layer_map = resolve_layers(model, mcfg.layers, source=mcfg.source)
+        for text in report["notes"]:
+            note(text)
         skipped = len(report["missing"]) + len(report["unexpected"]) + len(report["mismatched"])
         if skipped and log:
             log(f"  {mcfg.name}: loaded {report['loaded']} tensors from {mcfg.checkpoint}; skipped {skipped} "
@@ -468,7 +494,7 @@ def extract_model(mcfg, dataset, ecfg, *, use_cache: bool = True, log=None) -> l
         log(f"  {mcfg.name}: {len(dataset)} images on {device} at {rate:,.0f} img/s")
     if ecfg.cache:
         try:
-            cache_write(cache_path, feats)
+            cache_write(cache_path, {**feats, _NOTES_KEY: np.array(found, dtype=str)} if found else feats)
         except OSError as exc:  # a full disk or read-only cache folder costs a recompute, nothing more
             if log:
                 log(f"  {mcfg.name}: cannot write the feature cache {cache_path} ({exc})")

@@ -259,8 +259,90 @@ def _strip_prefixes(state: dict, expected: set) -> dict:
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
-def load_checkpoint(model, path: str | Path, *, unsafe_pickle: bool = False, strict: bool = True) -> dict:
+def _differs_in_width_only(a, b) -> bool:
+    """Shapes ``a`` (checkpoint) and ``b`` (model) that differ in dim 0 (the output width) only."""
+    return len(a) == len(b) >= 1 and a[0] != b[0] and tuple(a[1:]) == tuple(b[1:])
+
+
+def classifier_width_mismatch(model, state: dict) -> tuple | None:
+    """``(head, checkpoint width, model width)`` when the final classifier's output width is all
+    that keeps ``state`` from fitting ``model``'s shapes; else None.
+
+    ``head`` is :func:`evalkit.extract.classifier_name`; its ``weight`` must differ in dim 0
+    only, and its ``bias`` (if any) in the same way; no other key may be mis-shaped.
+    """
+    from evalkit.extract import classifier_name
+
+    own = model.state_dict()
+    mismatched = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    head = classifier_name(model) if mismatched else None
+    if head is None:
+        return None
+    weight, bias = f"{head}.weight", f"{head}.bias"
+    if weight not in mismatched or not set(mismatched) <= {weight, bias}:
+        return None
+    if bias in own and bias in state and bias not in mismatched:
+        return None  # a weight of another width with a bias of the model's width: not a width change
+    if not all(_differs_in_width_only(tuple(state[k].shape), tuple(own[k].shape)) for k in mismatched):
+        return None
+    widths = {int(state[k].shape[0]) for k in mismatched}
+    if len(widths) != 1:
+        return None
+    return head, widths.pop(), int(own[weight].shape[0])
+
+
+def with_classifier_width(model, head: str, width: int, *, source: str | None = None, kwargs: dict | None = None):
+    """``model`` with ``width`` outputs in its final classifier ``head``.
+
+    timm and torchvision models are built again by their factory with ``num_classes=width``
+    (both take it, and some size more than the last Linear from it); any other model gets its
+    final ``Linear`` replaced in place by one of the same input width.
+    """
+    import torch
+
+    prefix = (source or "").partition(":")[0]
+    if prefix in ("timm", "torchvision"):
+        return create_model(source, kwargs={**(kwargs or {}), "num_classes": width})
+    parent_name, _, attr = head.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    old = getattr(parent, attr)
+    if not isinstance(old, torch.nn.Linear):
+        raise EvalkitError(f"the classifier {head!r} is a {type(old).__name__}, not a Linear; build the model "
+                           f"with the checkpoint's {width} classes (kwargs: {{num_classes: {width}}})")
+    new = torch.nn.Linear(old.in_features, width, bias=old.bias is not None,
+                          device=old.weight.device, dtype=old.weight.dtype)
+    setattr(parent, attr, new)
+    return model
+
+
+def _takes_num_classes(source: str) -> bool:
+    """Whether the factory of ``source`` accepts ``num_classes`` (timm, torchvision and demo models do)."""
+    prefix, _, name = source.partition(":")
+    if prefix != "python":
+        return True
+    module_name, _, attr = name.partition(":")
+    try:
+        params = inspect.signature(getattr(importlib.import_module(module_name), attr)).parameters
+    except Exception:  # the model was built from it, so this is only a builtin without a signature
+        return False
+    return "num_classes" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def _flow(kwargs: dict) -> str:
+    """``kwargs`` as a one-line YAML mapping, the way a config spells it."""
+    import yaml
+
+    return yaml.safe_dump(dict(kwargs), default_flow_style=True, sort_keys=False, width=10**6).strip()
+
+
+def load_checkpoint(model, path: str | Path, *, unsafe_pickle: bool = False, strict: bool = True,
+                    source: str | None = None, kwargs: dict | None = None, name: str | None = None) -> dict:
     """Load weights into ``model``; missing, unexpected or mis-shaped keys are named with shapes.
+
+    A checkpoint whose only difference is the final classifier's output width (a model
+    fine-tuned on 3 classes, built with the source's default 1000) loads: the classifier gets
+    the checkpoint's width (see :func:`with_classifier_width`) and a note says so, unless
+    ``kwargs`` sets ``num_classes`` explicitly to another width, which is an error.
 
     Parameters
     ----------
@@ -271,15 +353,36 @@ def load_checkpoint(model, path: str | Path, *, unsafe_pickle: bool = False, str
     strict : bool
         ``True``: every key must match by name and shape. ``False``: load the keys that
         match and skip the rest (at least one must match).
+    source, kwargs : optional
+        How ``model`` was built (:func:`create_model`): a timm or torchvision model is built
+        again for a classifier of another width; the messages name the kwargs.
+    name : str, optional
+        The model entry's name, for the note.
 
     Returns
     -------
     dict
-        ``loaded`` (count), ``missing``, ``unexpected``, ``mismatched`` (lists of key names).
+        ``loaded`` (count), ``missing``, ``unexpected``, ``mismatched`` (lists of key names),
+        ``notes`` (one-line notes for the run's report), ``model`` (the module that holds the
+        weights: ``model`` itself, or a rebuilt one; use this one).
     """
     state = read_checkpoint(path, unsafe_pickle=unsafe_pickle)
+    kwargs = dict(kwargs or {})
+    state = _strip_prefixes(state, set(model.state_dict()))
+    notes: list = []
+    width = classifier_width_mismatch(model, state)
+    if width is not None and "num_classes" not in kwargs:
+        head, new, old = width
+        model = with_classifier_width(model, head, new, source=source, kwargs=kwargs)
+        who = f"model {name!r}: " if name else ""
+        if source is None:
+            why = f"the model had {old}"
+        elif _takes_num_classes(source):
+            why = f"the source builds {old} by default; set kwargs: {{num_classes: {new}}} to silence this"
+        else:
+            why = f"the source builds {old} and its factory takes no num_classes"
+        notes.append(f"{who}classifier width {new} taken from the checkpoint ({why})")
     own = model.state_dict()
-    state = _strip_prefixes(state, set(own))
     missing = [k for k in own if k not in state and not _OPTIONAL_KEYS.search(k)]
     unexpected = [k for k in state if k not in own]
     mismatched = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
@@ -298,11 +401,27 @@ def load_checkpoint(model, path: str | Path, *, unsafe_pickle: bool = False, str
         problems.append(f"unexpected keys: {few(unexpected)}")
     usable = {k: v for k, v in state.items() if k in own and k not in mismatched}
     if problems and (strict or not usable):
-        hint = " (set 'strict: false' on this model to load the matching keys only)" if usable else \
-            " (no key matches: is this the checkpoint of another model?)"
-        raise EvalkitError(f"checkpoint {path} does not fit the model: {'; '.join(problems)}{hint}")
+        raise EvalkitError(f"checkpoint {path} does not fit the model: {'; '.join(problems)}"
+                           f"{_fit_hint(usable, mismatched, width, kwargs)}")
     model.load_state_dict(usable, strict=False)
-    return {"loaded": len(usable), "missing": missing, "unexpected": unexpected, "mismatched": mismatched}
+    return {"loaded": len(usable), "missing": missing, "unexpected": unexpected, "mismatched": mismatched,
+            "notes": notes, "model": model}
+
+
+def _fit_hint(usable, mismatched, width, kwargs) -> str:
+    """The likely fix of a checkpoint that does not fit, most likely first."""
+    if not usable:
+        return " (no key matches: is this the checkpoint of another model?)"
+    partial = "; 'strict: false' loads only the keys that match"
+    if width is not None and "num_classes" in kwargs:
+        return (f"; likely fix: kwargs has num_classes: {kwargs['num_classes']} but the checkpoint's classifier "
+                f"has {width[1]} outputs; set num_classes: {width[1]} in kwargs (or drop it)")
+    now = f"this model sets {_flow(kwargs)}" if kwargs else "this model sets none"
+    if mismatched:
+        return (f"; likely fix: set kwargs to the ones it was trained with (e.g. in_chans, width, num_classes; "
+                f"{now}), or the source it was trained as{partial}")
+    return (f"; likely fix: the source it was trained as (another variant has other layers), or the kwargs it was "
+            f"trained with ({now}){partial}")
 
 
 # --- file digests ---------------------------------------------------------------------------

@@ -179,7 +179,7 @@ def run_report(config, out_dir, *, use_cache: bool = True, argv=None) -> Result:
 
     The folder is checked before any work and written atomically at the end.
     """
-    from evalkit.data import load_dataset
+    from evalkit.data import resolve_dataset
     from evalkit.extract import extract_model, resolve_device
     from evalkit.runfolder import _PROCESS_START, check_out_dir, clean_stale_siblings, write_run
 
@@ -187,10 +187,11 @@ def run_report(config, out_dir, *, use_cache: bool = True, argv=None) -> Result:
     out_dir = check_out_dir(out_dir)
     clean_stale_siblings(out_dir, older_than=_PROCESS_START)
     try:
-        dataset = load_dataset(config.data)
+        dataset = resolve_dataset(config)
     except OSError as exc:  # an unreadable file: a user's problem, named by the OS
-        where = exc.filename or config.data.path
-        raise EvalkitError(f"data.path: {where}: cannot read ({exc.strerror or exc})") from exc
+        where = exc.filename or (config.data.path if config.data is not None else None)
+        key = "data.path" if config.data is not None else "models[].features"
+        raise EvalkitError(f"{key}: {where}: cannot read ({exc.strerror or exc})") from exc
     n_classes = int(np.unique(dataset.labels).size)
     embed, metrics, notes = fit_sizes(config.embed, config.metrics, len(dataset),
                                       n_total=getattr(dataset, "n_total", None))
@@ -201,7 +202,7 @@ def run_report(config, out_dir, *, use_cache: bool = True, argv=None) -> Result:
     feature_sets = []
     for mcfg in config.models:
         try:
-            sets = extract_model(mcfg, dataset, config.extract, use_cache=use_cache, log=logger.info)
+            sets = extract_model(mcfg, dataset, config.extract, use_cache=use_cache, log=logger.info, notes=notes)
         except Exception as exc:
             err = _model_error(exc, mcfg)
             if err is None:
@@ -212,7 +213,8 @@ def run_report(config, out_dir, *, use_cache: bool = True, argv=None) -> Result:
         feature_sets.extend(sets)
     t_extract = time.perf_counter() - t0
     samples = Samples(dataset.labels, tuple(dataset.label_names), dataset.indices, name=dataset.name,
-                      n_total=getattr(dataset, "n_total", None), seed=config.data.seed)
+                      n_total=getattr(dataset, "n_total", None),
+                      seed=config.data.seed if config.data is not None else None)
     result = evaluate_feature_sets(
         feature_sets, samples, embed=embed, metrics=metrics, checks=config.checks, device=device,
         config_yaml=config.to_yaml(), name=config.name, notes=notes,

@@ -98,7 +98,8 @@ def _run_dir(tmp_path, rows, checks, name="run"):
     d = tmp_path / name
     d.mkdir()
     (d / "metrics.json").write_text(json.dumps({"rows": rows, "checks": [], "provenance": {}}))
-    cfg = {"name": "x", "models": [{"name": "cnn", "source": "demo:cnn", "layers": ["fc", "conv"]}], "checks": checks}
+    cfg = {"name": "x", "data": {"kind": "digits"},
+           "models": [{"name": "cnn", "source": "demo:cnn", "layers": ["fc", "conv"]}], "checks": checks}
     (d / "config.yaml").write_text(yaml.safe_dump(cfg))
     return d
 

@@ -85,7 +85,8 @@ def test_more_problems_are_counted():
 
 
 def test_globs_in_where_need_not_name_a_model():
-    cfg = parse_config({"models": [{"name": "cnn", "source": "demo:cnn", "layers": ["fc", "features"]}],
+    cfg = parse_config({"data": {"kind": "digits"},
+                        "models": [{"name": "cnn", "source": "demo:cnn", "layers": ["fc", "features"]}],
                         "checks": [{"metric": "knn_accuracy", "gte": 0.5, "where": {"model": "c*", "layer": "f*"}},
                                    {"metric": "trustworthiness", "gte": 0.5, "where": {"layer": "fc", "method": "t*"}}]})
     assert len(cfg.checks) == 2
@@ -93,10 +94,26 @@ def test_globs_in_where_need_not_name_a_model():
 
 
 def test_resolved_config_loads_again(tmp_path):
-    raw = {"name": "x", "models": [{"name": "cnn", "source": "demo:cnn", "layers": ["fc"], "kwargs": {"width": 4}}],
+    raw = {"name": "x", "data": {"kind": "digits", "max_samples": 50},
+           "models": [{"name": "cnn", "source": "demo:cnn", "layers": ["fc"], "kwargs": {"width": 4}}],
            "embed": {"methods": ["pca", "tsne"], "tsne": {"learning_rate": 200}},
            "checks": [{"metric": "knn_accuracy", "gte": 0.9, "where": {"model": "cnn", "method": "features"}}]}
     cfg = parse_config(raw)
+    (tmp_path / "c.yaml").write_text(cfg.to_yaml())
+    assert load_config(tmp_path / "c.yaml") == cfg
+
+
+def test_data_is_required_unless_every_model_reads_features():
+    message = _error({"models": [dict(F), {"name": "cnn", "source": "demo:cnn"}]})
+    assert message == ("x.yaml: data: required when a model has a 'source' (model 'cnn' extracts features from it); "
+                       "only a config whose models all read 'features' files may leave it out")
+    assert _error({"data": None, "models": [{"name": "cnn", "source": "demo:cnn"}]}).startswith("x.yaml: data: required")
+    assert parse_config({"models": [dict(F)]}).data is None
+    assert parse_config({"data": None, "models": [dict(F)]}).data is None
+
+
+def test_a_features_only_config_round_trips(tmp_path):
+    cfg = parse_config({"name": "x", "models": [dict(F), {"name": "n", "features": "g.npz"}]})
     (tmp_path / "c.yaml").write_text(cfg.to_yaml())
     assert load_config(tmp_path / "c.yaml") == cfg
 

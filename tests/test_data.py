@@ -10,7 +10,9 @@ from hypothesis import strategies as st
 
 from conftest import write_image_folder, write_mnist
 from evalkit.config import DataConfig
-from evalkit.data import load_dataset, read_feature_file, stratified_subsample
+from evalkit.data import (
+    dataset_from_feature_files, load_dataset, read_feature_file, resolve_dataset, stratified_subsample,
+)
 from evalkit.errors import EvalkitError
 
 # --- stratified subsampling -----------------------------------------------------------------
@@ -227,3 +229,91 @@ def test_nan_labels_are_refused_with_their_rows(tmp_path):
     np.savez(tmp_path / "f.npz", features=np.random.default_rng(0).normal(size=(6, 3)), labels=labels)
     with pytest.raises(EvalkitError, match=r"2 labels are NaN or infinite \(rows 2, 5\)"):
         load_dataset(DataConfig(kind="features", path=str(tmp_path / "f.npz")))
+
+
+# --- samples from the features files themselves (no data: section) ---------------------------
+
+
+def _models(tmp_path, **files):
+    """One ``features:`` model entry per ``name=arrays`` (written as ``name.npz``)."""
+    from evalkit.config import ModelConfig
+
+    out = []
+    for name, arrays in files.items():
+        np.savez(tmp_path / f"{name}.npz", **arrays)
+        out.append(ModelConfig(name=name, features=str(tmp_path / f"{name}.npz")))
+    return out
+
+
+def test_dataset_from_feature_files_takes_labels_names_and_ids_from_the_files(tmp_path):
+    X, y = _features()
+    names = np.array(["a", "b", "c"])
+    models = _models(tmp_path, one=dict(features=X, labels=y, label_names=names, ids=np.arange(100, 112)),
+                     two=dict(features=X[:, :2], labels=names[y]),  # the same labels, spelt as names
+                     three=dict(features=X[:, :3]))  # no labels, no ids: takes the others'
+    ds = dataset_from_feature_files(models)
+    assert ds.label_names == ("a", "b", "c") and np.array_equal(ds.labels, y)
+    assert np.array_equal(ds.indices, np.arange(100, 112)) and np.array_equal(ds.rows, np.arange(12))
+    assert ds.n_total == 12 and ds.load_image is None and ds.name == "one.npz + two.npz + three.npz"
+
+
+@pytest.mark.parametrize("arrays, expected", [
+    ({"ids": np.array(["x", "y", "z", "w"]), "indices": np.arange(4)}, [0, 1, 2, 3]),  # string ids: row numbers
+    ({"indices": np.array([7, 3, 9, 1])}, [7, 3, 9, 1]),
+    ({"ids": np.array([5, 6, 7, 8]), "indices": np.arange(4)}, [5, 6, 7, 8]),  # ids win over indices
+    ({}, [0, 1, 2, 3]),
+])
+def test_sample_ids_are_ids_else_indices_else_row_numbers(tmp_path, arrays, expected):
+    ds = dataset_from_feature_files(_models(tmp_path, f=dict(features=np.zeros((4, 2)), labels=[0, 1, 0, 1], **arrays)))
+    assert ds.indices.tolist() == expected and ds.rows.tolist() == [0, 1, 2, 3]
+
+
+def test_integer_labels_with_and_without_names_agree(tmp_path):
+    X, y = _features()
+    ds = dataset_from_feature_files(_models(tmp_path, a=dict(features=X, labels=y),
+                                            b=dict(features=X, labels=y, label_names=np.array(["p", "q", "r"]))))
+    assert ds.label_names == ("p", "q", "r")
+
+
+def _disagreement(tmp_path, **files) -> str:
+    with pytest.raises(EvalkitError) as info:
+        dataset_from_feature_files(_models(tmp_path, **files))
+    msg = str(info.value)
+    assert "\n" not in msg
+    return msg
+
+
+def test_disagreeing_feature_files_name_both_files_and_the_difference(tmp_path):
+    X, y = _features()
+    names = np.array(["cat", "dog", "owl"])
+    other = y.copy()
+    other[7] = 0
+    msg = _disagreement(tmp_path, a=dict(features=X, labels=names[y]), b=dict(features=X, labels=names[other]))
+    assert msg.startswith(f"features files {tmp_path / 'a.npz'} and {tmp_path / 'b.npz'} disagree: row 7: "
+                          f"label 'dog' vs 'cat'; without a 'data:' section")
+    msg = _disagreement(tmp_path, a=dict(features=X, labels=y), b=dict(features=X[:10], labels=y[:10]))
+    assert "a.npz and " in msg and "b.npz disagree: 12 rows vs 10 rows" in msg
+    msg = _disagreement(tmp_path, a=dict(features=X, labels=y, ids=np.arange(12)),
+                        b=dict(features=X, indices=np.arange(12)[::-1]))
+    assert "a.npz and " in msg and "b.npz disagree: row 0: id 0 vs 11" in msg
+    msg = _disagreement(tmp_path, a=dict(features=X, labels=y, ids=np.arange(12) % 6))
+    assert "a.npz: ids must be unique; id 0 is on rows 0 and 6" in msg
+
+
+def test_feature_files_without_any_labels_are_refused(tmp_path):
+    X, _ = _features()
+    msg = _disagreement(tmp_path, a=dict(features=X), b=dict(features=X))
+    assert msg.startswith(f"{tmp_path / 'a.npz'}: no 'labels' array; without a 'data:' section the labels come "
+                          f"from the features files")
+
+
+def test_resolve_dataset_prefers_the_data_section(tmp_path):
+    from evalkit.config import parse_config
+
+    X, y = _features()
+    np.savez(tmp_path / "f.npz", features=X, labels=y)
+    model = {"name": "m", "features": str(tmp_path / "f.npz")}
+    with_data = parse_config({"data": {"kind": "features", "path": str(tmp_path / "f.npz"), "max_samples": 6},
+                              "models": [model]})
+    assert len(resolve_dataset(with_data)) == 6 and resolve_dataset(with_data).rows is None
+    assert len(resolve_dataset(parse_config({"models": [model]}))) == 12

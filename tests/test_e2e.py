@@ -106,3 +106,66 @@ def test_help_is_instant_and_imports_no_heavy_library():
             "print(sorted(m for m in ('torch','umap','openTSNE','matplotlib','sklearn') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+# --- a features-only config: no data: section -------------------------------------------------
+
+
+def _features_only(tmp_path, b_labels=None):
+    from helpers_cli import blobs, write_features
+
+    X, y = blobs(n_per_class=8)
+    names = np.array(["ant", "bee", "cow"])
+    np.savez(tmp_path / "a.npz", features=X, labels=y, label_names=names, ids=np.arange(50, 50 + y.size))
+    write_features(tmp_path / "b.npz", X[:, :4] * 3.0, names[y] if b_labels is None else b_labels)
+    cfg = {"name": "files", "models": [{"name": "a", "features": str(tmp_path / "a.npz")},
+                                       {"name": "b", "features": str(tmp_path / "b.npz"), "layers": ["emb"]}],
+           "embed": {"methods": ["pca"]}, "metrics": {"n_neighbors": 3}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return tmp_path / "c.yaml", X, y
+
+
+def test_a_features_only_config_needs_no_data_section(tmp_path, capsys):
+    from helpers_cli import run_cli
+
+    cfg, X, y = _features_only(tmp_path)
+    code, _, err = run_cli(["report", cfg, "--out", tmp_path / "out"], capsys)
+    assert code == 0, err
+    data = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert {(r["model"], r["layer"], r["method"]) for r in data["rows"]} == {
+        ("a", "features", "features"), ("a", "features", "pca"), ("b", "emb", "features"), ("b", "emb", "pca")}
+    assert data["provenance"]["n_samples"] == y.size and data["provenance"]["n_classes"] == 3
+    with np.load(tmp_path / "out" / "embeddings.npz") as z:
+        assert np.array_equal(z["labels"], y) and list(z["label_names"]) == ["ant", "bee", "cow"]
+        assert np.array_equal(z["indices"], np.arange(50, 50 + y.size))  # the files' sample ids
+        assert z["a/features/pca"].shape == (y.size, 2)
+    again = load_config(tmp_path / "out" / "config.yaml")  # the resolved config loads again
+    assert again.data is None and again == load_config(cfg)
+
+
+def test_disagreeing_feature_files_exit_2_naming_both(tmp_path, capsys):
+    from helpers_cli import run_cli
+
+    _, _, y = _features_only(tmp_path)
+    wrong = np.array(["ant", "bee", "cow"])[y]
+    wrong[5] = "cow"
+    cfg, _, _ = _features_only(tmp_path, b_labels=wrong)
+    code, _, err = run_cli(["report", cfg, "--out", tmp_path / "out"], capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and not (tmp_path / "out").exists()
+    assert lines[0] == (f"evalkit: error: features files {tmp_path / 'a.npz'} and {tmp_path / 'b.npz'} disagree: "
+                        f"row 5: label 'ant' vs 'cow'; without a 'data:' section every features file must hold the "
+                        f"same samples in the same order")
+
+
+def test_a_source_model_without_data_is_a_config_error(tmp_path, capsys):
+    from helpers_cli import run_cli
+
+    cfg, _, _ = _features_only(tmp_path)
+    raw = yaml.safe_load(cfg.read_text())
+    raw["models"].append({"name": "cnn", "source": "demo:cnn"})
+    cfg.write_text(yaml.safe_dump(raw, sort_keys=False))
+    code, _, err = run_cli(["report", cfg, "--out", tmp_path / "out"], capsys)
+    assert code == 2 and err.strip() == (
+        f"evalkit: error: {cfg}: data: required when a model has a 'source' (model 'cnn' extracts features from "
+        f"it); only a config whose models all read 'features' files may leave it out")

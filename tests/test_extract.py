@@ -356,6 +356,34 @@ def test_cache_hit_skips_the_model_and_a_change_recomputes(image_folder, tmp_pat
     assert len(count_runs) == len(changes) + 3
 
 
+@pytest.mark.parametrize("source, kwargs, layers, default", [
+    ("timm:resnet18", {}, ("layer4", "penultimate", "fc"), 1000),
+    ("torchvision:mobilenet_v3_small", {}, ("penultimate", "classifier.3"), 1000),
+    (USER, {"width": 4}, ("penultimate", "classifier"), 4),
+])
+def test_a_checkpoint_with_another_classifier_width_loads_with_a_note(image_folder, tmp_path, count_runs, source,
+                                                                      kwargs, layers, default):
+    torch.save(create_model(source, kwargs={**kwargs, "num_classes": 3}, seed=7).state_dict(), tmp_path / "w.pt")
+    ds = _dataset(image_folder)
+    cfg = ModelConfig(name="m", source=source, kwargs=kwargs, checkpoint=str(tmp_path / "w.pt"), layers=layers,
+                      preprocess=PreprocessConfig(resize=32, crop=32, channels=3))
+    explicit = cfg.model_copy(update={"kwargs": {**kwargs, "num_classes": 3}})
+    want = extract_model(explicit, ds, _ecfg(tmp_path, cache=False))
+    notes, logged = [], []
+    got = extract_model(cfg, ds, _ecfg(tmp_path), notes=notes, log=logged.append)
+    note = (f"model 'm': classifier width 3 taken from the checkpoint (the source builds {default} by default; "
+            f"set kwargs: {{num_classes: 3}} to silence this)")
+    assert notes == [note] and f"  note: {note}" in logged
+    assert [fs.layer for fs in got] == list(layers)
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(a.features, b.features)
+    again_notes = []
+    again = extract_model(cfg, ds, _ecfg(tmp_path), notes=again_notes)  # from the cache: the note comes back
+    assert len(count_runs) == 2 and again_notes == [note]
+    for a, b in zip(again, want):
+        np.testing.assert_array_equal(a.features, b.features)
+
+
 def test_rewritten_checkpoint_recomputes(image_folder, tmp_path, count_runs):
     ds = _dataset(image_folder)
     cfg = _checkpointed_user_model(tmp_path)

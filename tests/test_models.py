@@ -166,18 +166,53 @@ def test_pickled_objects_are_refused_with_the_opt_in_named_then_accepted(tmp_pat
 
 
 def test_mismatched_checkpoint_names_keys_and_shapes(tmp_path):
-    small = create_model(CNN, kwargs={"width": 4, "hidden": 8, "num_classes": 10})
-    other = create_model(CNN, kwargs={"width": 4, "hidden": 8, "num_classes": 3})
+    small = create_model(CNN, kwargs={"width": 4, "hidden": 8})
+    other = create_model(CNN, kwargs={"width": 4, "hidden": 16})
     torch.save(small.state_dict(), tmp_path / "w.pt")
     with pytest.raises(EvalkitError) as info:
-        load_checkpoint(other, tmp_path / "w.pt")
+        load_checkpoint(other, tmp_path / "w.pt", source=CNN, kwargs={"width": 4, "hidden": 16})
     msg = str(info.value)
-    assert "classifier.weight (checkpoint (10, 8), model (3, 8))" in msg
-    assert "classifier.bias (checkpoint (10,), model (3,))" in msg
-    assert "strict: false" in msg and "\n" not in msg
+    assert "fc.1.weight (checkpoint (8, 32), model (16, 32))" in msg
+    assert "classifier.weight (checkpoint (10, 8), model (10, 16))" in msg
+    assert "likely fix: set kwargs to the ones it was trained with" in msg and "this model sets {width: 4, hidden: 16}" in msg
+    assert msg.index("likely fix") < msg.index("strict: false") and "\n" not in msg  # kwargs first
     report = load_checkpoint(other, tmp_path / "w.pt", strict=False)  # the rest loads
-    assert report["mismatched"] == ["classifier.weight", "classifier.bias"]
-    assert torch.equal(other.state_dict()["fc.1.weight"], small.state_dict()["fc.1.weight"])
+    assert report["mismatched"] == ["fc.1.weight", "fc.1.bias", "classifier.weight"]
+    assert torch.equal(other.state_dict()["features.0.weight"], small.state_dict()["features.0.weight"])
+
+
+def test_a_mismatch_outside_the_classifier_stays_an_error_naming_key_and_shapes(tmp_path):
+    torch.save(create_model("timm:resnet18", kwargs={"in_chans": 1, "num_classes": 3}).state_dict(), tmp_path / "w.pt")
+    with pytest.raises(EvalkitError) as info:
+        load_checkpoint(create_model("timm:resnet18"), tmp_path / "w.pt", source="timm:resnet18")
+    msg = str(info.value)
+    assert "conv1.weight (checkpoint (64, 1, 7, 7), model (64, 3, 7, 7))" in msg
+    assert "fc.weight (checkpoint (3, 512), model (1000, 512))" in msg  # no width taken when more differs
+    assert "this model sets none" in msg and "\n" not in msg
+
+
+def test_a_classifier_of_another_width_is_taken_from_the_checkpoint_with_a_note(tmp_path):
+    trained = create_model(CNN, kwargs={"width": 4, "hidden": 8, "num_classes": 3}, seed=1)
+    torch.save(trained.state_dict(), tmp_path / "w.pt")
+    model = _cnn()  # built with the default 10 classes
+    report = load_checkpoint(model, tmp_path / "w.pt", source=CNN, kwargs={"width": 4, "hidden": 8}, name="m")
+    assert report["model"] is model and _same_weights(trained, model)  # the Linear replaced in place
+    assert model.classifier.in_features == 8 and not report["mismatched"]
+    assert report["notes"] == ["model 'm': classifier width 3 taken from the checkpoint (the source builds 10 by "
+                               "default; set kwargs: {num_classes: 3} to silence this)"]
+    report = load_checkpoint(_cnn(), tmp_path / "w.pt")  # an in-memory model: no source to name
+    assert report["notes"] == ["classifier width 3 taken from the checkpoint (the model had 10)"]
+
+
+def test_an_explicit_num_classes_that_contradicts_the_checkpoint_is_an_error(tmp_path):
+    torch.save(create_model(CNN, kwargs={"width": 4, "hidden": 8, "num_classes": 3}).state_dict(), tmp_path / "w.pt")
+    kwargs = {"width": 4, "hidden": 8, "num_classes": 5}
+    with pytest.raises(EvalkitError) as info:
+        load_checkpoint(create_model(CNN, kwargs=kwargs), tmp_path / "w.pt", source=CNN, kwargs=kwargs)
+    msg = str(info.value)
+    assert "classifier.weight (checkpoint (3, 8), model (5, 8))" in msg
+    assert msg.endswith("likely fix: kwargs has num_classes: 5 but the checkpoint's classifier has 3 outputs; "
+                        "set num_classes: 3 in kwargs (or drop it)")
 
 
 def test_missing_and_unexpected_keys_are_named(tmp_path):
