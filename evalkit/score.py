@@ -45,6 +45,7 @@ __all__ = [
     "weighted_knn_accuracy",
     "per_class_knn_accuracy",
     "linear_cka",
+    "neighbourhood_hit",
     "SILHOUETTE_EXACT_MAX",
 ]
 
@@ -444,6 +445,37 @@ def _vote(neighbour_labels: np.ndarray, weights: np.ndarray | None) -> np.ndarra
     return neighbour_labels[np.arange(len(neighbour_labels)), first_best]
 
 
+def neighbourhood_hit(Z, labels, *, n_neighbors: int = 10, graph: KNNGraph | None = None,
+                      device=None) -> float:
+    """Neighbourhood hit (Paulovich et al. 2008): the mean share of each sample's k nearest
+    neighbours (itself excluded) that have its class.
+
+    Parameters
+    ----------
+    Z : array-like of shape (n_samples, n_components)
+        Usually a 2-D embedding.
+    labels : array-like of shape (n_samples,)
+    n_neighbors : int
+        k, 1 <= k < n_samples.
+    graph : KNNGraph, optional
+        Neighbours of ``Z`` with at least ``n_neighbors`` columns; computed exactly when omitted.
+    device : None, str or torch.device
+        Where the graph is computed when omitted.
+
+    Returns
+    -------
+    float in [0, 1]; 1 when every neighbourhood is pure.
+    """
+    Z = as_float_matrix(Z, "Z")
+    n_samples = Z.shape[0]
+    y = _encode(_labels(labels, n_samples))
+    k = check_n_neighbors(n_neighbors, n_samples - 1, what="n_samples - 1")
+    if graph is None:
+        graph = knn_graph(Z, n_neighbors=k, method="exact", device=device)
+    idx = _check_graph(graph, n_samples, k, "graph").indices[:, :k]
+    return float((y[idx] == y[:, None]).mean())
+
+
 # =========================================================================== CKA
 
 
@@ -687,3 +719,9 @@ METRICS.register(Metric(
     needs_classes=True, params=("weighted_knn_k",),
     description=("Weighted kNN accuracy on raw features (DINO protocol): L2-normalised features, cosine "
                  "similarity, neighbour votes weighted by exp(similarity / 0.07).")))
+METRICS.register(Metric(
+    "neighbourhood_hit", "neighbourhood hit", "hit", frozenset({"embedding"}),
+    lambda space: neighbourhood_hit(space.coords, space.labels, n_neighbors=space.k, graph=space.graph(space.k)),
+    needs_classes=True, params=("n_neighbors",),
+    description=("Neighbourhood hit (Paulovich et al. 2008): the share of each point's {k} nearest neighbours "
+                 "in the picture that have its class, averaged over points; 1 = every neighbourhood is pure.")))

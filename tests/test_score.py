@@ -434,3 +434,49 @@ def test_weighted_knn_is_scale_invariant_down_to_tiny_scales():
     assert ref == 1.0
     for scale in (1e-20, 1e-30, 1e20):
         assert weighted_knn_accuracy(X * scale, y, n_neighbors=5) == ref
+
+
+# --------------------------------------------------------------------------- neighbourhood hit
+
+
+def test_neighbourhood_hit_hand_worked():
+    # points on a line at 0, 1, 2, 10, 11; classes a a b b b; k = 1: the nearest neighbour of
+    # 0 is 1 (a: hit), of 1 is 0 (hit), of 2 is 1 (a vs b: miss), of 10 is 11 (hit), of 11 is 10 (hit)
+    Z = np.array([[0.0], [1.0], [2.0], [10.0], [11.0]])
+    y = np.array(["a", "a", "b", "b", "b"])
+    assert score.neighbourhood_hit(Z, y, n_neighbors=1) == pytest.approx(4 / 5)
+    # k = 2: 0 -> {1, 2}: 1/2; 1 -> {0, 2}: 1/2; 2 -> {1, 0}: 0; 10 -> {11, 2}: 1; 11 -> {10, 2}: 1
+    assert score.neighbourhood_hit(Z, y, n_neighbors=2) == pytest.approx(3 / 5)
+
+
+def test_neighbourhood_hit_equals_sklearn_neighbours():
+    from sklearn.neighbors import NearestNeighbors
+
+    rng = np.random.default_rng(3)
+    Z = rng.normal(size=(300, 2))
+    y = rng.integers(0, 4, 300)
+    k = 7
+    idx = NearestNeighbors(n_neighbors=k + 1).fit(Z).kneighbors(Z, return_distance=False)[:, 1:]
+    assert score.neighbourhood_hit(Z, y, n_neighbors=k) == pytest.approx(float((y[idx] == y[:, None]).mean()))
+
+
+def test_neighbourhood_hit_is_a_registered_embedding_score():
+    """Defined once in evalkit.score, it reaches the rows, the checks and the report's notes."""
+    from evalkit.config import parse_config
+    from evalkit.registry import metrics
+    from evalkit.results import FeatureSet
+    from evalkit.scoring import score_feature_set
+
+    entry = metrics().get("neighbourhood_hit")
+    assert entry.applies_to("pca") and not entry.applies_to("features") and entry.higher_is_better
+    cfg = parse_config({"data": {"kind": "digits"}, "models": [{"name": "m", "source": "demo:cnn"}],
+                        "embed": {"methods": ["pca"]},
+                        "checks": [{"metric": "neighbourhood_hit", "where": {"method": "pca"}, "gte": 0.5}]})
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(3), 30)
+    X = (np.eye(3, 8)[y] * 6 + rng.normal(size=(90, 8))).astype(np.float32)
+    out = score_feature_set(FeatureSet("m", "l", X), y, embed=cfg.embed, settings=cfg.metrics)
+    pca_row = out.rows[1]
+    Z = out.embeddings[0].coords
+    assert pca_row["neighbourhood_hit"] == pytest.approx(score.neighbourhood_hit(Z, y, n_neighbors=10))
+    assert "neighbourhood_hit" not in out.rows[0]  # not a raw-feature score
