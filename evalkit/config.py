@@ -32,9 +32,10 @@ def metric_names(method: str | None = None) -> tuple:
     return tuple(m.name for m in _metrics() if method is None or m.applies_to(method))
 
 
-def method_names() -> tuple:
-    """Registered embedding methods, in registration order (the default ``embed.methods``)."""
-    return _methods().names()
+def method_names(*, default_only: bool = False) -> tuple:
+    """Registered embedding methods in registration order (``default_only``: those run when
+    ``embed.methods`` is not given)."""
+    return tuple(m.name for m in _methods() if m.default or not default_only)
 
 
 class DataConfig(_Strict):
@@ -138,7 +139,7 @@ def _embed_config_class():
     per_method = {m.name: (m.config, m.config()) for m in _methods()}
 
     class _EmbedBase(_Strict):
-        methods: tuple[Literal[names], ...] = names  # type: ignore[valid-type]
+        methods: tuple[Literal[names], ...] = method_names(default_only=True)  # type: ignore[valid-type]
         pca_dims: int = Field(50, ge=2)
         seeds: tuple[int, ...] = (0,)
 

@@ -87,6 +87,10 @@ def fit_sizes(embed, metrics, n_samples: int, *, n_total: int | None = None):
     per_method = {}
     for name in embed.methods:
         spec = methods().get(name)
+        if spec.missing():
+            how = f"pip install 'evalkit[{spec.extra}]'" if spec.extra else f"pip install {' '.join(spec.missing())}"
+            raise EvalkitError(f"embed.methods: {name!r} needs {', '.join(spec.missing())}, which is not installed; "
+                               f"{how}, or leave {name!r} out")
         if spec.fit_sizes is None:
             continue
         try:

@@ -121,6 +121,12 @@ class Method:
         that does not fit).
     seeded : bool
         Whether the result depends on the seed (PCA does not: one seed is enough).
+    default : bool
+        Part of the default ``embed.methods`` (an optional method is asked for by name).
+    requires : tuple of str
+        Modules an optional method imports; a run that asks for it without them fails early.
+    extra : str, optional
+        The pip extra that installs them (``pip install 'evalkit[NAME]'``).
     """
 
     name: str
@@ -130,7 +136,15 @@ class Method:
     input: str = "reduced"
     fit_sizes: Optional[Callable] = None
     seeded: bool = True
-    extra: Optional[str] = None  # the pip extra that installs it, when it is optional
+    default: bool = True
+    requires: tuple = ()
+    extra: Optional[str] = None
+
+    def missing(self) -> tuple:
+        """The modules of :attr:`requires` that cannot be imported here."""
+        import importlib.util
+
+        return tuple(m for m in self.requires if importlib.util.find_spec(m) is None)
 
 
 METRICS: Registry[Metric] = Registry("metric")
