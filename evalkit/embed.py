@@ -32,7 +32,7 @@ from evalkit.errors import EvalkitError
 from evalkit.registry import METHODS, Method, StrictModel
 
 __all__ = ["create_embedder", "reduce_dims", "TSNE_BACKENDS", "n_jobs", "PCAConfig", "TSNEConfig",
-           "UMAPConfig", "PCAEmbedder", "TSNEEmbedder", "UMAPEmbedder"]
+           "UMAPConfig", "PaCMAPConfig", "PCAEmbedder", "TSNEEmbedder", "UMAPEmbedder", "PaCMAPEmbedder"]
 
 #: openTSNE's "auto" switches from Barnes-Hut to FFT-interpolated gradients at this size.
 OPENTSNE_FFT_MIN_SAMPLES = 10_000
@@ -390,6 +390,59 @@ def _umap_init(X, knn_idx, knn_dist, n_epochs: int, random_state: int) -> np.nda
     return (Y + rs.normal(scale=1e-4, size=Y.shape)).astype(np.float32)
 
 
+class PaCMAPEmbedder:
+    """PaCMAP (Wang et al. 2021, package ``pacmap``): near pairs from the shared kNN graph,
+    mid-near and far pairs sampled by PaCMAP, PCA start.
+
+    Optional: ``pip install 'evalkit[pacmap]'``; asked for by name (``embed.methods``).
+    """
+
+    name = "pacmap"
+
+    def __init__(self, cfg):
+        self.cfg = cfg  # PaCMAPConfig
+
+    def graph_neighbors(self, n_samples: int) -> int:
+        """The near pairs PaCMAP keeps for ``n_samples`` (it shrinks them for tiny data)."""
+        c, n = self.cfg, n_samples
+        k = min(c.n_neighbors, n - 1)
+        n_mn = min(int(round(k * c.mn_ratio)), n - 1)
+        n_fp = min(int(round(k * c.fp_ratio)), n - 1 - k)
+        if k + n_mn + n_fp >= n:
+            k = int(n / (1 + c.mn_ratio + c.fp_ratio))
+        return int(max(1, k))
+
+    def params(self, n_samples: Optional[int] = None, graph=None) -> dict:
+        c = self.cfg
+        out = {"n_neighbors": c.n_neighbors if n_samples is None else self.graph_neighbors(n_samples),
+               "MN_ratio": c.mn_ratio, "FP_ratio": c.fp_ratio, "lr": c.lr, "init": "pca"}
+        if n_samples is not None:
+            usable = _usable(graph, n_samples, self.graph_neighbors(n_samples))
+            out["neighbors"] = _graph_name(graph) if usable else "PaCMAP (its own search)"
+        return out
+
+    def fit_transform(self, X, *, random_state: int = 0, graph=None) -> np.ndarray:
+        import warnings
+
+        X = _as_input(X, "PaCMAP")
+        n, k = X.shape[0], self.graph_neighbors(X.shape[0])
+        pairs = None
+        if _usable(graph, n, k):  # PaCMAP's near pairs are (point, neighbour) rows
+            idx, _ = _graph_head(graph, k)
+            pairs = np.column_stack([np.repeat(np.arange(n), k), idx.ravel()]).astype(np.int32)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import logging
+
+            import pacmap
+
+            logging.getLogger("pacmap").setLevel(logging.ERROR)  # its notes on sizes are ours to make
+            model = pacmap.PaCMAP(n_components=2, n_neighbors=k, MN_ratio=self.cfg.mn_ratio,
+                                  FP_ratio=self.cfg.fp_ratio, lr=self.cfg.lr, pair_neighbors=pairs,
+                                  apply_pca=False, random_state=random_state, verbose=False)
+            return _finite(model.fit_transform(X, init="pca"), self.name)
+
+
 def create_embedder(method: str, embed_cfg):
     """The embedder for ``method`` configured from an :class:`evalkit.config.EmbedConfig`
     (its ``embed.<method>`` settings)."""
@@ -454,3 +507,26 @@ def _umap_sizes(cfg: UMAPConfig, n_samples: int):
 METHODS.register(Method("tsne", "t-SNE", TSNEConfig, TSNEEmbedder, input="reduced", fit_sizes=_tsne_sizes))
 METHODS.register(Method("umap", "UMAP", UMAPConfig, UMAPEmbedder, input="reduced", fit_sizes=_umap_sizes))
 METHODS.register(Method("pca", "PCA", PCAConfig, PCAEmbedder, input="raw", seeded=False))
+
+
+class PaCMAPConfig(StrictModel):
+    n_neighbors: int = Field(10, ge=1)
+    mn_ratio: float = Field(0.5, ge=0, description="mid-near pairs per near pair")
+    fp_ratio: float = Field(2.0, ge=0, description="further pairs per near pair")
+    lr: float = Field(1.0, gt=0)
+
+
+def _pacmap_sizes(cfg: PaCMAPConfig, n_samples: int):
+    """Each sample has n_samples - 1 neighbours: lower a default, refuse an explicit value."""
+    k_max = n_samples - 1
+    if cfg.n_neighbors <= k_max:
+        return cfg, []
+    if "n_neighbors" in cfg.model_fields_set:
+        raise EvalkitError(f"embed.pacmap.n_neighbors: {cfg.n_neighbors} is too large for {n_samples} samples; "
+                           f"expected at most {k_max}")
+    return cfg.model_copy(update={"n_neighbors": k_max}), [
+        f"embed.pacmap.n_neighbors lowered from its default {cfg.n_neighbors} to {k_max}: only {n_samples} samples"]
+
+
+METHODS.register(Method("pacmap", "PaCMAP", PaCMAPConfig, PaCMAPEmbedder, input="reduced", fit_sizes=_pacmap_sizes,
+                        default=False, requires=("pacmap",), extra="pacmap"))

@@ -1,6 +1,6 @@
 """The contract every embedding backend passes (one shared test class, as in openTSNE).
 
-Backends: PCA, t-SNE through openTSNE, t-SNE through scikit-learn, UMAP. Each is run on a
+Backends: PCA, t-SNE through openTSNE, t-SNE through scikit-learn, UMAP, PaCMAP (optional). Each is run on a
 few hundred points of well-separated Gaussian clusters, with and without the shared
 neighbour graph; fits are cached per (backend, seed, graph) so the whole file stays fast.
 """
@@ -22,6 +22,7 @@ BACKENDS = {
     "tsne-opentsne": ("tsne", EmbedConfig(tsne=TSNEConfig(n_iter=300))),
     "tsne-sklearn": ("tsne", EmbedConfig(tsne=TSNEConfig(backend="sklearn", n_iter=300))),
     "umap": ("umap", EmbedConfig(umap=UMAPConfig(n_epochs=100))),
+    "pacmap": ("pacmap", EmbedConfig(methods=["pacmap"])),  # optional method, installed by the test extra
 }
 # What params(n_samples, graph) reports for each method (resolved values, no "auto").
 PARAM_KEYS = {
@@ -29,6 +30,7 @@ PARAM_KEYS = {
     "tsne": {"backend", "perplexity", "n_neighbors", "neighbors", "learning_rate", "early_exaggeration",
              "early_exaggeration_iter", "n_iter", "init", "gradient", "n_jobs"},
     "umap": {"n_neighbors", "min_dist", "n_epochs", "metric", "neighbors", "init", "n_jobs"},
+    "pacmap": {"n_neighbors", "MN_ratio", "FP_ratio", "lr", "init", "neighbors"},
 }
 
 
@@ -202,3 +204,19 @@ def test_pipeline_shares_one_graph_with_tsne_and_umap():
     assert [r["method"] for r in rows] == ["tsne", "umap", "pca"]
     for r in rows:
         assert 0.5 < r["trustworthiness"] <= 1 and 0.5 < r["continuity"] <= 1
+
+
+def test_optional_method_is_not_a_default_and_runs_when_asked_for():
+    from evalkit.config import parse_config
+
+    base = {"data": {"kind": "digits"}, "models": [{"name": "m", "source": "demo:cnn"}]}
+    assert "pacmap" not in parse_config(base).embed.methods
+    cfg = parse_config({**base, "embed": {"methods": ["pacmap", "pca"], "pacmap": {"n_neighbors": 8}}})
+    assert cfg.embed.pacmap.n_neighbors == 8
+    from evalkit.results import FeatureSet
+    from evalkit.scoring import score_feature_set
+
+    out = score_feature_set(FeatureSet("m", "l", X), Y, embed=cfg.embed, settings=cfg.metrics)
+    assert [r["method"] for r in out.rows] == ["features", "pacmap", "pca"]
+    assert out.method_params["pacmap"]["neighbors"] == "shared kNN graph (exact)"
+    assert out.rows[1]["knn_accuracy"] > 0.9  # well-separated clusters stay separated
