@@ -558,3 +558,20 @@ def test_weighted_knn_is_scale_invariant_down_to_tiny_scales():
     assert ref == 1.0
     for scale in (1e-20, 1e-30, 1e20):
         assert weighted_knn_accuracy(X * scale, y, n_neighbors=5) == ref
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _cuda_available(), reason="needs CUDA")
+def test_cuda_ties_equal_cpu():
+    for scale in (1.0, 0.5):  # exact integers; inexact expanded form decided by the band
+        X, Z = _tied_data(64, 20, seed=5)
+        X, Z = X * scale, Z * scale
+        ref_t, ref_c = _reference_scores(np.round(X / scale), np.round(Z / scale), 6)
+        for block in (None, 9):
+            kw = {"n_neighbors": 6, "device": "cuda", "block_size": block}
+            assert trustworthiness(X, Z, **kw) == pytest.approx(ref_t, abs=1e-12)
+            assert continuity(X, Z, **kw) == pytest.approx(ref_c, abs=1e-12)
+            assert neighbourhood_scores(X, {"z": Z}, **kw)["z"] == {
+                "trustworthiness": trustworthiness(X, Z, n_neighbors=6), "continuity": continuity(X, Z, n_neighbors=6)}
+        np.testing.assert_array_equal(knn_graph(X, n_neighbors=6, method="exact", device="cuda").indices,
+                                      knn_graph(X, n_neighbors=6, method="exact", device="cpu").indices)
