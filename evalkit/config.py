@@ -214,17 +214,15 @@ _ALIASES = {"gpu": "cuda", "cuda:0": "cuda", "t-sne": "tsne", "umap-learn": "uma
 
 
 def _near(name: str, choices) -> list:
-    """Valid names close to ``name`` (a stricter cut-off than errors.closest: no 'fast' -> 'auto')."""
-    import difflib
+    """Valid names close to ``name``: an alias users type, else errors.closest with a stricter
+    cut-off (no 'fast' -> 'auto') and one suggestion."""
+    from evalkit.errors import closest
 
     choices = [str(c) for c in choices]
     alias = _ALIASES.get(name.lower())
     if alias in choices:
         return [alias]
-    lowered = {c.lower(): c for c in choices}
-    if name.lower() in lowered:
-        return [lowered[name.lower()]]
-    return difflib.get_close_matches(name, choices, n=1, cutoff=0.6)
+    return closest(name, choices, n=1, cutoff=0.6, substrings=False)
 
 
 def _unknown_message(name, choices) -> str:

@@ -9,12 +9,28 @@ class EvalkitError(Exception):
     """A user mistake: the CLI shows it as one line on stderr and exits with code 2."""
 
 
-def closest(name: str, choices: Iterable[str], n: int = 3) -> list[str]:
-    """The valid names nearest to a misspelt ``name`` (best first)."""
-    choices = list(choices)
-    found = difflib.get_close_matches(name, choices, n=n, cutoff=0.5)
-    if not found:
-        lowered = name.lower()
+class InputError(EvalkitError, ValueError):
+    """Invalid input to a neighbour, kernel or score function.
+
+    A ``ValueError`` for library users, and an :class:`EvalkitError` so the command line
+    reports it as one line with exit code 2.
+    """
+
+
+def closest(name: str, choices: Iterable[str], n: int = 3, *, cutoff: float = 0.5,
+            substrings: bool = True) -> list[str]:
+    """The valid names nearest to a misspelt ``name`` (best first).
+
+    A case-insensitive exact match wins outright; then difflib's ratio (at least ``cutoff``);
+    then, when ``substrings``, names that contain ``name`` or are contained in it.
+    """
+    choices = [str(c) for c in choices]
+    lowered = name.lower()
+    same_case = [c for c in choices if c.lower() == lowered]
+    if same_case:
+        return same_case[:1]
+    found = difflib.get_close_matches(name, choices, n=n, cutoff=cutoff)
+    if not found and substrings:
         found = [c for c in choices if lowered and (lowered in c.lower() or c.lower() in lowered)][:n]
     return found
 

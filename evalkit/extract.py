@@ -30,26 +30,17 @@ _NOTES_KEY = "__notes__"  # a cache file's notes about its model (never a layer 
 # --- device ---------------------------------------------------------------------------------
 
 
-def _mps_available() -> bool:
-    import torch
-
-    mps = getattr(torch.backends, "mps", None)
-    return bool(mps is not None and mps.is_available())
-
-
 def resolve_device(name: str = "auto"):
-    """``auto``: CUDA, then Apple MPS, then CPU; else the named device, which must exist."""
-    import torch
+    """``auto``: CUDA, then Apple MPS, then CPU; else the named device, which must exist.
 
-    if name in (None, "auto"):
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        return torch.device("mps") if _mps_available() else torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise EvalkitError("extract.device: 'cuda' asked for but no CUDA device is available; use 'auto' or 'cpu'")
-    if name == "mps" and not _mps_available():
-        raise EvalkitError("extract.device: 'mps' asked for but Apple MPS is not available; use 'auto' or 'cpu'")
-    return torch.device(name)
+    :func:`evalkit.device.resolve_device` with the config key ``extract.device`` in its messages.
+    """
+    from evalkit.device import resolve_device as _resolve
+
+    try:
+        return _resolve(name)
+    except EvalkitError as exc:
+        raise EvalkitError(f"extract.device: {exc}") from exc
 
 
 # --- layers ---------------------------------------------------------------------------------

@@ -7,12 +7,18 @@ n_samples x n_samples matrix, so N = 70,000 fits in well under 4 GB.
 
 Exactness: :func:`trustworthiness`, :func:`continuity` and :func:`silhouette` agree with
 scikit-learn (``sklearn.manifold.trustworthiness`` and ``sklearn.metrics.silhouette_score``)
-to 1e-6 on data without distance ties. Distances are computed in float64 on centred data.
+to 1e-6 on data without distance ties.
 
-Ties: scikit-learn ranks equidistant points by the (arbitrary) order of ``np.argsort``; here
-the rank of a neighbour j of i is ``1 + #{l != i : d(i, l) < d(i, j)}``, so equidistant points
-share the smallest rank. For float32 input scikit-learn also rounds its distances to float32,
-which makes distances closer than ~6e-8 (relative) tie in its ranking but not in ours.
+Ties (one rule, the co-ranking convention of Lee and Verleysen): samples are ordered by
+(distance, index), so the rank of j among the distances from i is
+``r(i, j) = 1 + #{l != i : d(i, l) < d(i, j) or (d(i, l) == d(i, j) and l < j)}`` and the
+k nearest neighbours U_k(i) are the samples of rank <= k (the lower index first among equal
+distances, as :func:`evalkit.neighbors.knn_graph` returns them). Equal distances are
+detected exactly, not rounded apart (see :mod:`evalkit.kernels`), so scores do not depend
+on block size, appended zero columns, backend, device or code path, and
+:func:`neighbourhood_scores` equals :func:`trustworthiness` / :func:`continuity` exactly.
+scikit-learn breaks ties by the order of its (unstable) argsort over rounded distances: on
+tied data it agrees with this rule only when that order happens to be the index order.
 
 torch (and numba, for the counting kernels on CPU) are imported inside the functions.
 """
@@ -22,19 +28,19 @@ from typing import Mapping
 
 import numpy as np
 
-from evalkit.neighbors import (
-    InputError,
-    KNNGraph,
+from evalkit.data import stratified_subsample
+from evalkit.device import resolve_device
+from evalkit.errors import InputError
+from evalkit.kernels import (
+    Ranking,
     as_float_matrix,
     check_n_neighbors,
-    knn_graph,
-    numba_kernels,
-    ranking_block,
+    lowdim_rank_counts,
     pick_block_size,
-    resolve_device,
     squared_distance_block,
     to_centered_tensor,
 )
+from evalkit.neighbors import KNNGraph, knn_graph
 
 __all__ = [
     "trustworthiness",
@@ -69,7 +75,10 @@ def trustworthiness(X, Z, *, n_neighbors: int = 10, graph_Z: KNNGraph | None = N
 
     T(k) = 1 - 2 / (N k (2N - 3k - 1)) * sum_i sum_{j in U_k(i)} max(0, r(i, j) - k), where
     U_k(i) are the k nearest neighbours of i in ``Z`` and r(i, j) the rank of j among the
-    distances from i in ``X`` (Venna and Kaski 2001; scikit-learn's formula).
+    distances from i in ``X`` (Venna and Kaski 2001; scikit-learn's formula). Ties: samples
+    are ordered by (distance, index), r(i, j) = 1 + #{l != i : d(i, l) < d(i, j) or
+    (d(i, l) == d(i, j) and l < j)}, and U_k(i) are the samples of rank <= k in ``Z``;
+    equal distances are detected exactly (module docstring).
 
     Parameters
     ----------
@@ -106,7 +115,9 @@ def continuity(X, Z, *, n_neighbors: int = 10, graph_X: KNNGraph | None = None,
     """How far the original neighbours are from being neighbours in the embedding.
 
     Trustworthiness with the two spaces swapped: equal to
-    ``sklearn.manifold.trustworthiness(Z, X, n_neighbors=k)``.
+    ``sklearn.manifold.trustworthiness(Z, X, n_neighbors=k)`` on data without ties. Ties
+    follow the same rule as :func:`trustworthiness`: ranks in ``Z`` and neighbours in ``X``
+    ordered by (distance, index).
 
     Parameters
     ----------
@@ -144,7 +155,7 @@ def neighbourhood_scores(X, embeddings: Mapping[str, np.ndarray], *, n_neighbors
     The expensive part, the distances in the original space, is computed once, block by
     block, and shared by all embeddings (and by the search for the neighbours in ``X`` when
     ``graph_X`` is omitted). The numbers equal those of :func:`trustworthiness` and
-    :func:`continuity`.
+    :func:`continuity` exactly, ties included (same rule, same exact decisions).
 
     Parameters
     ----------
@@ -230,7 +241,9 @@ def silhouette(X, labels, *, device=None, block_size: int | None = None,
     X = as_float_matrix(X, "X")
     labels = _labels(labels, X.shape[0])
     if sample_size is not None:
-        keep = _stratified_sample(labels, sample_size, random_state)
+        if isinstance(sample_size, bool) or not isinstance(sample_size, (int, np.integer)) or sample_size < 2:
+            raise InputError(f"sample_size must be an integer >= 2; got {sample_size!r}")
+        keep = stratified_subsample(labels, int(sample_size), seed=random_state)
         X, labels = X[keep], labels[keep]
     classes, y = np.unique(labels, return_inverse=True)
     n_samples, n_classes = len(y), len(classes)
@@ -280,25 +293,6 @@ def _silhouette_block(sums: np.ndarray, y: np.ndarray, sizes: np.ndarray) -> flo
         s = (b - a) / np.maximum(a, b)
     s[~np.isfinite(s)] = 0.0  # singleton classes (0 / 0) and a = b = 0, as scikit-learn
     return float(s.sum())
-
-
-def _stratified_sample(labels: np.ndarray, sample_size, random_state) -> np.ndarray:
-    """Sorted indices of a seeded sample with each class in proportion (largest remainder)."""
-    if isinstance(sample_size, bool) or not isinstance(sample_size, (int, np.integer)) or sample_size < 2:
-        raise InputError(f"sample_size must be an integer >= 2; got {sample_size!r}")
-    n_samples = len(labels)
-    if sample_size >= n_samples:
-        return np.arange(n_samples)
-    rng = np.random.default_rng(random_state)
-    classes, y = np.unique(labels, return_inverse=True)
-    sizes = np.bincount(y)
-    quota = sizes * (sample_size / n_samples)
-    take = np.floor(quota).astype(np.int64)
-    rest = sample_size - take.sum()
-    if rest > 0:
-        take[np.argsort(-(quota - take), kind="stable")[:rest]] += 1
-    picked = [rng.choice(np.flatnonzero(y == c), size=t, replace=False) for c, t in enumerate(take) if t]
-    return np.sort(np.concatenate(picked))
 
 
 # =========================================================================== kNN accuracy
@@ -521,7 +515,8 @@ def _cross_frobenius_sq(A: np.ndarray, B: np.ndarray, block: int = 2048) -> floa
 
 
 def _rank_excess(P: np.ndarray, neighbour_sets, k: int, dev, block_size, knn: int | None = None):
-    """Sum over rows i and neighbours j of max(0, rank of j among i's distances in P - k).
+    """Sum over rows i and neighbours j of max(0, r(i, j) - k), r the rank in ``P`` (module
+    docstring: ties by index, equal distances detected exactly).
 
     Parameters
     ----------
@@ -530,7 +525,8 @@ def _rank_excess(P: np.ndarray, neighbour_sets, k: int, dev, block_size, knn: in
     neighbour_sets : list of int ndarray of shape (n_samples, k)
         Neighbours found in another space; one excess sum per set.
     knn : int, optional
-        Also return the exact ``knn`` nearest neighbours in P (found in the same pass).
+        Also return the exact ``knn`` nearest neighbours in P (found in the same pass; the
+        same as :func:`evalkit.neighbors.knn_graph`).
 
     Returns
     -------
@@ -539,65 +535,30 @@ def _rank_excess(P: np.ndarray, neighbour_sets, k: int, dev, block_size, knn: in
     import torch
 
     n_samples = P.shape[0]
-    if P.shape[1] <= _LOWDIM_MAX and dev.type == "cpu" and knn is None and numba_kernels() is not None:
-        PT = np.ascontiguousarray((P - P.mean(axis=0)).T, dtype=np.float64)
-        return [_lowdim_excess(PT, np.ascontiguousarray(nb, dtype=np.int64), k) for nb in neighbour_sets], None
+    if P.shape[1] <= _LOWDIM_MAX and dev.type == "cpu" and knn is None:
+        counts = [lowdim_rank_counts(P, nb) for nb in neighbour_sets]
+        if all(c is not None for c in counts):
+            return [_excess(c, k) for c in counts], None
     excess = [0] * len(neighbour_sets)
     found = np.empty((n_samples, knn), dtype=np.int64) if knn else None
-    kernels = numba_kernels() if dev.type == "cpu" else None
     block = pick_block_size(n_samples, block_size)
     with torch.no_grad():
-        T, sq = to_centered_tensor(P, dev, torch.float64)
-        sets = [torch.as_tensor(np.ascontiguousarray(nb), dtype=torch.int64, device=dev) for nb in neighbour_sets]
+        ranking = Ranking(P, dev, torch.float64)
         for start in range(0, n_samples, block):
             stop = min(start + block, n_samples)
-            D = ranking_block(T, sq, start, stop)
-            if knn and kernels is not None:
-                kernels["row_topk"](D.numpy(), found[start:stop], np.empty((stop - start, knn)))
-            elif knn:
-                found[start:stop] = torch.topk(D, knn, dim=1, largest=False, sorted=True).indices.cpu().numpy()
-            for s, nb in enumerate(sets):
-                thresholds = D.gather(1, nb[start:stop])
-                below = _count_below(D, thresholds)
-                excess[s] += int((below + 1 - k).clamp_(min=0).sum())
-            del D
+            rows = np.arange(start, stop)
+            R = ranking.block(start, stop)
+            if knn:
+                found[start:stop] = ranking.topk(R, rows, knn)
+            for s, nb in enumerate(neighbour_sets):
+                excess[s] += _excess(ranking.rank_counts(R, rows, nb[start:stop]), k)
+            del R
     return excess, found
 
 
-def _count_below(D, thresholds):
-    """(rows, k) int64: #{l : D[r, l] < thresholds[r, m]} (strict, so ties rank lowest)."""
-    import torch
-
-    nb = numba_kernels() if D.device.type == "cpu" else None
-    if nb is not None:
-        out = np.empty(thresholds.shape, dtype=np.int64)
-        nb["count_below"](D.numpy(), np.ascontiguousarray(thresholds.numpy()), out)
-        return torch.from_numpy(out)
-    return _count_below_torch(D, thresholds)
-
-
-def _count_below_torch(D, thresholds):
-    """Torch version of :func:`_count_below` (GPU, or CPU without numba): one searchsorted of
-    each row against its k sorted thresholds, a per-row bincount, then a cumulative sum."""
-    import torch
-
-    rows, k = thresholds.shape
-    sorted_t, order = torch.sort(thresholds, dim=1)
-    # pos[r, l] = #{m : sorted_t[r, m] <= D[r, l]}; D[r, l] < sorted_t[r, m] iff pos <= m.
-    pos = torch.searchsorted(sorted_t.contiguous(), D, right=True)
-    pos += torch.arange(rows, device=D.device)[:, None] * (k + 1)
-    hist = torch.bincount(pos.view(-1), minlength=rows * (k + 1)).view(rows, k + 1)
-    below_sorted = hist[:, :k].cumsum(dim=1)
-    below = torch.empty_like(below_sorted)
-    below.scatter_(1, order, below_sorted)
-    return below
-
-
-def _lowdim_excess(PT: np.ndarray, nbr: np.ndarray, k: int) -> int:
-    """Excess-rank sum in a space of few dimensions; ``PT`` is (n_dims, n_samples)."""
-    out = np.empty(nbr.shape, dtype=np.int64)
-    numba_kernels()["lowdim_count_below"](PT, nbr, out)
-    return int(np.maximum(out + 1 - k, 0).sum())
+def _excess(closer: np.ndarray, k: int) -> int:
+    """sum of max(0, rank - k) with rank = closer + 1."""
+    return int(np.maximum(closer + 1 - k, 0).sum())
 
 
 # =========================================================================== validation

@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 from sklearn.neighbors import NearestNeighbors
 
-from evalkit import neighbors
+from evalkit import kernels, neighbors
+from evalkit.device import resolve_device
 from evalkit.errors import EvalkitError
-from evalkit.neighbors import KNNGraph, knn_graph, resolve_device
+from evalkit.neighbors import KNNGraph, knn_graph
 
 
 def _mixture(n, d, n_centers=5, seed=0, spread=4.0):
@@ -25,8 +26,8 @@ def _sklearn_graph(X, k):
 @pytest.fixture
 def no_numba(monkeypatch):
     """Force the pure-torch code paths (what a GPU runs) on CPU."""
-    monkeypatch.setattr(neighbors, "_NUMBA_KERNELS", None)
-    monkeypatch.setattr(neighbors, "_NUMBA_TRIED", True)
+    monkeypatch.setattr(kernels, "_NUMBA_KERNELS", None)
+    monkeypatch.setattr(kernels, "_NUMBA_TRIED", True)
     monkeypatch.setattr(neighbors, "KDTREE_MAX_FEATURES", 0)
 
 
@@ -145,7 +146,7 @@ def test_import_is_light():
     import subprocess
     import sys
 
-    code = "import sys, evalkit.neighbors, evalkit.score; print('torch' in sys.modules, 'numba' in sys.modules)"
+    code = "import sys, evalkit.neighbors, evalkit.score, evalkit.kernels; print('torch' in sys.modules, 'numba' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
 
@@ -168,7 +169,7 @@ def test_float32_ranking_is_certified_on_near_ties():
 
     X = _near_duplicates()
     expected = _brute_graph(X, 6)
-    assert neighbors.Float32Ranking.usable(X, torch.device("cpu"))
+    assert kernels.Float32Ranking.usable(X, torch.device("cpu"))
     np.testing.assert_array_equal(knn_graph(X, n_neighbors=6, method="exact", block_size=13).indices, expected)
     # float32 alone gets these wrong: the certified path really did decide them in float64
     X32 = torch.as_tensor(X - X.mean(axis=0), dtype=torch.float32)
@@ -182,9 +183,86 @@ def test_float32_ranking_bound_holds():
 
     rng = np.random.default_rng(0)
     X = rng.normal(size=(300, 700)) * rng.uniform(0.1, 10, size=(300, 1)) + 5
-    ranking = neighbors.Float32Ranking(X)
+    ranking = kernels.Float32Ranking(X)
     R = ranking.block(0, 300).numpy().astype(np.float64)
-    exact = ranking.sq64[None, :] - 2 * ranking.X64 @ ranking.X64.T
+    # r(i, l) approximates dd(i, l) - ||x_i - mean||^2 within err[i]
+    dd = ((X[:, None, :] - X[None, :, :]) ** 2).sum(axis=2)
+    exact = dd - ranking.sq64[:, None]
     assert np.isinf(np.diag(R)).all()  # self masked by index
     off = ~np.eye(300, dtype=bool)
     assert (np.abs(R - exact)[off] <= np.broadcast_to(ranking.err[:, None], R.shape)[off]).all()
+
+
+def _tied_grid(n=60, d=16, seed=0):
+    """Integer data with duplicated rows: equal distances everywhere, also at the k-th."""
+    rng = np.random.default_rng(seed)
+    X = rng.integers(0, 2, size=(n, d)).astype(np.float64)
+    X[n // 2:n // 2 + 8] = X[:8]
+    return X
+
+
+def _exact_graph_reference(X, k):
+    """Neighbours by (distance, index) in exact integer arithmetic (X: integers times a
+    power of two)."""
+    P = np.round(X / np.abs(X).max()).astype(np.int64) if np.abs(X).max() else X.astype(np.int64)
+    D = ((P[:, None, :] - P[None, :, :]) ** 2).sum(axis=2)
+    np.fill_diagonal(D, np.iinfo(np.int64).max)
+    return np.argsort(D, axis=1, kind="stable")[:, :k]
+
+
+@pytest.mark.parametrize("d", [2, 16])
+@pytest.mark.parametrize("scale", [1.0, 0.5, 2.0**30])  # small integers are ranked exactly (err = 0)
+def test_every_exact_backend_breaks_ties_by_lower_index(d, scale, monkeypatch):
+    import torch
+
+    X = _tied_grid(d=d) * scale
+    k = 7
+    expected = _exact_graph_reference(X, k)
+    n = len(X)
+
+    def graph(**kw):
+        return knn_graph(X, n_neighbors=k, method="exact", **kw).indices
+
+    got = {"default": graph(block_size=11)}
+    # Float32Ranking (CPU, numba) and the float64 numba kernel, block by block
+    for name, ranking in (("float32", kernels.Float32Ranking(X)),
+                          ("float64", kernels.Ranking(X, torch.device("cpu"), torch.float64))):
+        got[name] = np.concatenate([ranking.topk(ranking.block(s, min(s + 13, n)), np.arange(s, min(s + 13, n)), k)
+                                    for s in range(0, n, 13)])
+    with monkeypatch.context() as m:  # k-d tree, and its fallback for rows with too many ties
+        m.setattr(neighbors, "KDTREE_MAX_FEATURES", 100)
+        got["kdtree"] = graph()
+        m.setattr(neighbors, "_KDTREE_MAX_CANDIDATES", 4)
+        got["kdtree+blocked"] = graph(block_size=5)
+    with monkeypatch.context() as m:  # torch only (what a GPU runs): topk + exact decisions
+        m.setattr(kernels, "_NUMBA_KERNELS", None)
+        m.setattr(kernels, "_NUMBA_TRIED", True)
+        m.setattr(neighbors, "KDTREE_MAX_FEATURES", 0)
+        got["torch"] = graph(block_size=9)
+    for name, indices in got.items():
+        np.testing.assert_array_equal(indices, expected, err_msg=name)
+    g = knn_graph(np.hstack([X, np.zeros((n, 3))]), n_neighbors=k, method="exact")  # zero columns
+    np.testing.assert_array_equal(g.indices, expected)
+    ref_d = np.sqrt(((X[:, None] - X[None]) ** 2).sum(2))
+    np.testing.assert_array_equal(g.distances, np.take_along_axis(ref_d, expected, axis=1).astype(np.float32))
+
+
+def test_identical_points_take_the_lowest_indices():
+    X = np.ones((12, 3))
+    for kw in ({}, {"block_size": 5}):
+        g = knn_graph(X, n_neighbors=4, method="exact", **kw)
+        np.testing.assert_array_equal(g.indices, _exact_graph_reference(X, 4))
+
+
+def test_exact_distances_are_one_definition():
+    # numba and numpy compute dd with the same additions in the same order: bitwise equal
+    rng = np.random.default_rng(0)
+    X = np.ascontiguousarray(rng.normal(size=(50, 37)) * 10 ** rng.uniform(-3, 3, size=(50, 1)))
+    a, b = rng.integers(0, 50, 500), rng.integers(0, 50, 500)
+    with_numba = kernels.exact_sq_distances(X, a, b)
+    kernels._NUMBA_KERNELS, kernels._NUMBA_TRIED, saved = None, True, kernels.numba_kernels()
+    try:
+        without = kernels.exact_sq_distances(X, a, b)
+    finally:
+        kernels._NUMBA_KERNELS = saved
+    np.testing.assert_array_equal(with_numba, without)

@@ -6,7 +6,8 @@ import pytest
 from sklearn.manifold import trustworthiness as sk_trustworthiness
 from sklearn.metrics import silhouette_score as sk_silhouette
 
-from evalkit import neighbors, score
+from evalkit import kernels, neighbors, score
+from evalkit.data import stratified_subsample
 from evalkit.errors import EvalkitError
 from evalkit.neighbors import KNNGraph, knn_graph
 from evalkit.score import (
@@ -36,8 +37,8 @@ def _data(n, d, seed, dtype=np.float64, n_classes=4):
 @pytest.fixture
 def torch_only(monkeypatch):
     """The pure-torch code paths a GPU runs (no numba kernels, no k-d tree), on CPU."""
-    monkeypatch.setattr(neighbors, "_NUMBA_KERNELS", None)
-    monkeypatch.setattr(neighbors, "_NUMBA_TRIED", True)
+    monkeypatch.setattr(kernels, "_NUMBA_KERNELS", None)
+    monkeypatch.setattr(kernels, "_NUMBA_TRIED", True)
     monkeypatch.setattr(neighbors, "KDTREE_MAX_FEATURES", 0)
 
 
@@ -73,15 +74,138 @@ def test_torch_counting_path_equals_sklearn(torch_only, n, d, k, dtype, block):
                - sk_trustworthiness(Z, X, n_neighbors=k)) <= TOL
 
 
-def test_counting_kernels_agree():
+# ------------------------------------------------------------------ ties (one rule, exactly)
+
+
+def _exact_sq(P):
+    """All squared distances in exact integer arithmetic (integer-valued P)."""
+    P = np.asarray(P).astype(np.int64)
+    return ((P[:, None, :] - P[None, :, :]) ** 2).sum(axis=2)
+
+
+def _ranks(D):
+    """r[i, j] = 1 + #{l != i : D[i, l] < D[i, j] or (D[i, l] == D[i, j] and l < j)}."""
+    n = len(D)
+    r = np.zeros((n, n), dtype=np.int64)
+    for i in range(n):
+        for j in range(n):
+            if j != i:
+                closer = (D[i] < D[i, j]) | ((D[i] == D[i, j]) & (np.arange(n) < j))
+                closer[i] = False
+                r[i, j] = 1 + closer.sum()
+    return r
+
+
+def _reference_scores(X, Z, k):
+    """Brute-force O(N^2) trustworthiness and continuity under the index tie rule; exact
+    for integer-valued X and Z (tie-free float Z is fine too)."""
+    DX = _exact_sq(X) if np.allclose(X, np.round(X)) else ((X[:, None] - X[None]) ** 2).sum(2)
+    DZ = _exact_sq(Z) if np.allclose(Z, np.round(Z)) else ((Z[:, None] - Z[None]) ** 2).sum(2)
+    rX, rZ = _ranks(DX), _ranks(DZ)
+    n = len(X)
+    norm = 2.0 / (n * k * (2.0 * n - 3.0 * k - 1.0))
+
+    def score(r_rank, r_nbr):
+        nbr = (r_nbr <= k) & ~np.eye(n, dtype=bool)  # U_k(i): the samples of rank <= k
+        assert (nbr.sum(axis=1) == k).all()
+        return 1.0 - np.maximum(r_rank[nbr] - k, 0).sum() * norm
+
+    return score(rX, rZ), score(rZ, rX)
+
+
+def test_tied_line_reproducer():
+    # Equal distances in Z (and X): k = 1 neighbours and X ranks both tie; appending zero
+    # columns (no distance changes) used to change the score (0.4 vs 0.2667).
+    X = np.arange(5).reshape(-1, 1)
+    Z = np.array([[0], [2], [4], [1], [3]])
+    ref_t, ref_c = _reference_scores(X, Z, 1)
+    assert ref_t == pytest.approx(0.2, abs=1e-12)  # 1 - 12/15
+    assert abs(sk_trustworthiness(X.astype(float), Z.astype(float), n_neighbors=1) - 0.2) <= 1e-12
+    for Zc in (Z, np.hstack([Z, np.zeros((5, 9))])):
+        assert trustworthiness(X, Zc, n_neighbors=1) == pytest.approx(ref_t, abs=1e-12)
+        assert continuity(X, Zc, n_neighbors=1) == pytest.approx(ref_c, abs=1e-12)
+
+
+def test_tied_integer_reproducer():
+    # Integer X (ties), tie-free Z: used to change with block_size (0.5385 vs 0.5462) and
+    # neighbourhood_scores disagreed with continuity.
+    X = np.random.default_rng(0).integers(0, 3, (10, 8))
+    Z = np.random.default_rng(1).normal(size=(10, 2))
+    ref_t, ref_c = _reference_scores(X, Z, 2)
+    assert ref_t == pytest.approx(1 - 55 / 130, abs=1e-12) and ref_c == pytest.approx(1 - 56 / 130, abs=1e-12)
+    both = neighbourhood_scores(X, {"z": Z}, n_neighbors=2)["z"]
+    for block in (None, 1, 3, 7):
+        t = trustworthiness(X, Z, n_neighbors=2, block_size=block)
+        c = continuity(X, Z, n_neighbors=2, block_size=block)
+        assert t == pytest.approx(ref_t, abs=1e-12) and c == pytest.approx(ref_c, abs=1e-12)
+        assert both == {"trustworthiness": t, "continuity": c}
+
+
+def _tied_data(n, d, seed):
+    """Integer grids with duplicated rows: many equal distances in both spaces."""
+    rng = np.random.default_rng(seed)
+    X = rng.integers(0, 3, size=(n, d))
+    X[n // 2:n // 2 + 6] = X[:6]  # duplicates
+    Z = rng.integers(-2, 3, size=(n, 2))
+    Z[-4:] = Z[:4]
+    return X.astype(np.float64), Z.astype(np.float64)
+
+
+@pytest.mark.parametrize("d, k", [(3, 4), (12, 5), (40, 7)])  # k-d tree + 2-D kernel; blocked paths
+@pytest.mark.parametrize("numba", [True, False])
+def test_ties_follow_one_rule_everywhere(d, k, numba, monkeypatch):
+    if not numba:  # the pure-torch code paths a GPU runs
+        monkeypatch.setattr(kernels, "_NUMBA_KERNELS", None)
+        monkeypatch.setattr(kernels, "_NUMBA_TRIED", True)
+        monkeypatch.setattr(neighbors, "KDTREE_MAX_FEATURES", 0)
+    X, Z = _tied_data(48, d, seed=d)
+    ref_t, ref_c = _reference_scores(X, Z, k)
+    t, c = trustworthiness(X, Z, n_neighbors=k), continuity(X, Z, n_neighbors=k)
+    assert t == pytest.approx(ref_t, abs=1e-12) and c == pytest.approx(ref_c, abs=1e-12)
+    pad = np.zeros((48, 5))
+    variants = [  # each must give exactly the same numbers
+        dict(X=X, Z=Z, block_size=5),
+        dict(X=X, Z=Z, block_size=1),
+        dict(X=np.hstack([X, pad]), Z=np.hstack([Z, pad]), block_size=None),  # zero columns
+        dict(X=np.hstack([pad, X]), Z=Z, block_size=16),
+        dict(X=4 * X + 3, Z=0.5 * Z - 7, block_size=None),  # exact scaling and shift
+        # not small integers: the expanded form is inexact (err > 0) and the band decides
+        dict(X=0.5 * X + 0.25, Z=Z * 2.0**30, block_size=7),
+        dict(X=X * 2.0**30, Z=0.25 * Z + 0.125, block_size=None),
+        dict(X=X.astype(np.float32), Z=Z.astype(np.float32), block_size=9),
+    ]
+    for v in variants:
+        kw = {"n_neighbors": k, "block_size": v["block_size"]}
+        assert trustworthiness(v["X"], v["Z"], **kw) == t
+        assert continuity(v["X"], v["Z"], **kw) == c
+        assert neighbourhood_scores(v["X"], {"z": v["Z"]}, **kw)["z"] == {"trustworthiness": t, "continuity": c}
+    gx = knn_graph(X, n_neighbors=k, method="exact")
+    assert neighbourhood_scores(X, {"z": Z}, n_neighbors=k, graph_X=gx)["z"] == {"trustworthiness": t, "continuity": c}
+    assert trustworthiness(X, X, n_neighbors=k) == 1.0 and continuity(Z, Z, n_neighbors=k) == 1.0
+
+
+def test_rank_counts_numba_equals_torch_and_reference():
     import torch
 
+    X, _ = _tied_data(40, 6, seed=3)
     rng = np.random.default_rng(0)
-    D = torch.as_tensor(rng.integers(0, 20, size=(9, 40)).astype(np.float64))  # many ties
+    nbr = np.array([rng.choice(np.delete(np.arange(40), i), 6, replace=False) for i in range(40)])
+    expected = np.take_along_axis(_ranks(_exact_sq(X)), nbr, axis=1) - 1
+    assert kernels.numba_kernels() is not None
+    rows = np.arange(5, 22)
+    for scale in (1.0, 0.5, 2.0**30):  # exact integers (err = 0); inexact expanded form (err > 0)
+        ranking = kernels.Ranking(X * scale, torch.device("cpu"), torch.float64)
+        assert (ranking.err == 0).all() == (scale == 1.0)
+        R = ranking.block(5, 22)
+        np.testing.assert_array_equal(ranking.rank_counts(R, rows, nbr[5:22]), expected[5:22])
+        np.testing.assert_array_equal(
+            kernels._rank_counts_torch(R, rows, nbr[5:22], ranking.points, torch.as_tensor(ranking.err)),
+            expected[5:22])
+    np.testing.assert_array_equal(kernels.lowdim_rank_counts(X[:, :4], nbr),
+                                  np.take_along_axis(_ranks(_exact_sq(X[:, :4])), nbr, axis=1) - 1)
+    D = torch.as_tensor(rng.integers(0, 20, size=(9, 40)).astype(np.float64))  # the torch counter
     thresholds = D.gather(1, torch.as_tensor(rng.integers(0, 40, size=(9, 6))))
-    expected = (D[:, :, None] < thresholds[:, None, :]).sum(1)
-    assert torch.equal(score._count_below_torch(D, thresholds), expected)
-    assert torch.equal(score._count_below(D, thresholds), expected)
+    assert torch.equal(kernels._count_below_torch(D, thresholds), (D[:, :, None] < thresholds[:, None, :]).sum(1))
 
 
 def test_trustworthiness_known_answer():
@@ -217,7 +341,7 @@ def test_silhouette_sample_is_stratified_and_seeded():
     assert a != silhouette(X, labels, sample_size=200, random_state=2)
     assert abs(a - exact) < 0.1
     assert silhouette(X, labels, sample_size=10_000) == exact
-    keep = score._stratified_sample(labels, 100, 0)
+    keep = stratified_subsample(labels, 100, seed=0)  # what sample_size uses
     assert len(keep) == 100 and len(set(keep)) == 100
     np.testing.assert_allclose(np.bincount(labels[keep]), np.bincount(labels) / 4, atol=1)
     with pytest.raises(ValueError, match="sample_size"):
@@ -480,3 +604,20 @@ def test_neighbourhood_hit_is_a_registered_embedding_score():
     Z = out.embeddings[0].coords
     assert pca_row["neighbourhood_hit"] == pytest.approx(score.neighbourhood_hit(Z, y, n_neighbors=10))
     assert "neighbourhood_hit" not in out.rows[0]  # not a raw-feature score
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _cuda_available(), reason="needs CUDA")
+def test_cuda_ties_equal_cpu():
+    for scale in (1.0, 0.5):  # exact integers; inexact expanded form decided by the band
+        X, Z = _tied_data(64, 20, seed=5)
+        X, Z = X * scale, Z * scale
+        ref_t, ref_c = _reference_scores(np.round(X / scale), np.round(Z / scale), 6)
+        for block in (None, 9):
+            kw = {"n_neighbors": 6, "device": "cuda", "block_size": block}
+            assert trustworthiness(X, Z, **kw) == pytest.approx(ref_t, abs=1e-12)
+            assert continuity(X, Z, **kw) == pytest.approx(ref_c, abs=1e-12)
+            assert neighbourhood_scores(X, {"z": Z}, **kw)["z"] == {
+                "trustworthiness": trustworthiness(X, Z, n_neighbors=6), "continuity": continuity(X, Z, n_neighbors=6)}
+        np.testing.assert_array_equal(knn_graph(X, n_neighbors=6, method="exact", device="cuda").indices,
+                                      knn_graph(X, n_neighbors=6, method="exact", device="cpu").indices)

@@ -1,0 +1,180 @@
+"""numba kernels behind :mod:`evalkit.kernels` (CPU).
+
+Module-level functions with ``cache=True``, so each is compiled once per machine, not once
+per process. Only :func:`evalkit.kernels.numba_kernels` imports this module, on first use:
+``import evalkit`` never loads numba.
+
+Every kernel decides order by the exact squared distance of :func:`sq_dist` (columns summed
+in order, no fused multiply-add: numba does not contract without ``fastmath``), and equal
+distances by the lower index; see :mod:`evalkit.kernels`.
+"""
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+
+@numba.njit(cache=True)
+def sq_dist(X, i, l):
+    """sum_c (X[i, c] - X[l, c])^2, columns in order: the one definition of distance."""
+    s = 0.0
+    for c in range(X.shape[1]):
+        diff = X[i, c] - X[l, c]
+        s += diff * diff
+    return s
+
+
+@numba.njit(parallel=True, cache=True)
+def pair_sq_distances(X, a, b, out):
+    """out[p] = sq_dist(X, a[p], b[p])."""
+    for p in numba.prange(a.shape[0]):
+        out[p] = sq_dist(X, a[p], b[p])
+
+
+@numba.njit(parallel=True, cache=True)
+def row_topk_exact(R, rows, X, err, idx):
+    """idx[r] = the k = idx.shape[1] nearest neighbours of sample rows[r], ordered by
+    (sq_dist, index).
+
+    R[r, l] approximates sq_dist(X, rows[r], l) minus a per-row constant within err[rows[r]]
+    (float32 or float64; self is +inf). The k-th smallest value v of a row admits as
+    candidates the entries with R <= v + 2 err (every true neighbour is among them); those
+    are ranked by their exact distance, ties to the lower index (candidates are visited in
+    index order and an equal value never moves ahead).
+    """
+    n_rows, n = R.shape
+    k = idx.shape[1]
+    for r in numba.prange(n_rows):
+        i = rows[r]
+        row = R[r]
+        vb = np.full(k, np.inf, dtype=R.dtype)
+        worst = vb[k - 1]
+        for l in range(n):
+            v = row[l]
+            if v < worst:
+                p = k - 1
+                while p > 0 and vb[p - 1] > v:
+                    vb[p] = vb[p - 1]
+                    p -= 1
+                vb[p] = v
+                worst = vb[k - 1]
+        # v + 2 err rounded to R's precision (to nearest: every value of that precision
+        # up to the exact bound is still <= limit), so the candidate pass compares natively
+        lim = np.empty(1, dtype=R.dtype)
+        lim[0] = np.float64(worst) + 2.0 * err[i]
+        limit = lim[0]
+        best_v = np.full(k, np.inf)
+        best_i = np.full(k, -1, dtype=np.int64)
+        for l in range(n):
+            if row[l] <= limit:
+                v = sq_dist(X, i, l)
+                if v < best_v[k - 1]:
+                    p = k - 1
+                    while p > 0 and best_v[p - 1] > v:
+                        best_v[p] = best_v[p - 1]
+                        best_i[p] = best_i[p - 1]
+                        p -= 1
+                    best_v[p] = v
+                    best_i[p] = l
+        for m in range(k):
+            idx[r, m] = best_i[m]
+
+
+@numba.njit(parallel=True, cache=True)
+def count_ranks(R, rows, nbr, X, err, out):
+    """out[r, m] = #{l != i : (sq_dist(i, l), l) < (sq_dist(i, j), j)}, i = rows[r],
+    j = nbr[r, m].
+
+    R (float64) as for :func:`row_topk_exact`. Entries below t - 2 err (t = R[r, j]) are
+    certainly closer, entries above t + 2 err certainly farther; the few in between are
+    decided by their exact distance (or, where err = 0 and the values are exact, by index
+    alone). Per row, one pass keeps the entries up to the largest
+    threshold (branch-free compaction), then one counting pass per threshold over those.
+    """
+    n_rows, n = R.shape
+    k = nbr.shape[1]
+    for r in numba.prange(n_rows):
+        i = rows[r]
+        row = R[r]
+        e2 = 2.0 * err[i]
+        t = np.empty(k)
+        for m in range(k):
+            t[m] = row[nbr[r, m]]
+        top = t.max() + e2
+        vals = np.empty(n)
+        ids = np.empty(n, dtype=np.int64)
+        kept = 0
+        for l in range(n):
+            v = row[l]
+            vals[kept] = v
+            ids[kept] = l
+            kept += 1 if v <= top else 0
+        for m in range(k):
+            lo = t[m] - e2
+            hi = t[m] + e2
+            below = 0
+            upto = 0
+            for q in range(kept):
+                v = vals[q]
+                below += 1 if v < lo else 0
+                upto += 1 if v <= hi else 0
+            if upto - below > 1 and e2 == 0.0:  # exact values: ties go by index alone
+                j = nbr[r, m]
+                for q in range(kept):
+                    if vals[q] == t[m] and ids[q] < j:
+                        below += 1
+            elif upto - below > 1:  # more than j itself in the band
+                j = nbr[r, m]
+                dj = sq_dist(X, i, j)
+                for q in range(kept):
+                    v = vals[q]
+                    if v >= lo and v <= hi:
+                        l = ids[q]
+                        if l != j:
+                            dl = sq_dist(X, i, l)
+                            if dl < dj or (dl == dj and l < j):
+                                below += 1
+            out[r, m] = below
+
+
+@numba.njit(parallel=True, cache=True)
+def lowdim_count_ranks(PT, nbr, out):
+    """:func:`count_ranks` for few dimensions, with exact distances computed on the fly from
+    PT = X.T (n_dims, n_samples), column by column so the loops vectorise (same additions
+    in the same order as :func:`sq_dist`, so the values are identical)."""
+    d, n = PT.shape
+    k = nbr.shape[1]
+    for i in numba.prange(n):
+        t = np.empty(k)
+        for m in range(k):
+            j = nbr[i, m]
+            s = 0.0
+            for c in range(d):
+                diff = PT[c, i] - PT[c, j]
+                s += diff * diff
+            t[m] = s
+        buf = np.zeros(n)
+        for c in range(d):
+            pc = PT[c]
+            x = pc[i]
+            for l in range(n):
+                diff = x - pc[l]
+                buf[l] += diff * diff
+        buf[i] = np.inf  # self excluded by index
+        top = t.max()
+        vals = np.empty(n)
+        ids = np.empty(n, dtype=np.int64)
+        kept = 0
+        for l in range(n):
+            v = buf[l]
+            vals[kept] = v
+            ids[kept] = l
+            kept += 1 if v <= top else 0
+        for m in range(k):
+            tm = t[m]
+            j = nbr[i, m]
+            acc = 0
+            for q in range(kept):
+                v = vals[q]
+                acc += 1 if (v < tm or (v == tm and ids[q] < j)) else 0
+            out[i, m] = acc
