@@ -23,7 +23,7 @@ def _cfg(**top):
 
 @pytest.mark.parametrize("raw, expected", [
     (_cfg(embed={"methods": ["tsne", "tnse"]}),
-     "x.yaml: embed.methods[1]: expected one of 'tsne', 'umap', 'pca' (got 'tnse'; did you mean 'tsne'?)"),
+     "x.yaml: embed.methods[1]: expected one of 'tsne', 'umap', 'pca', 'pacmap' (got 'tnse'; did you mean 'tsne'?)"),
     # a union: one message for both members, no member tag in the path, no far-fetched hint
     (_cfg(embed={"tsne": {"learning_rate": "fast"}}),
      "x.yaml: embed.tsne.learning_rate: expected 'auto' or a number (got 'fast')"),

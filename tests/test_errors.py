@@ -132,7 +132,7 @@ def out_of_range():
 
 def unknown_method():
     return _report(_cfg("c.yaml", _features_cfg(embed={"methods": ["pca", "tnse"]}))), [
-        "c.yaml: embed.methods[1]: expected one of 'tsne', 'umap', 'pca' (got 'tnse'; did you mean 'tsne'?)"]
+        "c.yaml: embed.methods[1]: expected one of 'tsne', 'umap', 'pca', 'pacmap' (got 'tnse'; did you mean 'tsne'?)"]
 
 
 def union_value():
