@@ -18,7 +18,7 @@ import numpy as np
 
 from evalkit.cache import cache_key, cache_read, cache_write  # noqa: F401  (re-exported)
 from evalkit.errors import EvalkitError, unknown
-from evalkit.preprocess import build_transform, resolve_preprocess  # noqa: F401  (re-exported)
+from evalkit.preprocess import build_transform, depth_rule, resolve_preprocess  # noqa: F401  (re-exported)
 from evalkit.results import FeatureSet
 
 PENULTIMATE = "penultimate"
@@ -415,6 +415,9 @@ def extract_model(mcfg, dataset, ecfg, *, use_cache: bool = True, log=None) -> l
             log(f"  {mcfg.name}: loaded {report['loaded']} tensors from {mcfg.checkpoint}; skipped {skipped} "
                 f"(strict: false)")
     device = resolve_device(ecfg.device)
+    rule = depth_rule(dataset.load_image(0)) if len(dataset) and log else None
+    if rule:
+        log(f"  {mcfg.name}: images of {rule} to 8 bits (see README, Config)")
     if ecfg.bf16 and device.type != "cuda" and log:
         log(f"  {mcfg.name}: extract.bf16 applies on CUDA only; running in float32 on {device.type}")
     loader = torch.utils.data.DataLoader(

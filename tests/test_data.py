@@ -227,3 +227,40 @@ def test_nan_labels_are_refused_with_their_rows(tmp_path):
     np.savez(tmp_path / "f.npz", features=np.random.default_rng(0).normal(size=(6, 3)), labels=labels)
     with pytest.raises(EvalkitError, match=r"2 labels are NaN or infinite \(rows 2, 5\)"):
         load_dataset(DataConfig(kind="features", path=str(tmp_path / "f.npz")))
+
+
+# --- high-bit-depth images ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I", "F"])
+def test_high_bit_depth_images_are_scaled_not_clipped(tmp_path, mode):
+    from PIL import Image
+
+    from evalkit.preprocess import build_transform, depth_rule
+
+    eight = write_image_folder(tmp_path / "eight", classes=("a", "b", "c"), n_per_class=3, mode="L")
+    deep = tmp_path / "deep"
+    for f in sorted(eight.rglob("*.png")):
+        a = np.asarray(Image.open(f)).astype(np.float64)
+        arr = {"I;16": (a * 257).astype(np.uint16), "I": (a * 257).astype(np.int32),
+               "F": (a / 255).astype(np.float32)}[mode]
+        (deep / f.parent.name).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(arr, mode if mode != "I;16" else None).save(deep / f.parent.name / (f.stem + ".tif"))
+    ref = load_dataset(DataConfig(kind="imagefolder", path=str(eight)))
+    ds = load_dataset(DataConfig(kind="imagefolder", path=str(deep)))
+    assert ds.load_image(0).mode == mode and depth_rule(ds.load_image(0))
+    for channels in (1, 3):
+        t = build_transform({"channels": channels})
+        for i in range(len(ds)):
+            assert np.abs(t(ds.load_image(i)).numpy() - t(ref.load_image(i)).numpy()).max() <= 1 / 255 + 1e-6
+
+
+def test_float_images_outside_0_1_are_min_max_scaled_per_image():
+    from PIL import Image
+
+    from evalkit.preprocess import depth_rule, to_8bit
+
+    im = Image.fromarray(np.linspace(-3, 5, 64, dtype=np.float32).reshape(8, 8), "F")
+    out = np.asarray(to_8bit(im))
+    assert out.min() == 0 and out.max() == 255 and "min-max" in depth_rule(im)
+    assert np.asarray(to_8bit(Image.fromarray(np.full((4, 4), 7.0, np.float32), "F"))).max() == 0
