@@ -56,11 +56,13 @@ def resolve_device(name: str = "auto"):
 HEAD_NAMES = ("classifier", "fc", "head", "heads", "last_linear")  # where models keep their classifier
 
 
-def classifier_name(model) -> Optional[str]:
+def classifier_name(model, example=None) -> Optional[str]:
     """Name of the final classifier module.
 
-    timm's ``get_classifier()``; else the last Linear inside a top-level ``classifier``, ``fc``,
-    ``head``, ``heads`` or ``last_linear``; else the last Linear the model registers.
+    timm's ``get_classifier()``; else, given ``example`` (an input batch), the Linear whose
+    output is the model's output, or the last Linear the forward pass runs; else (no example,
+    or its forward fails) the last Linear inside a top-level ``classifier``, ``fc``, ``head``,
+    ``heads`` or ``last_linear``; else the last Linear the model registers.
     """
     import torch
 
@@ -73,6 +75,8 @@ def classifier_name(model) -> Optional[str]:
             head = None
         if isinstance(head, torch.nn.Module) and names.get(id(head)):
             return names[id(head)]
+    if example is not None and (found := _last_linear_run(model, example)):
+        return found
 
     def last_linear(module, prefix=""):
         found = None
@@ -88,19 +92,56 @@ def classifier_name(model) -> Optional[str]:
     return last_linear(model)
 
 
-def resolve_layers(model, layers, *, source: Optional[str] = None) -> dict:
+def _output_tensors(out) -> list:
+    import torch
+
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        out = list(out.values())
+    return [t for t in out if isinstance(t, torch.Tensor)] if isinstance(out, (tuple, list)) else []
+
+
+def _last_linear_run(model, example) -> Optional[str]:
+    """The Linear whose output the model returns, else the last Linear run; None if the forward fails."""
+    import torch
+
+    calls: list = []
+    handles = [m.register_forward_hook(lambda _m, _i, out, n=n: calls.append((n, out)))
+               for n, m in model.named_modules() if n and isinstance(m, torch.nn.Linear)]
+    if not handles:
+        return None
+    training = model.training
+    try:
+        model.eval()
+        with torch.inference_mode():
+            outputs = _output_tensors(model(example))
+    except Exception:  # the real pass reports it; here it only means "decide without running"
+        return None
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(training)
+    for name, out in reversed(calls):
+        if any(out is t for t in outputs):
+            return name
+    return calls[-1][0] if calls else None
+
+
+def resolve_layers(model, layers, *, source: Optional[str] = None, example=None) -> dict:
     """Map each requested layer to ``(module_name, "output" | "input")``.
 
     ``penultimate`` is the input of :func:`classifier_name`; any other name must be one of
     ``model.named_modules()``, else the error lists the closest names. ``source`` only makes
-    the error messages name the model.
+    the error messages name the model; ``example`` (an input batch) lets ``penultimate`` find
+    the classifier by running the model (:func:`classifier_name`).
     """
     names = [n for n, _ in model.named_modules() if n]
     listing = f"`evalkit layers {source or 'SOURCE'}`"
     out = {}
     for layer in layers:
         if layer == PENULTIMATE:
-            head = classifier_name(model)
+            head = classifier_name(model, example)
             if head is None:
                 raise EvalkitError(f"layer 'penultimate': this model has no final Linear classifier; name a layer "
                                    f"({listing} lists them)")
@@ -391,8 +432,11 @@ def extract_model(mcfg, dataset, ecfg, *, use_cache: bool = True, log=None) -> l
     from evalkit.models import create_model, file_digest, load_checkpoint, read_checkpoint
 
     model = create_model(mcfg.source, kwargs=mcfg.kwargs)
-    layer_map = resolve_layers(model, mcfg.layers, source=mcfg.source)
     spec = resolve_preprocess(model, mcfg.preprocess, source=mcfg.source)
+    example = None
+    if PENULTIMATE in mcfg.layers and len(dataset):  # one real image finds the classifier by running it
+        example = build_transform(spec)(dataset.load_image(0))[None]
+    layer_map = resolve_layers(model, mcfg.layers, source=mcfg.source, example=example)
     digest = "random-init"
     if mcfg.checkpoint and ecfg.cache:
         if not Path(mcfg.checkpoint).is_file():
@@ -463,7 +507,7 @@ def list_layers(source: str, *, kwargs: dict | None = None, input_size=None) -> 
         h, w = (s, s) if isinstance(s, int) else tuple(s)
         input_size = (1, c, h, w)
     shapes: dict = {}
-    head = classifier_name(model)
+    head = classifier_name(model, torch.zeros(*input_size))
     modules = dict(model.named_modules())
 
     def note(name, value) -> None:  # a hook that returns a value would replace the module's output

@@ -176,6 +176,27 @@ def test_layer_errors():
         run_layers(m, [torch.randn(2, 3)], resolve_layers(m, ["spare"]), device=CPU, pooling=PoolingConfig())
 
 
+@pytest.mark.parametrize("head, softmax", [("out", False), ("head", False), ("out", True)])
+def test_penultimate_is_the_input_of_the_layer_that_makes_the_output(image_folder, tmp_path, head, softmax):
+    from usermodels import HiddenFc
+
+    model = HiddenFc(head, softmax)
+    x = torch.randn(1, 3, 16, 16)
+    assert resolve_layers(model, ["penultimate"], example=x) == {"penultimate": (head, "input")}
+    assert dict((n, k) for n, k, _ in list_layers_of(model))["penultimate"] == f"input of {head}"
+    (fs,) = extract.extract_model(ModelConfig(name="h", source="python:usermodels:HiddenFc",
+                                              kwargs={"head": head, "softmax": softmax}),
+                                  _dataset(image_folder), _ecfg(tmp_path, cache=False))
+    assert fs.features.shape == (15, 8)  # the input of the 8 -> 3 classifier, not of the 4 -> 8 hidden fc
+
+
+def list_layers_of(model):
+    from unittest import mock
+
+    with mock.patch("evalkit.models.create_model", return_value=model):
+        return list_layers("python:x:y", input_size=(1, 3, 16, 16))
+
+
 def test_list_layers_prints_shapes_for_a_dummy_input():
     rows = {name: (kind, shape) for name, kind, shape in list_layers(USER, kwargs={"width": 4, "embed_dim": 6})}
     assert rows["blocks.1"] == ("Sequential", (1, 4, 224, 224))
