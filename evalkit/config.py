@@ -8,7 +8,6 @@ from __future__ import annotations
 import re
 import types
 import typing
-from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -263,24 +262,30 @@ class Config(_Strict):
     @model_validator(mode="after")
     def _checks_select_rows(self):
         """A check's ``where`` must be able to match a row: a misspelt name is a mistake."""
+        from evalkit.check import select_names  # an exact name wins over a glob, as when checks run
+
         models = {m.name: m for m in self.models}
         methods = ("features",) + tuple(self.embed.methods)
         for i, check in enumerate(self.checks):
             w = check.where
             at = f"checks[{i}].where"
-            if not _is_glob(w.model) and w.model not in models:
-                raise LocatedError(f"{at}.model", "no such model; " + _unknown_message(w.model, models))
-            if not _is_glob(w.method) and w.method not in methods:
-                raise LocatedError(f"{at}.method", "no such method in this run; " + _unknown_message(w.method, methods))
-            selected = [m for name, m in models.items() if fnmatchcase(name, w.model)]
-            layers = list(dict.fromkeys(layer for m in selected for layer in m.layer_names))
-            if not _is_glob(w.layer) and w.layer not in layers:
-                raise LocatedError(f"{at}.layer", "no such layer in the selected models; " + _unknown_message(w.layer, layers))
-            if not _is_glob(w.method):
-                valid = FEATURE_METRICS if w.method == "features" else EMBEDDING_METRICS
-                if check.metric not in valid:
-                    raise LocatedError(f"checks[{i}].metric", f"{check.metric!r} is not computed for method "
-                                       f"{w.method!r}; expected one of {', '.join(map(repr, valid))}")
+            selected = select_names(models, w.model)
+            if not selected:
+                why = "matches no model; " if _is_glob(w.model) else "no such model; "
+                raise LocatedError(f"{at}.model", why + _unknown_message(w.model, models))
+            chosen = select_names(methods, w.method)
+            if not chosen:
+                why = "matches no method in this run; " if _is_glob(w.method) else "no such method in this run; "
+                raise LocatedError(f"{at}.method", why + _unknown_message(w.method, methods))
+            layers = list(dict.fromkeys(layer for name in selected for layer in models[name].layer_names))
+            if not select_names(layers, w.layer):
+                why = "matches no layer" if _is_glob(w.layer) else "no such layer"
+                raise LocatedError(f"{at}.layer", f"{why} in the selected models; " + _unknown_message(w.layer, layers))
+            computed = [m for m in chosen if check.metric in (FEATURE_METRICS if m == "features" else EMBEDDING_METRICS)]
+            if not computed:
+                valid = FEATURE_METRICS if chosen == ["features"] else EMBEDDING_METRICS
+                raise LocatedError(f"checks[{i}].metric", f"{check.metric!r} is not computed for method "
+                                   f"{', '.join(map(repr, chosen))}; expected one of {', '.join(map(repr, valid))}")
         return self
 
     def to_yaml(self) -> str:

@@ -167,6 +167,17 @@ def check_metric_not_computed_for_method():
         "checks[0].metric: 'trustworthiness' is not computed for method 'features'"]
 
 
+def check_where_glob_matches_no_model():
+    check = {"metric": "knn_accuracy", "gte": 0.5, "where": {"model": "x*"}}
+    return _report(_cfg("c.yaml", _features_cfg(checks=[check]))), ["checks[0].where.model: matches no model"]
+
+
+def check_metric_not_computed_for_any_selected_method():
+    check = {"metric": "trustworthiness", "gte": 0.5, "where": {"method": "feat*"}}
+    return _report(_cfg("c.yaml", _features_cfg(checks=[check]))), [
+        "checks[0].metric: 'trustworthiness' is not computed for method 'features'"]
+
+
 def check_missing_condition():
     return _report(_cfg("c.yaml", _features_cfg(checks=[{"metric": "knn_accuracy"}]))), [
         "checks[0]: check on 'knn_accuracy' needs a condition"]
