@@ -300,6 +300,23 @@ def _torchvision_labels(ds, name: str) -> np.ndarray:
     return labels.astype(np.int64)
 
 
+def _init_parameters(cls) -> dict:
+    """Keyword parameters of ``cls.__init__``, with those its ``**kwargs`` pass on to base classes."""
+    import inspect
+
+    params = {}
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass) or klass is object:
+            continue
+        own = list(inspect.signature(klass.__init__).parameters.values())[1:]
+        for p in own:
+            if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
+                params.setdefault(p.name, p)
+        if not any(p.kind is p.VAR_KEYWORD for p in own):
+            break
+    return params
+
+
 def _load_torchvision(cfg) -> Dataset:
     import inspect
 
@@ -312,13 +329,27 @@ def _load_torchvision(cfg) -> Dataset:
     if cfg.name not in names:
         raise unknown("torchvision dataset (data.name)", cfg.name, names)
     cls = getattr(tvd, cfg.name)
-    split = cfg.split or "test"
     root = Path(cfg.path)
+    params = _init_parameters(cls)
+    needs = [n for n, p in params.items() if p.default is inspect.Parameter.empty and n not in ("root", "split")]
+    if needs:
+        raise EvalkitError(f"data.name: {cfg.name} needs {', '.join(map(repr, needs))}, which evalkit cannot pass; "
+                           f"evalkit reads classification datasets that take root (and train or split), such as "
+                           f"MNIST or CIFAR10; for others use data.kind: imagefolder or features")
     kwargs = {"root": str(root)}
-    params = inspect.signature(cls.__init__).parameters
     if "download" in params:
         kwargs["download"] = False
-    if "train" in params:
+    split = cfg.split or "test"
+    subsets = getattr(cls, "splits", None)
+    if "split" in params and "train" in params and subsets:
+        # EMNIST: a subset (balanced, letters, ...) and its train or test part, as 'balanced/test'
+        subset, _, part = str(cfg.split or "").partition("/")
+        if subset not in subsets or part not in ("", "train", "test"):
+            raise EvalkitError(f"data.split: {cfg.name} needs one of {', '.join(map(repr, subsets))}, optionally "
+                               f"with '/train' or '/test' (default test), e.g. '{subsets[0]}/test'; got {cfg.split!r}")
+        split = f"{subset}/{part or 'test'}"
+        kwargs["split"], kwargs["train"] = subset, part == "train"
+    elif "train" in params:
         if split not in ("train", "test"):
             raise EvalkitError(f"data.split: {cfg.name} has splits 'train' and 'test'; got {split!r}")
         kwargs["train"] = split == "train"
@@ -330,6 +361,9 @@ def _load_torchvision(cfg) -> Dataset:
                            f"at {where.replace('PATH', str(root))}")
     try:
         ds = cls(**kwargs)
+    except TypeError as exc:  # an argument evalkit does not know about
+        raise EvalkitError(f"data.name: {cfg.name} cannot be built from root, train and split ({exc}); evalkit "
+                           f"reads classification datasets such as MNIST or CIFAR10") from None
     except (RuntimeError, FileNotFoundError, OSError, ValueError) as exc:
         where = TORCHVISION_LAYOUTS.get(cfg.name, "PATH in torchvision's layout for this dataset")
         text = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__

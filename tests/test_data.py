@@ -150,6 +150,32 @@ def test_torchvision_unknown_name_and_bad_split(tmp_path):
         load_dataset(DataConfig(kind="torchvision", name="MNIST", path=str(tmp_path), split="val"))
 
 
+def _write_emnist(root, subset="balanced"):
+    import os
+
+    write_mnist(root, size=8, n_train=20, n_test=30, name="EMNIST")
+    raw = root / "EMNIST" / "raw"
+    for old, part in (("train", "train"), ("t10k", "test")):
+        for kind in ("images-idx3", "labels-idx1"):
+            os.rename(raw / f"{old}-{kind}-ubyte", raw / f"emnist-{subset}-{part}-{kind}-ubyte")
+
+
+def test_torchvision_emnist_subset_reads_the_test_part_unless_told(tmp_path):
+    _write_emnist(tmp_path)
+    test = load_dataset(DataConfig(kind="torchvision", name="EMNIST", path=str(tmp_path), split="balanced"))
+    assert test.n_total == 30 and test.name == "EMNIST (balanced/test)"
+    train = load_dataset(DataConfig(kind="torchvision", name="EMNIST", path=str(tmp_path), split="balanced/train"))
+    assert train.n_total == 20 and train.fingerprint != test.fingerprint
+    for bad in ("test", None, "balanced/val"):
+        with pytest.raises(EvalkitError, match=r"data.split: EMNIST needs one of 'byclass'.*'/test' \(default test\)"):
+            load_dataset(DataConfig(kind="torchvision", name="EMNIST", path=str(tmp_path), split=bad))
+
+
+def test_torchvision_dataset_that_needs_more_arguments_is_named(tmp_path):
+    with pytest.raises(EvalkitError, match=r"data.name: CocoDetection needs 'annFile'.*classification datasets"):
+        load_dataset(DataConfig(kind="torchvision", name="CocoDetection", path=str(tmp_path)))
+
+
 # --- feature files --------------------------------------------------------------------------
 
 

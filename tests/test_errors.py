@@ -312,6 +312,11 @@ def corrupt_image():
     return _report(_cfg("c.yaml", cfg)), ["zz-broken.png", "cannot read image"]
 
 
+def torchvision_dataset_needs_more_arguments():
+    cfg = _image_cfg({"source": "demo:cnn"}, data={"kind": "torchvision", "name": "CocoDetection", "path": "."})
+    return _report(_cfg("c.yaml", cfg)), ["data.name: CocoDetection needs 'annFile'", "classification datasets"]
+
+
 def features_file_missing():
     return _report(_cfg("c.yaml", _features_cfg(data={"path": "none.npz"}))), ["none.npz", "not found"]
 
