@@ -193,6 +193,10 @@ class _ImageFiles:
             with Image.open(path) as im:
                 im.load()
                 return im.copy()
+        except Image.DecompressionBombError:  # PIL's guard: more than 2 x MAX_IMAGE_PIXELS pixels
+            limit = 2 * (Image.MAX_IMAGE_PIXELS or 0)
+            raise EvalkitError(f"{path}: image too large to decode (over {limit:,} pixels, PIL's decompression-bomb "
+                               f"limit); downscale it or remove it") from None
         except (OSError, ValueError, SyntaxError) as exc:  # PIL raises all three for broken files
             raise EvalkitError(f"{path}: cannot read image ({exc.__class__.__name__}: {exc}); fix or remove "
                                f"the file") from None

@@ -523,3 +523,17 @@ def test_a_checkpoint_that_would_run_code_names_the_opt_in(workdir, capsys):
     code, _, err = run_cli(argv, capsys)
     assert code == 2 and "pickled Python objects" in err and "unsafe_pickle: true" in err
     assert not (workdir / "pwned").exists()
+
+
+def test_an_image_over_pils_pixel_limit_is_one_line_naming_it(workdir, capsys, monkeypatch):
+    from PIL import Image
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # a 14,000 x 14,000 image, scaled down
+    cfg = _cfg("c.yaml", _image_cfg({"source": "demo:cnn"}))
+    Image.new("L", (64, 64)).save("imgs/b/zz-huge.png")
+    before = tree_digest(workdir / PREV)
+    code, _, err = run_cli(_report(cfg), capsys)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert "zz-huge.png: image too large to decode" in lines[0] and "downscale" in lines[0]
+    assert tree_digest(workdir / PREV) == before
