@@ -3,7 +3,7 @@
 Layers are any ``named_modules`` name, captured with forward hooks (no tracing, so models
 whose forward has control flow work). ``penultimate`` names the input of the final
 classifier. Outputs are pooled to one vector per sample and cached by content: the model
-(source, kwargs, checkpoint bytes), layers, pooling, preprocessing, the dataset and the
+(source, kwargs, checkpoint bytes; a ``python:`` model's code and initial weights), layers, pooling, preprocessing, the dataset and the
 selected samples, and the evalkit version.
 """
 from __future__ import annotations
@@ -444,6 +444,10 @@ def extract_model(mcfg, dataset, ecfg, *, use_cache: bool = True, log=None) -> l
         digest = file_digest(mcfg.checkpoint, cache_dir=ecfg.cache_dir)
         # a checkpoint loaded once under these settings loads the same again: a hit skips loading it
         digest += f"|strict={mcfg.strict}|unsafe_pickle={mcfg.unsafe_pickle}"
+    if ecfg.cache and mcfg.source.startswith("python:"):  # the user's code and weights as created
+        from evalkit.cache import python_model_digest
+
+        digest += f"|code+init={python_model_digest(mcfg.source, model)}"
     key = cache_key(mcfg, dataset, spec, digest, bf16=ecfg.bf16)
     cache_path = Path(ecfg.cache_dir) / f"{mcfg.name}-{key}.npz"
     if use_cache and ecfg.cache:

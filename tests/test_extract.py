@@ -377,6 +377,26 @@ def test_cache_hit_skips_the_model_and_a_change_recomputes(image_folder, tmp_pat
     assert len(count_runs) == len(changes) + 3
 
 
+def test_python_model_cache_covers_its_code_and_initial_weights(image_folder, tmp_path, count_runs, monkeypatch):
+    code = ("import os\nimport torch\n\n\ndef make():\n    torch.manual_seed(int(os.environ.get('H4_SEED', '0')))\n"
+            "    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.LazyLinear(2))\n")
+    mod = tmp_path / "mods" / "h4_cached_net.py"
+    mod.parent.mkdir()
+    mod.write_text(code)
+    monkeypatch.syspath_prepend(str(mod.parent))
+    ds, ecfg = _dataset(image_folder), _ecfg(tmp_path)
+    cfg = ModelConfig(name="p", source="python:h4_cached_net:make", layers=("0",))
+    extract_model(cfg, ds, ecfg)
+    extract_model(cfg, ds, ecfg)
+    assert len(count_runs) == 1  # unchanged: served from the cache
+    mod.write_text(code + "# edited\n")  # the module's file changed
+    extract_model(cfg, ds, ecfg)
+    assert len(count_runs) == 2
+    monkeypatch.setenv("H4_SEED", "7")  # same code, other weights as created
+    extract_model(cfg, ds, ecfg)
+    assert len(count_runs) == 3
+
+
 def test_rewritten_checkpoint_recomputes(image_folder, tmp_path, count_runs):
     ds = _dataset(image_folder)
     cfg = _checkpointed_user_model(tmp_path)
