@@ -220,4 +220,11 @@ def read_rows(run_dir: str | Path, *, what: str = "run folder") -> list:
     rows = data.get("rows") if isinstance(data, dict) else None
     if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
         raise EvalkitError(f"{path}: expected {{\"rows\": [...]}} with one object per model/layer/method")
+    for i, row in enumerate(rows):
+        for key, value in row.items():
+            if isinstance(value, int) and not isinstance(value, bool) and not -1e308 < value < 1e308:
+                shown = str(value)
+                shown = shown if len(shown) <= 12 else f"{shown[:8]}... ({len(shown)} digits)"
+                raise EvalkitError(f"{path}: rows[{i}].{key}: {shown} is too large for a number evalkit reads; "
+                                   f"fix the value or write the file again with `evalkit report`")
     return rows

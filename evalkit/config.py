@@ -81,6 +81,15 @@ class ModelConfig(_Strict):
     )
     strict: bool = True
 
+    @field_validator("name")
+    @classmethod
+    def _printable_name(cls, v):
+        bad = sorted({c for c in v if not c.isprintable()})
+        if bad:
+            raise ValueError(f"model name {v!r} contains the control character{'s' if len(bad) > 1 else ''} "
+                             f"{', '.join(repr(c) for c in bad)}; use printable characters")
+        return v
+
     @field_validator("layers", mode="before")
     @classmethod
     def _one_layer(cls, v):

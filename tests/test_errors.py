@@ -189,6 +189,12 @@ def model_name_with_slash():
     return _report(_cfg("c.yaml", cfg)), ["models: model name 'a/b' may not contain '/'"]
 
 
+def model_name_with_a_control_character():
+    cfg = _features_cfg()
+    cfg["models"][0]["name"] = "a\x00b"
+    return _report(_cfg("c.yaml", cfg)), ["models[0].name: model name 'a\\x00b' contains the control character"]
+
+
 def unknown_source_prefix():
     return _report(_cfg("c.yaml", _image_cfg({"source": "dmeo:cnn"}))), ["model source prefix 'dmeo'", "'demo'"]
 
@@ -454,6 +460,14 @@ def check_bad_metrics_json():
     os.mkdir("run")
     Path("run/metrics.json").write_text("{not json")
     return ["check", "run"], ["metrics.json", "not valid JSON"]
+
+
+def check_metrics_json_number_too_large():
+    os.mkdir("run")
+    row = '{"model": "m", "layer": "features", "method": "features", "knn_accuracy": 1' + "0" * 400 + "}"
+    Path("run/metrics.json").write_text('{"rows": [' + row + "]}")
+    Path("run/config.yaml").write_text("name: x\nmodels: [{name: m, features: f.npz}]\n")
+    return ["check", "run"], ["metrics.json: rows[0].knn_accuracy", "401 digits", "too large"]
 
 
 def layers_unknown_source():
