@@ -197,6 +197,26 @@ def junit_xml(results: Iterable[CheckResult], *, suite: str = "evalkit") -> str:
     return '<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"
 
 
+def check_junit_path(path: str | Path) -> None:
+    """Raise the error :func:`write_junit` would, before a run: a folder, a file in the way, no write access."""
+    import os
+
+    path = Path(path)
+    if path.is_dir():
+        raise EvalkitError(f"--junit {path}: is a folder; expected a file name such as checks.xml")
+    if path.exists():
+        if not os.access(path, os.W_OK):
+            raise EvalkitError(f"--junit {path}: cannot write the file (no write permission); choose another path")
+        return
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise EvalkitError(f"--junit {path}: {parent} is a file, not a folder; choose another path")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise EvalkitError(f"--junit {path}: cannot write in {parent} (not writable); choose another path")
+
+
 def write_junit(path: str | Path, results) -> None:
     path = Path(path)
     try:

@@ -169,3 +169,22 @@ def test_cli_check_bad_folder_is_exit_2(tmp_path, capsys):
     assert main(["check", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "missing" in err[0]
+
+
+def test_junit_path_is_checked_before_a_run(tmp_path):
+    import os
+
+    from evalkit.check import check_junit_path
+
+    check_junit_path(tmp_path / "new" / "deeper" / "checks.xml")  # folders are made when writing
+    (tmp_path / "dir").mkdir()
+    with pytest.raises(EvalkitError, match=r"--junit .*dir: is a folder"):
+        check_junit_path(tmp_path / "dir")
+    (tmp_path / "blocker").write_text("x")
+    with pytest.raises(EvalkitError, match=r"blocker is a file, not a folder"):
+        check_junit_path(tmp_path / "blocker" / "checks.xml")
+    if os.geteuid() != 0:  # root may write anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        with pytest.raises(EvalkitError, match=r"cannot write in .*locked \(not writable\)"):
+            check_junit_path(locked / "checks.xml")
