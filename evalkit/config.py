@@ -5,6 +5,7 @@ file, the key path (``models[1].layers``) and what was expected.
 """
 from __future__ import annotations
 
+import os
 import re
 import types
 import typing
@@ -42,6 +43,11 @@ class DataConfig(_Strict):
     max_samples: Optional[int] = Field(None, ge=2)
     seed: int = 0
 
+    @field_validator("path", "labels")
+    @classmethod
+    def _expand_home(cls, v):
+        return os.path.expanduser(v) if v else v
+
     @model_validator(mode="after")
     def _needs_path(self):
         what = {"imagefolder": "the folder of class sub-folders", "torchvision": "the dataset's root folder",
@@ -66,6 +72,13 @@ class PreprocessConfig(_Strict):
     channels: Optional[Literal[1, 3]] = None  # 3 turns grey images into RGB, 1 the reverse
     interpolation: Literal["bilinear", "bicubic", "nearest"] = "bilinear"
 
+    @field_validator("std")
+    @classmethod
+    def _positive_std(cls, v):
+        if v is not None and any(not s > 0 for s in v):
+            raise ValueError(f"every value must be > 0 (images are divided by it); got {list(v)}")
+        return v
+
 
 class ModelConfig(_Strict):
     name: str = Field(min_length=1)
@@ -80,6 +93,11 @@ class ModelConfig(_Strict):
         False, description="opt-in: load a checkpoint that needs unpickling (runs its code)"
     )
     strict: bool = True
+
+    @field_validator("features", "checkpoint")
+    @classmethod
+    def _expand_home(cls, v):
+        return os.path.expanduser(v) if v else v
 
     @field_validator("name")
     @classmethod

@@ -5,6 +5,7 @@ Every loader returns a :class:`Dataset` of the selected samples (after the seede
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -13,6 +14,7 @@ import numpy as np
 
 from evalkit.errors import EvalkitError
 
+NOT_CLASSES = ("__MACOSX",)  # folders archivers add next to the class folders
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
 
@@ -220,11 +222,17 @@ def _load_imagefolder(cfg) -> Dataset:
     if not root.is_dir():
         what = "does not exist" if not root.exists() else "is not a folder"
         raise EvalkitError(f"data.path: {root} {what}; expected a folder with one sub-folder of images per class")
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")
+                     and p.name not in NOT_CLASSES)
     if not classes:
         raise EvalkitError(f"data.path: {root} has no class sub-folders; expected ROOT/CLASS/IMAGE files")
     files, labels, empty = [], [], []
     for k, cls in enumerate(classes):
+        try:
+            os.listdir(root / cls)
+        except OSError as exc:  # rglob would skip it silently and call it empty
+            raise EvalkitError(f"data.path: class folder {cls} under {root} cannot be read ({exc.strerror}); fix its "
+                               f"permissions or remove it") from None
         found = [f for f in sorted((root / cls).rglob("*"))
                  if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file()
                  and not any(part.startswith(".") for part in f.relative_to(root).parts)]
@@ -475,7 +483,12 @@ def encode_labels(labels: np.ndarray, names=None, *, source: str = "labels"):
             shown = ", ".join(str(r) for r in bad[:5]) + (", ..." if bad.size > 5 else "")
             raise EvalkitError(f"{source}: {bad.size} labels are NaN or infinite (rows {shown}); expected one class per row")
     uniq, codes = np.unique(labels, return_inverse=True)
-    if names is not None and np.issubdtype(uniq.dtype, np.integer) and uniq.min() >= 0 and uniq.max() < len(names):
+    if names is not None and np.issubdtype(uniq.dtype, np.integer):
+        outside = [int(u) for u in uniq if not 0 <= u < len(names)]
+        if outside:
+            shown = ", ".join(str(u) for u in outside[:5]) + (", ..." if len(outside) > 5 else "")
+            raise EvalkitError(f"{source}: label_names has {len(names)} names (for labels 0..{len(names) - 1}) but the "
+                               f"labels include {shown}; give one name per label value, or remove label_names")
         return codes.astype(np.int64), [str(names[int(u)]) for u in uniq]
     return codes.astype(np.int64), [str(u) for u in uniq]
 

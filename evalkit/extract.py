@@ -229,6 +229,9 @@ def _collate(items):
     import torch
 
     shapes = sorted({tuple(x.shape) for x in items})
+    if len({s[0] for s in shapes}) > 1:  # grey and colour images mixed, whatever their sizes
+        raise EvalkitError(f"images with {' and '.join(str(s[0]) for s in sorted({s[:1] for s in shapes}))} channels "
+                           f"(grey and colour) in one batch; set 'preprocess: {{channels: 3}}' (or 1) on this model")
     if len(shapes) > 1:
         raise EvalkitError(f"images of different sizes in one batch ({shapes[0]} and {shapes[-1]}); set "
                            f"'preprocess: {{resize: N, crop: N}}' on this model")

@@ -290,3 +290,47 @@ def test_float_images_outside_0_1_are_min_max_scaled_per_image():
     out = np.asarray(to_8bit(im))
     assert out.min() == 0 and out.max() == 255 and "min-max" in depth_rule(im)
     assert np.asarray(to_8bit(Image.fromarray(np.full((4, 4), 7.0, np.float32), "F"))).max() == 0
+
+
+# --- rough edges ----------------------------------------------------------------------------
+
+
+def test_macosx_folder_is_not_a_class(tmp_path):
+    root = write_image_folder(tmp_path / "root", classes=("a", "b", "__MACOSX"), n_per_class=2, size=(8, 8))
+    assert load_dataset(DataConfig(kind="imagefolder", path=str(root))).label_names == ("a", "b")
+
+
+def test_unreadable_class_folder_is_named_as_unreadable(tmp_path, monkeypatch):
+    import evalkit.data
+
+    root = write_image_folder(tmp_path / "root", classes=("a", "b"), n_per_class=2, size=(8, 8))
+    real = evalkit.data.os.listdir
+
+    def listdir(path):
+        if str(path).endswith("/b"):
+            raise PermissionError(13, "Permission denied")
+        return real(path)
+
+    monkeypatch.setattr(evalkit.data.os, "listdir", listdir)
+    with pytest.raises(EvalkitError, match=r"class folder b under .* cannot be read \(Permission denied\)"):
+        load_dataset(DataConfig(kind="imagefolder", path=str(root)))
+
+
+@pytest.mark.parametrize("labels", [[0, 1, 2], [0, 1, -1]])
+def test_label_names_that_do_not_cover_the_labels_are_an_error(tmp_path, labels):
+    path = tmp_path / "f.npz"
+    np.savez(path, features=np.random.default_rng(0).normal(size=(9, 3)).astype(np.float32),
+             labels=np.array(labels * 3), label_names=np.array(["a", "b"]))
+    with pytest.raises(EvalkitError, match=rf"f.npz: label_names has 2 names .* the labels include {labels[-1]}"):
+        load_dataset(DataConfig(kind="features", path=str(path)))
+
+
+def test_home_in_paths_is_expanded(tmp_path, monkeypatch):
+    from evalkit.config import ModelConfig
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    X, y = _features()
+    np.savez(tmp_path / "f.npz", features=X, labels=y)
+    cfg = DataConfig(kind="features", path="~/f.npz")
+    assert cfg.path == str(tmp_path / "f.npz") and len(load_dataset(cfg)) == 12
+    assert ModelConfig(name="m", features="~/f.npz").features == str(tmp_path / "f.npz")

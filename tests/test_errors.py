@@ -323,6 +323,17 @@ def torchvision_dataset_needs_more_arguments():
     return _report(_cfg("c.yaml", cfg)), ["data.name: CocoDetection needs 'annFile'", "classification datasets"]
 
 
+def grey_and_colour_images_mixed():
+    cfg = _image_cfg({"source": "demo:mlp", "layers": ["hidden1"]})  # no conv: images keep their channels
+    write_image_folder(Path("imgs"), classes=("c",), n_per_class=4, size=(8, 8), mode="RGB")
+    return _report(_cfg("c.yaml", cfg)), ["images with 1 and 3 channels (grey and colour)", "channels: 3"]
+
+
+def preprocess_std_zero():
+    model = {"source": "demo:cnn", "preprocess": {"mean": [0.5], "std": [0]}}
+    return _report(_cfg("c.yaml", _image_cfg(model))), ["models[0].preprocess.std", "must be > 0"]
+
+
 def features_file_missing():
     return _report(_cfg("c.yaml", _features_cfg(data={"path": "none.npz"}))), ["none.npz", "not found"]
 
