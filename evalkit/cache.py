@@ -1,8 +1,9 @@
 """The feature cache: content keys, and files verified by digest on every read.
 
 A model entry's features are stored in ``extract.cache_dir`` under a key made of everything
-that can change them (for a ``python:`` model also its code and initial weights), so re-running after changing one model recomputes only that model. Files
-are written atomically (temp file + rename) and never served when truncated or altered.
+that can change them (for a ``python:`` model also its code and initial weights), so
+re-running after changing one model recomputes only that model. Files are written
+atomically (temp file + rename) and never served when truncated or altered.
 """
 from __future__ import annotations
 

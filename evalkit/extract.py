@@ -3,8 +3,8 @@
 Layers are any ``named_modules`` name, captured with forward hooks (no tracing, so models
 whose forward has control flow work). ``penultimate`` names the input of the final
 classifier. Outputs are pooled to one vector per sample and cached by content: the model
-(source, kwargs, checkpoint bytes; a ``python:`` model's code and initial weights), layers, pooling, preprocessing, the dataset and the
-selected samples, and the evalkit version.
+(source, kwargs, checkpoint bytes; a ``python:`` model's code and initial weights), layers,
+pooling, preprocessing, the dataset and the selected samples, and the evalkit version.
 """
 from __future__ import annotations
 
