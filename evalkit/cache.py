@@ -1,8 +1,9 @@
 """The feature cache: content keys, and files verified by digest on every read.
 
 A model entry's features are stored in ``extract.cache_dir`` under a key made of everything
-that can change them, so re-running after changing one model recomputes only that model. Files
-are written atomically (temp file + rename) and never served when truncated or altered.
+that can change them (for a ``python:`` model also its code and initial weights), so
+re-running after changing one model recomputes only that model. Files are written
+atomically (temp file + rename) and never served when truncated or altered.
 """
 from __future__ import annotations
 
@@ -26,6 +27,40 @@ def cache_key(mcfg, dataset, spec: dict, checkpoint_digest: str, *, bf16: bool =
         "bf16": bool(bf16), "version": evalkit.__version__,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def python_model_digest(source: str, model) -> str:
+    """What a ``python:module:factory`` model is made of, beyond its source string.
+
+    The contents of the module's file and of the file defining the model's class (editing
+    either changes the key), and a digest of the state_dict as the factory created it (seeded
+    random weights, or weights the factory loaded itself).
+    """
+    import inspect
+    import sys
+
+    import torch
+
+    h = hashlib.sha256()
+    module_name = source.split(":")[1] if source.count(":") >= 2 else ""
+    files = [getattr(sys.modules.get(module_name), "__file__", None)]
+    try:
+        files.append(inspect.getsourcefile(type(model)))
+    except (TypeError, OSError):
+        pass
+    for f in dict.fromkeys(f for f in files if f):
+        try:
+            h.update(f"{f}|".encode() + hashlib.sha256(Path(f).read_bytes()).digest())
+        except OSError:
+            h.update(f"{f}|unreadable".encode())
+    for name, t in model.state_dict().items():
+        h.update(f"|{name}|{type(t).__name__}".encode())
+        try:
+            h.update(f"|{t.dtype}|{tuple(t.shape)}|".encode())
+            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        except Exception:  # lazy (uninitialized), meta or quantized tensors: their name and type only
+            pass
+    return h.hexdigest()[:32]
 
 
 def _digest(arrays: dict) -> str:

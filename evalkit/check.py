@@ -34,8 +34,23 @@ def _defined(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+def select_names(names: Iterable[str], pattern: str) -> list:
+    """The names a ``where`` value selects: the one it equals, else those its glob pattern matches.
+
+    An exact name wins over reading the value as a glob, so ``cnn[v2]`` selects the model
+    called ``cnn[v2]`` (as a glob it would match ``cnnv`` and ``cnn2`` only).
+    """
+    names = list(dict.fromkeys(str(n) for n in names))
+    if pattern in names:
+        return [pattern]
+    return [n for n in names if fnmatchcase(n, pattern)]
+
+
 def _conditions(check) -> list:
-    """``[(label, test(value, baseline_value) -> (ok, detail))]`` for one check."""
+    """``[(label, test(value, baseline) -> (ok, detail))]`` for one check.
+
+    ``baseline`` is the baseline's value (a float), or a string saying why there is none.
+    """
     out = []
     for op in ("gt", "gte", "lt", "lte", "eq"):
         t = getattr(check, op)
@@ -51,12 +66,27 @@ def _conditions(check) -> list:
         out.append((f"approx {a.value:g} (rel {a.relative:g}, abs {a.absolute:g})", approx))
     if check.max_drop is not None:
         def drop(v, b, m=check.max_drop):
-            if b is None:
-                return None, "no baseline value"
+            if b is None:  # no --baseline at all: the condition cannot run
+                return None, "no baseline; pass --baseline DIR"
+            if isinstance(b, str):  # a baseline that cannot judge this row never passes it
+                return False, b
             return (b - v) <= m + 1e-12, f"baseline {b:.4f}, drop {b - v:+.4f}"
 
         out.append((f"drop <= {check.max_drop:g} vs baseline", drop))
     return out
+
+
+def _baseline_value(baseline: Optional[dict], row: dict, metric: str):
+    """The baseline's value of ``metric`` for ``row``'s feature set; a reason string when it has none."""
+    if baseline is None:
+        return None
+    where = f"{row.get('model')}/{row.get('layer')}/{row.get('method')}"
+    base = baseline.get(_key(row))
+    if base is None:
+        return f"the baseline run has no row {where}"
+    if not _defined(base.get(metric)):
+        return f"{metric} is not defined in the baseline run's row {where}"
+    return float(base[metric])
 
 
 def evaluate_checks(rows: Iterable[dict], checks: Iterable, *, baseline_rows: Optional[Iterable[dict]] = None) -> list:
@@ -66,40 +96,60 @@ def evaluate_checks(rows: Iterable[dict], checks: Iterable, *, baseline_rows: Op
     ----------
     rows : metrics.json rows (dicts with model, layer, method and metric keys)
     checks : :class:`evalkit.config.CheckConfig` objects
-    baseline_rows : rows of an earlier run, for ``max_drop``
+    baseline_rows : rows of an earlier run, for ``max_drop``; a selected row missing from it,
+        or undefined in it, fails ``max_drop`` (a given baseline never silently passes a gate)
 
     Returns
     -------
-    list of :class:`CheckResult`, one per (check, matching row); a check that matches no row
-    gives one failing result that says so.
+    list of :class:`CheckResult`, one per (check, matching row). A row where the metric is not
+    computed (no key: trustworthiness of raw features) or not defined (null) is skipped with a
+    ``skip`` result that says so; rows not computed are reported once per check.
+
+    Raises
+    ------
+    EvalkitError
+        A check whose ``where`` matches no row, or only rows where its metric is not computed.
     """
     rows = list(rows)
-    baseline = {_key(r): r for r in (baseline_rows or [])}
+    baseline = None if baseline_rows is None else {_key(r): r for r in baseline_rows}
     results = []
     for i, check in enumerate(checks):
         w = check.where
-        matched = [r for r in rows if fnmatchcase(str(r.get("model")), w.model)
-                   and fnmatchcase(str(r.get("layer")), w.layer) and fnmatchcase(str(r.get("method")), w.method)]
+        models = set(select_names((r.get("model") for r in rows), w.model))
+        layers = set(select_names((r.get("layer") for r in rows if str(r.get("model")) in models), w.layer))
+        methods = set(select_names((r.get("method") for r in rows), w.method))
+        matched = [r for r in rows if str(r.get("model")) in models and str(r.get("layer")) in layers
+                   and str(r.get("method")) in methods]
         conds = _conditions(check)
         label = " and ".join(c[0] for c in conds)
         name = check.name or f"{check.metric} {label}"
         bad = "fail" if check.severity == "fail" else "warn"
         if not matched:
-            results.append(CheckResult(name, check.metric, w.model, w.layer, w.method, label, None, bad, check.severity,
-                                       f"checks[{i}]: no metrics row matches model={w.model!r} layer={w.layer!r} method={w.method!r}"))
-            continue
+            raise EvalkitError(f"checks[{i}].where: no metrics row matches model={w.model!r} layer={w.layer!r} "
+                               f"method={w.method!r}; fix the check's where (rows have models "
+                               f"{', '.join(sorted({str(r.get('model')) for r in rows})) or 'none'})")
+        absent = [r for r in matched if check.metric not in r]
+        if len(absent) == len(matched):
+            raise EvalkitError(f"checks[{i}].metric: {check.metric!r} is not computed for any row the check "
+                               f"selects (methods {', '.join(sorted(methods))}); set checks[{i}].where.method")
+        if absent:
+            skipped = sorted({str(r.get("method")) for r in absent})
+            results.append(CheckResult(name, check.metric, w.model, w.layer, ",".join(skipped), label, None, "skip",
+                                       check.severity, f"{len(absent)} row{'s' if len(absent) > 1 else ''} skipped: "
+                                       f"{check.metric} is not computed for method {', '.join(skipped)}"))
         for r in matched:
+            if check.metric not in r:
+                continue
             v = r.get(check.metric)
-            base = baseline.get(_key(r), {}).get(check.metric)
-            base = base if _defined(base) else None
             if not _defined(v):
-                status, msg = bad, f"{check.metric} is not defined for this row"
+                status, msg = "skip", f"skipped: {check.metric} is not defined for this row (null in metrics.json)"
             else:
                 status, notes = "pass", []
+                base = _baseline_value(baseline, r, check.metric)
                 for text, test in conds:
                     ok, detail = test(float(v), base)
                     if ok is None:  # max_drop without a baseline
-                        notes.append(f"{text}: skipped ({detail}; pass --baseline DIR)")
+                        notes.append(f"{text}: skipped ({detail})")
                         if status == "pass" and len(conds) == 1:
                             status = "skip"
                         continue
@@ -147,6 +197,26 @@ def junit_xml(results: Iterable[CheckResult], *, suite: str = "evalkit") -> str:
     return '<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"
 
 
+def check_junit_path(path: str | Path) -> None:
+    """Raise the error :func:`write_junit` would, before a run: a folder, a file in the way, no write access."""
+    import os
+
+    path = Path(path)
+    if path.is_dir():
+        raise EvalkitError(f"--junit {path}: is a folder; expected a file name such as checks.xml")
+    if path.exists():
+        if not os.access(path, os.W_OK):
+            raise EvalkitError(f"--junit {path}: cannot write the file (no write permission); choose another path")
+        return
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise EvalkitError(f"--junit {path}: {parent} is a file, not a folder; choose another path")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise EvalkitError(f"--junit {path}: cannot write in {parent} (not writable); choose another path")
+
+
 def write_junit(path: str | Path, results) -> None:
     path = Path(path)
     try:
@@ -170,4 +240,11 @@ def read_rows(run_dir: str | Path, *, what: str = "run folder") -> list:
     rows = data.get("rows") if isinstance(data, dict) else None
     if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
         raise EvalkitError(f"{path}: expected {{\"rows\": [...]}} with one object per model/layer/method")
+    for i, row in enumerate(rows):
+        for key, value in row.items():
+            if isinstance(value, int) and not isinstance(value, bool) and not -1e308 < value < 1e308:
+                shown = str(value)
+                shown = shown if len(shown) <= 12 else f"{shown[:8]}... ({len(shown)} digits)"
+                raise EvalkitError(f"{path}: rows[{i}].{key}: {shown} is too large for a number evalkit reads; "
+                                   f"fix the value or write the file again with `evalkit report`")
     return rows

@@ -66,15 +66,15 @@ def _parser() -> argparse.ArgumentParser:
 def _report(args) -> int:
     from pathlib import Path
 
-    from evalkit.check import describe, exit_code, write_junit
+    from evalkit.check import check_junit_path, describe, exit_code, write_junit
     from evalkit.config import load_config
     from evalkit.pipeline import run_report
     from evalkit.runfolder import default_out_dir
 
     config = load_config(args.config)
     out = Path(args.out) if args.out else default_out_dir(config)
-    if args.junit and Path(args.junit).is_dir():
-        raise EvalkitError(f"--junit {args.junit}: is a folder; expected a file name such as checks.xml")
+    if args.junit:
+        check_junit_path(args.junit)  # before the run, not after it
     result = run_report(config, out, use_cache=not args.no_cache, argv=["evalkit"] + args.argv)
     for r in result.checks:
         if r.status != "pass":
@@ -82,17 +82,20 @@ def _report(args) -> int:
     if args.junit:
         write_junit(args.junit, result.checks)
     passed = sum(r.status == "pass" for r in result.checks)
+    skipped = sum(r.status == "skip" for r in result.checks)
     print(f"evalkit: wrote {out}/index.html ({result.provenance['duration_s']:.1f} s); "
-          f"checks: {passed} passed of {len(result.checks)}")
+          f"checks: {passed} passed of {len(result.checks) - skipped}" + (f", {skipped} skipped" if skipped else ""))
     return exit_code(result.checks)
 
 
 def _check(args) -> int:
     from pathlib import Path
 
-    from evalkit.check import describe, evaluate_checks, exit_code, read_rows, write_junit
+    from evalkit.check import check_junit_path, describe, evaluate_checks, exit_code, read_rows, write_junit
     from evalkit.config import load_config
 
+    if args.junit:
+        check_junit_path(args.junit)
     rows = read_rows(args.run_dir)
     config_path = Path(args.config) if args.config else Path(args.run_dir) / "config.yaml"
     config = load_config(config_path)

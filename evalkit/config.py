@@ -5,10 +5,10 @@ file, the key path (``models[1].layers``) and what was expected.
 """
 from __future__ import annotations
 
+import os
 import re
 import types
 import typing
-from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -47,6 +47,11 @@ class DataConfig(_Strict):
     max_samples: Optional[int] = Field(None, ge=2)
     seed: int = 0
 
+    @field_validator("path", "labels")
+    @classmethod
+    def _expand_home(cls, v):
+        return os.path.expanduser(v) if v else v
+
     @model_validator(mode="after")
     def _needs_path(self):
         what = {"imagefolder": "the folder of class sub-folders", "torchvision": "the dataset's root folder",
@@ -71,6 +76,13 @@ class PreprocessConfig(_Strict):
     channels: Optional[Literal[1, 3]] = None  # 3 turns grey images into RGB, 1 the reverse
     interpolation: Literal["bilinear", "bicubic", "nearest"] = "bilinear"
 
+    @field_validator("std")
+    @classmethod
+    def _positive_std(cls, v):
+        if v is not None and any(not s > 0 for s in v):
+            raise ValueError(f"every value must be > 0 (images are divided by it); got {list(v)}")
+        return v
+
 
 class ModelConfig(_Strict):
     name: str = Field(min_length=1)
@@ -85,6 +97,20 @@ class ModelConfig(_Strict):
         False, description="opt-in: load a checkpoint that needs unpickling (runs its code)"
     )
     strict: bool = True
+
+    @field_validator("features", "checkpoint")
+    @classmethod
+    def _expand_home(cls, v):
+        return os.path.expanduser(v) if v else v
+
+    @field_validator("name")
+    @classmethod
+    def _printable_name(cls, v):
+        bad = sorted({c for c in v if not c.isprintable()})
+        if bad:
+            raise ValueError(f"model name {v!r} contains the control character{'s' if len(bad) > 1 else ''} "
+                             f"{', '.join(repr(c) for c in bad)}; use printable characters")
+        return v
 
     @field_validator("layers", mode="before")
     @classmethod
@@ -271,24 +297,30 @@ class Config(_Strict):
     @model_validator(mode="after")
     def _checks_select_rows(self):
         """A check's ``where`` must be able to match a row: a misspelt name is a mistake."""
+        from evalkit.check import select_names  # an exact name wins over a glob, as when checks run
+
         models = {m.name: m for m in self.models}
         methods = (FEATURES,) + tuple(self.embed.methods)
         for i, check in enumerate(self.checks):
             w = check.where
             at = f"checks[{i}].where"
-            if not _is_glob(w.model) and w.model not in models:
-                raise LocatedError(f"{at}.model", "no such model; " + _unknown_message(w.model, models))
-            if not _is_glob(w.method) and w.method not in methods:
-                raise LocatedError(f"{at}.method", "no such method in this run; " + _unknown_message(w.method, methods))
-            selected = [m for name, m in models.items() if fnmatchcase(name, w.model)]
-            layers = list(dict.fromkeys(layer for m in selected for layer in m.layer_names))
-            if not _is_glob(w.layer) and w.layer not in layers:
-                raise LocatedError(f"{at}.layer", "no such layer in the selected models; " + _unknown_message(w.layer, layers))
-            if not _is_glob(w.method):
-                valid = metric_names(w.method)
-                if check.metric not in valid:
-                    raise LocatedError(f"checks[{i}].metric", f"{check.metric!r} is not computed for method "
-                                       f"{w.method!r}; expected one of {', '.join(map(repr, valid))}")
+            selected = select_names(models, w.model)
+            if not selected:
+                why = "matches no model; " if _is_glob(w.model) else "no such model; "
+                raise LocatedError(f"{at}.model", why + _unknown_message(w.model, models))
+            chosen = select_names(methods, w.method)
+            if not chosen:
+                why = "matches no method in this run; " if _is_glob(w.method) else "no such method in this run; "
+                raise LocatedError(f"{at}.method", why + _unknown_message(w.method, methods))
+            layers = list(dict.fromkeys(layer for name in selected for layer in models[name].layer_names))
+            if not select_names(layers, w.layer):
+                why = "matches no layer" if _is_glob(w.layer) else "no such layer"
+                raise LocatedError(f"{at}.layer", f"{why} in the selected models; " + _unknown_message(w.layer, layers))
+            computed = [m for m in chosen if check.metric in metric_names(m)]
+            if not computed:
+                valid = metric_names(chosen[0]) if len(chosen) == 1 else metric_names()
+                raise LocatedError(f"checks[{i}].metric", f"{check.metric!r} is not computed for method "
+                                   f"{', '.join(map(repr, chosen))}; expected one of {', '.join(map(repr, valid))}")
         return self
 
     def to_yaml(self) -> str:

@@ -5,6 +5,7 @@ Every loader returns a :class:`Dataset` of the selected samples (after the seede
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -13,6 +14,7 @@ import numpy as np
 
 from evalkit.errors import EvalkitError
 
+NOT_CLASSES = ("__MACOSX",)  # folders archivers add next to the class folders
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
 
@@ -198,6 +200,10 @@ class _ImageFiles:
             with Image.open(path) as im:
                 im.load()
                 return im.copy()
+        except Image.DecompressionBombError:  # PIL's guard: more than 2 x MAX_IMAGE_PIXELS pixels
+            limit = 2 * (Image.MAX_IMAGE_PIXELS or 0)
+            raise EvalkitError(f"{path}: image too large to decode (over {limit:,} pixels, PIL's decompression-bomb "
+                               f"limit); downscale it or remove it") from None
         except (OSError, ValueError, SyntaxError) as exc:  # PIL raises all three for broken files
             raise EvalkitError(f"{path}: cannot read image ({exc.__class__.__name__}: {exc}); fix or remove "
                                f"the file") from None
@@ -221,11 +227,17 @@ def _load_imagefolder(cfg) -> Dataset:
     if not root.is_dir():
         what = "does not exist" if not root.exists() else "is not a folder"
         raise EvalkitError(f"data.path: {root} {what}; expected a folder with one sub-folder of images per class")
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")
+                     and p.name not in NOT_CLASSES)
     if not classes:
         raise EvalkitError(f"data.path: {root} has no class sub-folders; expected ROOT/CLASS/IMAGE files")
     files, labels, empty = [], [], []
     for k, cls in enumerate(classes):
+        try:
+            os.listdir(root / cls)
+        except OSError as exc:  # rglob would skip it silently and call it empty
+            raise EvalkitError(f"data.path: class folder {cls} under {root} cannot be read ({exc.strerror}); fix its "
+                               f"permissions or remove it") from None
         found = [f for f in sorted((root / cls).rglob("*"))
                  if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file()
                  and not any(part.startswith(".") for part in f.relative_to(root).parts)]
@@ -305,6 +317,23 @@ def _torchvision_labels(ds, name: str) -> np.ndarray:
     return labels.astype(np.int64)
 
 
+def _init_parameters(cls) -> dict:
+    """Keyword parameters of ``cls.__init__``, with those its ``**kwargs`` pass on to base classes."""
+    import inspect
+
+    params = {}
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass) or klass is object:
+            continue
+        own = list(inspect.signature(klass.__init__).parameters.values())[1:]
+        for p in own:
+            if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
+                params.setdefault(p.name, p)
+        if not any(p.kind is p.VAR_KEYWORD for p in own):
+            break
+    return params
+
+
 def _load_torchvision(cfg) -> Dataset:
     import inspect
 
@@ -317,13 +346,27 @@ def _load_torchvision(cfg) -> Dataset:
     if cfg.name not in names:
         raise unknown("torchvision dataset (data.name)", cfg.name, names)
     cls = getattr(tvd, cfg.name)
-    split = cfg.split or "test"
     root = Path(cfg.path)
+    params = _init_parameters(cls)
+    needs = [n for n, p in params.items() if p.default is inspect.Parameter.empty and n not in ("root", "split")]
+    if needs:
+        raise EvalkitError(f"data.name: {cfg.name} needs {', '.join(map(repr, needs))}, which evalkit cannot pass; "
+                           f"evalkit reads classification datasets that take root (and train or split), such as "
+                           f"MNIST or CIFAR10; for others use data.kind: imagefolder or features")
     kwargs = {"root": str(root)}
-    params = inspect.signature(cls.__init__).parameters
     if "download" in params:
         kwargs["download"] = False
-    if "train" in params:
+    split = cfg.split or "test"
+    subsets = getattr(cls, "splits", None)
+    if "split" in params and "train" in params and subsets:
+        # EMNIST: a subset (balanced, letters, ...) and its train or test part, as 'balanced/test'
+        subset, _, part = str(cfg.split or "").partition("/")
+        if subset not in subsets or part not in ("", "train", "test"):
+            raise EvalkitError(f"data.split: {cfg.name} needs one of {', '.join(map(repr, subsets))}, optionally "
+                               f"with '/train' or '/test' (default test), e.g. '{subsets[0]}/test'; got {cfg.split!r}")
+        split = f"{subset}/{part or 'test'}"
+        kwargs["split"], kwargs["train"] = subset, part == "train"
+    elif "train" in params:
         if split not in ("train", "test"):
             raise EvalkitError(f"data.split: {cfg.name} has splits 'train' and 'test'; got {split!r}")
         kwargs["train"] = split == "train"
@@ -335,6 +378,9 @@ def _load_torchvision(cfg) -> Dataset:
                            f"at {where.replace('PATH', str(root))}")
     try:
         ds = cls(**kwargs)
+    except TypeError as exc:  # an argument evalkit does not know about
+        raise EvalkitError(f"data.name: {cfg.name} cannot be built from root, train and split ({exc}); evalkit "
+                           f"reads classification datasets such as MNIST or CIFAR10") from None
     except (RuntimeError, FileNotFoundError, OSError, ValueError) as exc:
         where = TORCHVISION_LAYOUTS.get(cfg.name, "PATH in torchvision's layout for this dataset")
         text = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
@@ -471,7 +517,12 @@ def encode_labels(labels: np.ndarray, names=None, *, source: str = "labels"):
             shown = ", ".join(str(r) for r in bad[:5]) + (", ..." if bad.size > 5 else "")
             raise EvalkitError(f"{source}: {bad.size} labels are NaN or infinite (rows {shown}); expected one class per row")
     uniq, codes = np.unique(labels, return_inverse=True)
-    if names is not None and np.issubdtype(uniq.dtype, np.integer) and uniq.min() >= 0 and uniq.max() < len(names):
+    if names is not None and np.issubdtype(uniq.dtype, np.integer):
+        outside = [int(u) for u in uniq if not 0 <= u < len(names)]
+        if outside:
+            shown = ", ".join(str(u) for u in outside[:5]) + (", ..." if len(outside) > 5 else "")
+            raise EvalkitError(f"{source}: label_names has {len(names)} names (for labels 0..{len(names) - 1}) but the "
+                               f"labels include {shown}; give one name per label value, or remove label_names")
         return codes.astype(np.int64), [str(names[int(u)]) for u in uniq]
     return codes.astype(np.int64), [str(u) for u in uniq]
 

@@ -31,7 +31,7 @@ from pydantic import Field
 from evalkit.errors import EvalkitError
 from evalkit.registry import METHODS, Method, StrictModel
 
-__all__ = ["create_embedder", "reduce_dims", "TSNE_BACKENDS", "n_jobs", "PCAConfig", "TSNEConfig",
+__all__ = ["create_embedder", "reduce_dims", "unit_scale", "TSNE_BACKENDS", "n_jobs", "PCAConfig", "TSNEConfig",
            "UMAPConfig", "PaCMAPConfig", "PCAEmbedder", "TSNEEmbedder", "UMAPEmbedder", "PaCMAPEmbedder"]
 
 #: openTSNE's "auto" switches from Barnes-Hut to FFT-interpolated gradients at this size.
@@ -55,12 +55,50 @@ def n_jobs() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+#: Features whose largest magnitude lies outside [2**-20, 2**20] (about 1e-6 .. 1e6) are
+#: divided by a power of two near it before PCA and embedding (:func:`unit_scale`).
+SCALE_LIMITS = (2.0 ** -20, 2.0 ** 20)
+
+
+def unit_scale(X) -> tuple:
+    """``(X / 2**e, 2**e)`` for features of extreme magnitude, else ``(X, 1.0)`` unchanged.
+
+    Every score evalkit computes (neighbourhoods, kNN accuracy, silhouette, CKA) and every
+    embedding up to its units is the same for ``c * X`` as for ``X``; float32 arithmetic is not:
+    features of magnitude 1e18 overflow PCA's covariance, 1e-25 underflow squared distances.
+    Dividing by a power of two is exact, so every ratio between values is kept bit for bit;
+    features whose largest magnitude lies within :data:`SCALE_LIMITS` are returned as they are.
+
+    Parameters
+    ----------
+    X : array-like of shape (n_samples, n_features)
+
+    Returns
+    -------
+    X : ndarray of shape (n_samples, n_features), float32 when rescaled, else as given
+    factor : float
+        What ``X`` was divided by (a power of two; 1.0 when unchanged).
+    """
+    X = np.asarray(X)
+    finite = np.abs(X[np.isfinite(X)]) if X.size else X
+    top = float(finite.max()) if finite.size else 0.0
+    if top == 0.0 or SCALE_LIMITS[0] <= top <= SCALE_LIMITS[1]:
+        return X, 1.0
+    factor = float(2.0 ** np.round(np.log2(top)))
+    return np.ascontiguousarray(X.astype(np.float64) / factor, dtype=np.float32), factor
+
+
 def reduce_dims(X: np.ndarray, n_components: int, *, random_state: int = 0) -> np.ndarray:
-    """PCA to ``n_components`` when ``X`` is wider (the usual step before t-SNE and UMAP)."""
+    """PCA to ``n_components`` when ``X`` is wider (the usual step before t-SNE and UMAP).
+
+    Features of extreme magnitude are rescaled first (:func:`unit_scale`), so the result is
+    in units of ``X / factor``.
+    """
     if X.shape[1] <= n_components or X.shape[0] <= n_components:
         return np.ascontiguousarray(X, dtype=np.float32)
     from sklearn.decomposition import PCA
 
+    X = unit_scale(X)[0]
     return PCA(n_components=n_components, random_state=random_state).fit_transform(X).astype(np.float32)
 
 
@@ -82,7 +120,7 @@ def _as_input(X, method: str) -> np.ndarray:
         raise EvalkitError(f"embed: {method} was given NaN or infinite features")
     if X.shape[1] == 1:  # the PCA start needs two columns; a zero one changes no distance
         X = np.hstack([X, np.zeros_like(X)])
-    return X
+    return unit_scale(X)[0]  # neither t-SNE nor UMAP depends on a global factor; float32 does
 
 
 def _usable(graph, n: int, k: int) -> bool:
@@ -153,6 +191,7 @@ class PCAEmbedder:
             raise EvalkitError(f"embed: pca expects at least 2 samples of shape (n_samples, n_features); got {X.shape}")
         if X.shape[1] == 1:  # one feature: the second axis carries nothing
             return np.hstack([X - X.mean(), np.zeros_like(X)]).astype(np.float32)
+        X = unit_scale(X)[0]  # extreme magnitudes: the components of X / factor (float32-safe)
         # a fixed solver seed: PCA is one answer, whatever the run's seed
         return _finite(PCA(n_components=2, random_state=0).fit_transform(X), self.name)
 

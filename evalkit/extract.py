@@ -3,8 +3,8 @@
 Layers are any ``named_modules`` name, captured with forward hooks (no tracing, so models
 whose forward has control flow work). ``penultimate`` names the input of the final
 classifier. Outputs are pooled to one vector per sample and cached by content: the model
-(source, kwargs, checkpoint bytes), layers, pooling, preprocessing, the dataset and the
-selected samples, and the evalkit version.
+(source, kwargs, checkpoint bytes; a ``python:`` model's code and initial weights), layers,
+pooling, preprocessing, the dataset and the selected samples, and the evalkit version.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import numpy as np
 
 from evalkit.cache import cache_key, cache_read, cache_write  # noqa: F401  (re-exported)
 from evalkit.errors import EvalkitError, unknown
-from evalkit.preprocess import build_transform, resolve_preprocess  # noqa: F401  (re-exported)
+from evalkit.preprocess import build_transform, depth_rule, resolve_preprocess  # noqa: F401  (re-exported)
 from evalkit.progress import progress_bar
 from evalkit.results import FeatureSet
 
@@ -49,11 +49,13 @@ def resolve_device(name: str = "auto"):
 HEAD_NAMES = ("classifier", "fc", "head", "heads", "last_linear")  # where models keep their classifier
 
 
-def classifier_name(model) -> Optional[str]:
+def classifier_name(model, example=None) -> Optional[str]:
     """Name of the final classifier module.
 
-    timm's ``get_classifier()``; else the last Linear inside a top-level ``classifier``, ``fc``,
-    ``head``, ``heads`` or ``last_linear``; else the last Linear the model registers.
+    timm's ``get_classifier()``; else, given ``example`` (an input batch), the Linear whose
+    output is the model's output, or the last Linear the forward pass runs; else (no example,
+    or its forward fails) the last Linear inside a top-level ``classifier``, ``fc``, ``head``,
+    ``heads`` or ``last_linear``; else the last Linear the model registers.
     """
     import torch
 
@@ -66,6 +68,8 @@ def classifier_name(model) -> Optional[str]:
             head = None
         if isinstance(head, torch.nn.Module) and names.get(id(head)):
             return names[id(head)]
+    if example is not None and (found := _last_linear_run(model, example)):
+        return found
 
     def last_linear(module, prefix=""):
         found = None
@@ -81,19 +85,56 @@ def classifier_name(model) -> Optional[str]:
     return last_linear(model)
 
 
-def resolve_layers(model, layers, *, source: Optional[str] = None) -> dict:
+def _output_tensors(out) -> list:
+    import torch
+
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        out = list(out.values())
+    return [t for t in out if isinstance(t, torch.Tensor)] if isinstance(out, (tuple, list)) else []
+
+
+def _last_linear_run(model, example) -> Optional[str]:
+    """The Linear whose output the model returns, else the last Linear run; None if the forward fails."""
+    import torch
+
+    calls: list = []
+    handles = [m.register_forward_hook(lambda _m, _i, out, n=n: calls.append((n, out)))
+               for n, m in model.named_modules() if n and isinstance(m, torch.nn.Linear)]
+    if not handles:
+        return None
+    training = model.training
+    try:
+        model.eval()
+        with torch.inference_mode():
+            outputs = _output_tensors(model(example))
+    except Exception:  # the real pass reports it; here it only means "decide without running"
+        return None
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(training)
+    for name, out in reversed(calls):
+        if any(out is t for t in outputs):
+            return name
+    return calls[-1][0] if calls else None
+
+
+def resolve_layers(model, layers, *, source: Optional[str] = None, example=None) -> dict:
     """Map each requested layer to ``(module_name, "output" | "input")``.
 
     ``penultimate`` is the input of :func:`classifier_name`; any other name must be one of
     ``model.named_modules()``, else the error lists the closest names. ``source`` only makes
-    the error messages name the model.
+    the error messages name the model; ``example`` (an input batch) lets ``penultimate`` find
+    the classifier by running the model (:func:`classifier_name`).
     """
     names = [n for n, _ in model.named_modules() if n]
     listing = f"`evalkit layers {source or 'SOURCE'}`"
     out = {}
     for layer in layers:
         if layer == PENULTIMATE:
-            head = classifier_name(model)
+            head = classifier_name(model, example)
             if head is None:
                 raise EvalkitError(f"layer 'penultimate': this model has no final Linear classifier; name a layer "
                                    f"({listing} lists them)")
@@ -181,6 +222,9 @@ def _collate(items):
     import torch
 
     shapes = sorted({tuple(x.shape) for x in items})
+    if len({s[0] for s in shapes}) > 1:  # grey and colour images mixed, whatever their sizes
+        raise EvalkitError(f"images with {' and '.join(str(s[0]) for s in sorted({s[:1] for s in shapes}))} channels "
+                           f"(grey and colour) in one batch; set 'preprocess: {{channels: 3}}' (or 1) on this model")
     if len(shapes) > 1:
         raise EvalkitError(f"images of different sizes in one batch ({shapes[0]} and {shapes[-1]}); set "
                            f"'preprocess: {{resize: N, crop: N}}' on this model")
@@ -431,8 +475,11 @@ def extract_model(mcfg, dataset, ecfg, *, use_cache: bool = True, log=None, note
     from evalkit.models import create_model, file_digest, load_checkpoint, read_checkpoint
 
     model = create_model(mcfg.source, kwargs=mcfg.kwargs)
-    layer_map = resolve_layers(model, mcfg.layers, source=mcfg.source)
     spec = resolve_preprocess(model, mcfg.preprocess, source=mcfg.source)
+    example = None
+    if PENULTIMATE in mcfg.layers and len(dataset):  # one real image finds the classifier by running it
+        example = build_transform(spec)(dataset.load_image(0))[None]
+    layer_map = resolve_layers(model, mcfg.layers, source=mcfg.source, example=example)
     digest = "random-init"
     if mcfg.checkpoint and ecfg.cache:
         if not Path(mcfg.checkpoint).is_file():
@@ -440,6 +487,10 @@ def extract_model(mcfg, dataset, ecfg, *, use_cache: bool = True, log=None, note
         digest = file_digest(mcfg.checkpoint, cache_dir=ecfg.cache_dir)
         # a checkpoint loaded once under these settings loads the same again: a hit skips loading it
         digest += f"|strict={mcfg.strict}|unsafe_pickle={mcfg.unsafe_pickle}"
+    if ecfg.cache and mcfg.source.startswith("python:"):  # the user's code and weights as created
+        from evalkit.cache import python_model_digest
+
+        digest += f"|code+init={python_model_digest(mcfg.source, model)}"
     key = cache_key(mcfg, dataset, spec, digest, bf16=ecfg.bf16)
     cache_path = Path(ecfg.cache_dir) / f"{mcfg.name}-{key}.npz"
     found: list = []  # notes about this model, kept with its cached features
@@ -473,6 +524,9 @@ def extract_model(mcfg, dataset, ecfg, *, use_cache: bool = True, log=None, note
             log(f"  {mcfg.name}: loaded {report['loaded']} tensors from {mcfg.checkpoint}; skipped {skipped} "
                 f"(strict: false)")
     device = resolve_device(ecfg.device)
+    rule = depth_rule(dataset.load_image(0)) if len(dataset) and log else None
+    if rule:
+        log(f"  {mcfg.name}: images of {rule} to 8 bits (see README, Config)")
     if ecfg.bf16 and device.type != "cuda" and log:
         log(f"  {mcfg.name}: extract.bf16 applies on CUDA only; running in float32 on {device.type}")
     loader = torch.utils.data.DataLoader(
@@ -518,7 +572,7 @@ def list_layers(source: str, *, kwargs: dict | None = None, input_size=None) -> 
         h, w = (s, s) if isinstance(s, int) else tuple(s)
         input_size = (1, c, h, w)
     shapes: dict = {}
-    head = classifier_name(model)
+    head = classifier_name(model, torch.zeros(*input_size))
     modules = dict(model.named_modules())
 
     def note(name, value) -> None:  # a hook that returns a value would replace the module's output

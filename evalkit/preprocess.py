@@ -139,13 +139,66 @@ def resolve_preprocess(model, pre=None, *, source: Optional[str] = None) -> dict
     return spec
 
 
+def _depth_scale(im):
+    """``(scale, rule)`` for a high-bit-depth image: a factor, or None for per-image min-max."""
+    import numpy as np
+
+    mode = im.mode
+    if mode.startswith("I;16"):
+        return 1 / 257, f"mode {mode} (16-bit): divided by 257"
+    if mode not in ("I", "F"):
+        return 1.0, None
+    a = np.asarray(im)
+    finite = a[np.isfinite(a)] if mode == "F" else a
+    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+    if mode == "I" and lo >= 0 and hi <= 65535:
+        return 1 / 257, "mode I (integer, values within 0..65535): read as 16-bit, divided by 257"
+    if mode == "F" and lo >= 0 and hi <= 1:
+        return 255.0, "mode F (float, values within 0..1): multiplied by 255"
+    return None, f"mode {mode} (values {lo:g}..{hi:g}, outside the mode's usual range): min-max scaled per image"
+
+
+def depth_rule(im) -> Optional[str]:
+    """How :func:`to_8bit` maps ``im`` to 0..255, in words; None for 8-bit modes."""
+    return _depth_scale(im)[1]
+
+
+def to_8bit(im):
+    """A PIL image of mode ``I;16*``, ``I`` or ``F`` as an 8-bit ``L`` image, scaled, not clipped.
+
+    PIL's ``convert("L")`` clips these modes (a 16-bit image turns white), so values are scaled
+    by the mode's full range, the same for every image of a dataset: ``I;16`` divided by 257;
+    ``I`` divided by 257 when its values lie within 0..65535 (how PIL opens 16-bit PNG/TIFF);
+    ``F`` multiplied by 255 when its values lie within 0..1. Anything else is min-max scaled
+    per image (:func:`depth_rule` says which rule applied). Other modes are returned as they are.
+    """
+    import numpy as np
+    from PIL import Image
+
+    scale, rule = _depth_scale(im)
+    if rule is None:
+        return im
+    a = np.asarray(im).astype(np.float64)
+    a[~np.isfinite(a)] = 0.0
+    if scale is None:
+        lo, hi = float(a.min()), float(a.max())
+        a = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
+    else:
+        a = a * scale
+    return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L")
+
+
 class _ToMode:
-    """Convert a PIL image to ``L`` (1 channel) or ``RGB`` (3); picklable for DataLoader workers."""
+    """Convert a PIL image to ``L`` (1 channel) or ``RGB`` (3); picklable for DataLoader workers.
+
+    High-bit-depth images (``I;16``, ``I``, ``F``) are first scaled to 8 bits by :func:`to_8bit`.
+    """
 
     def __init__(self, channels: Optional[int]):
         self.channels = channels
 
     def __call__(self, im):
+        im = to_8bit(im)
         if self.channels == 1:
             return im if im.mode == "L" else im.convert("L")
         if self.channels == 3 or im.mode not in ("L", "RGB"):

@@ -169,11 +169,17 @@ def score_feature_set(fs: FeatureSet, labels, *, embed, settings, device=None, l
     log : callable, optional
         Receives one line per finished method.
     """
-    from evalkit.embed import create_embedder, reduce_dims
+    from evalkit.embed import create_embedder, reduce_dims, unit_scale
     from evalkit.neighbors import knn_graph
     from evalkit.score import per_class_knn_accuracy
 
-    X = fs.features
+    notes: list = []
+    # Every score and embedding is the same for c * X as for X; float32 arithmetic is not. A
+    # power of two is exact, so features of extreme magnitude are divided by one first.
+    X, factor = unit_scale(fs.features)
+    if factor != 1.0:
+        notes.append(f"{fs.key}: features of magnitude ~{factor:.3g} divided by {factor:.3g} before scoring and "
+                     f"embedding (every score is scale-invariant; float32 arithmetic is not)")
     n = X.shape[0]
     k = settings.n_neighbors
     knn_k = settings.knn_k or k
@@ -183,8 +189,7 @@ def score_feature_set(fs: FeatureSet, labels, *, embed, settings, device=None, l
     # (n_neighbors - 1 besides the point itself): neither searches its own.
     graph_k = min(n - 1, max(k, knn_k, settings.weighted_knn_k, *(e.graph_neighbors(n) for e in embedders.values())))
     graph = knn_graph(X, n_neighbors=graph_k, device=device)
-    notes: list = []
-    Xr = _embedding_input(fs, embed.pca_dims, notes, reduce_dims)
+    Xr = _embedding_input(X, fs.key, embed.pca_dims, notes, reduce_dims)
     constant = bool(n and np.ptp(X, axis=0).max() == 0)
     if constant:
         notes.append(f"{fs.key}: all {n} samples have identical features, so every embedding places them at one "
@@ -250,14 +255,14 @@ def _row(fs: FeatureSet, method: str, spaces: list, undefined: dict, info=None) 
     return ScoreRow(fs.model, fs.layer, method, scores, stds, dict(info or {}))
 
 
-def _embedding_input(fs: FeatureSet, pca_dims: int, notes: list, reduce_dims) -> np.ndarray:
+def _embedding_input(X: np.ndarray, key: str, pca_dims: int, notes: list, reduce_dims) -> np.ndarray:
     """The input of the "reduced" methods: PCA to ``pca_dims``, at unit scale, at least 2 columns.
 
     t-SNE and UMAP take their neighbours from the graph of the raw features (the space the
     neighbourhood scores judge them in); the reduced features only give t-SNE its PCA start and
     UMAP the centroids of disconnected components.
     """
-    Xr = reduce_dims(fs.features, pca_dims)
+    Xr = reduce_dims(X, pca_dims)
     if Xr.shape[1] == 1:
         # t-SNE and UMAP initialise from two principal components; a zero second column changes
         # no distance, so the embedding is that of the single feature.
@@ -267,7 +272,7 @@ def _embedding_input(fs: FeatureSet, pca_dims: int, notes: list, reduce_dims) ->
         # Neither t-SNE nor UMAP depends on the scale of the data; their numerics do (openTSNE's
         # PCA start divides by a std of ~0). The graph's distances are rescaled in evalkit.embed.
         Xr = ((Xr - Xr.mean(axis=0)) / scale).astype(np.float32)
-        notes.append(f"{fs.key}: features of scale {scale:.3g} are rescaled to unit scale before t-SNE and "
+        notes.append(f"{key}: features of scale {scale:.3g} are rescaled to unit scale before t-SNE and "
                      f"UMAP (neither depends on the scale; their numerics do)")
     return Xr
 

@@ -10,6 +10,7 @@ import yaml
 from evalkit.check import evaluate_checks, exit_code, junit_xml
 from evalkit.cli import main
 from evalkit.config import CheckConfig
+from evalkit.errors import EvalkitError
 
 ROWS = [
     {"model": "cnn", "layer": "fc", "method": "features", "knn_accuracy": 0.95, "silhouette": 0.40},
@@ -62,11 +63,42 @@ def test_warn_severity_never_fails_the_run():
     assert exit_code(res) == 1
 
 
-def test_undefined_value_and_unmatched_selector_fail_with_a_reason():
+def test_undefined_value_is_skipped_and_unmatched_selector_is_an_error():
     res = evaluate_checks(ROWS, [check(metric="silhouette", where={"model": "vit"}, gte=0.1)])
-    assert res[0].status == "fail" and "not defined" in res[0].message
-    res = evaluate_checks(ROWS, [check(metric="silhouette", where={"model": "nope"}, gte=0.1)])
-    assert res[0].status == "fail" and "no metrics row matches" in res[0].message
+    assert res[0].status == "skip" and "not defined" in res[0].message and exit_code(res) == 0
+    with pytest.raises(EvalkitError, match=r"checks\[0\].where: no metrics row matches model='nope'"):
+        evaluate_checks(ROWS, [check(metric="silhouette", where={"model": "nope"}, gte=0.1)])
+
+
+def test_a_check_without_method_skips_rows_where_its_metric_is_not_computed():
+    res = evaluate_checks(ROWS, [check(metric="trustworthiness", gte=0.5)])
+    assert [(r.method, r.status) for r in res] == [("features", "skip"), ("tsne", "pass"), ("tsne", "pass")]
+    assert "2 rows skipped: trustworthiness is not computed for method features" in res[0].message
+    assert exit_code(res) == 0
+    with pytest.raises(EvalkitError, match=r"checks\[0\].metric: 'trustworthiness' is not computed for any row"):
+        evaluate_checks(ROWS, [check(metric="trustworthiness", where={"method": "feat*"}, gte=0.5)])
+
+
+def test_an_exact_name_wins_over_reading_it_as_a_glob():
+    rows = [{"model": "cnn[v2]", "layer": "fc", "method": "features", "knn_accuracy": 0.9},
+            {"model": "cnnv", "layer": "fc", "method": "features", "knn_accuracy": 0.1}]
+    res = evaluate_checks(rows, [check(metric="knn_accuracy", where={"model": "cnn[v2]"}, gte=0.5)])
+    assert [(r.model, r.status) for r in res] == [("cnn[v2]", "pass")]
+    res = evaluate_checks(rows, [check(metric="knn_accuracy", where={"model": "cnn[v]"}, gte=0.5)])
+    assert [(r.model, r.status) for r in res] == [("cnnv", "fail")]  # not a name: read as a glob
+
+
+def test_exact_names_with_glob_characters_pass_config_validation():
+    from evalkit.config import Config
+
+    models = [{"name": "cnn[v2]", "features": "f.npz"}, {"name": "cnn*", "features": "g.npz"}]
+    for name in ("cnn[v2]", "cnn*", "c*"):
+        Config(models=models, checks=[{"metric": "knn_accuracy", "where": {"model": name}, "gte": 0.5}])
+    with pytest.raises(ValueError, match=r"matches no model"):
+        Config(models=models, checks=[{"metric": "knn_accuracy", "where": {"model": "x*"}, "gte": 0.5}])
+    with pytest.raises(ValueError, match=r"'trustworthiness' is not computed for method 'features'"):
+        Config(models=models, embed={"methods": ["pca"]},
+               checks=[{"metric": "trustworthiness", "where": {"method": "f*"}, "gte": 0.5}])
 
 
 def test_max_drop_against_baseline():
@@ -80,6 +112,11 @@ def test_max_drop_against_baseline():
     # without a baseline the max_drop condition is skipped, not failed
     res = evaluate_checks(ROWS, [c])
     assert {r.status for r in res} == {"skip"} and exit_code(res) == 0
+    # a baseline that lacks the feature set, or where the metric is undefined, fails the row
+    res = evaluate_checks(ROWS, [c], baseline_rows=[base[1], {**base[2], "trustworthiness": None}])
+    assert [r.status for r in res] == ["pass", "fail"] and "not defined in the baseline" in res[1].message
+    res = evaluate_checks(ROWS, [c], baseline_rows=[])
+    assert {r.status for r in res} == {"fail"} and "the baseline run has no row cnn/fc/tsne" in res[0].message
 
 
 def test_junit_xml_counts_failures():
@@ -120,7 +157,35 @@ def test_cli_check_with_baseline_and_junit(tmp_path, capsys):
     assert suite.get("failures") == "1"
 
 
+def test_cli_check_with_a_baseline_that_lacks_the_feature_set_fails(tmp_path, capsys):
+    checks = [{"metric": "trustworthiness", "where": {"model": "cnn", "method": "tsne"}, "max_drop": 0.01}]
+    new = _run_dir(tmp_path, ROWS, checks, "new")
+    old = _run_dir(tmp_path, [r for r in ROWS if r["layer"] != "conv"], checks, "old")
+    assert main(["check", str(new), "--baseline", str(old)]) == 1
+    err = capsys.readouterr().err
+    assert "cnn/conv/tsne" in err and "the baseline run has no row cnn/conv/tsne" in err
+
+
 def test_cli_check_bad_folder_is_exit_2(tmp_path, capsys):
     assert main(["check", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "missing" in err[0]
+
+
+def test_junit_path_is_checked_before_a_run(tmp_path):
+    import os
+
+    from evalkit.check import check_junit_path
+
+    check_junit_path(tmp_path / "new" / "deeper" / "checks.xml")  # folders are made when writing
+    (tmp_path / "dir").mkdir()
+    with pytest.raises(EvalkitError, match=r"--junit .*dir: is a folder"):
+        check_junit_path(tmp_path / "dir")
+    (tmp_path / "blocker").write_text("x")
+    with pytest.raises(EvalkitError, match=r"blocker is a file, not a folder"):
+        check_junit_path(tmp_path / "blocker" / "checks.xml")
+    if os.geteuid() != 0:  # root may write anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        with pytest.raises(EvalkitError, match=r"cannot write in .*locked \(not writable\)"):
+            check_junit_path(locked / "checks.xml")

@@ -152,6 +152,32 @@ def test_torchvision_unknown_name_and_bad_split(tmp_path):
         load_dataset(DataConfig(kind="torchvision", name="MNIST", path=str(tmp_path), split="val"))
 
 
+def _write_emnist(root, subset="balanced"):
+    import os
+
+    write_mnist(root, size=8, n_train=20, n_test=30, name="EMNIST")
+    raw = root / "EMNIST" / "raw"
+    for old, part in (("train", "train"), ("t10k", "test")):
+        for kind in ("images-idx3", "labels-idx1"):
+            os.rename(raw / f"{old}-{kind}-ubyte", raw / f"emnist-{subset}-{part}-{kind}-ubyte")
+
+
+def test_torchvision_emnist_subset_reads_the_test_part_unless_told(tmp_path):
+    _write_emnist(tmp_path)
+    test = load_dataset(DataConfig(kind="torchvision", name="EMNIST", path=str(tmp_path), split="balanced"))
+    assert test.n_total == 30 and test.name == "EMNIST (balanced/test)"
+    train = load_dataset(DataConfig(kind="torchvision", name="EMNIST", path=str(tmp_path), split="balanced/train"))
+    assert train.n_total == 20 and train.fingerprint != test.fingerprint
+    for bad in ("test", None, "balanced/val"):
+        with pytest.raises(EvalkitError, match=r"data.split: EMNIST needs one of 'byclass'.*'/test' \(default test\)"):
+            load_dataset(DataConfig(kind="torchvision", name="EMNIST", path=str(tmp_path), split=bad))
+
+
+def test_torchvision_dataset_that_needs_more_arguments_is_named(tmp_path):
+    with pytest.raises(EvalkitError, match=r"data.name: CocoDetection needs 'annFile'.*classification datasets"):
+        load_dataset(DataConfig(kind="torchvision", name="CocoDetection", path=str(tmp_path)))
+
+
 # --- feature files --------------------------------------------------------------------------
 
 
@@ -317,3 +343,84 @@ def test_resolve_dataset_prefers_the_data_section(tmp_path):
                               "models": [model]})
     assert len(resolve_dataset(with_data)) == 6 and resolve_dataset(with_data).rows is None
     assert len(resolve_dataset(parse_config({"models": [model]}))) == 12
+
+
+# --- high-bit-depth images ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I", "F"])
+def test_high_bit_depth_images_are_scaled_not_clipped(tmp_path, mode):
+    from PIL import Image
+
+    from evalkit.preprocess import build_transform, depth_rule
+
+    eight = write_image_folder(tmp_path / "eight", classes=("a", "b", "c"), n_per_class=3, mode="L")
+    deep = tmp_path / "deep"
+    for f in sorted(eight.rglob("*.png")):
+        a = np.asarray(Image.open(f)).astype(np.float64)
+        arr = {"I;16": (a * 257).astype(np.uint16), "I": (a * 257).astype(np.int32),
+               "F": (a / 255).astype(np.float32)}[mode]
+        (deep / f.parent.name).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(arr, mode if mode != "I;16" else None).save(deep / f.parent.name / (f.stem + ".tif"))
+    ref = load_dataset(DataConfig(kind="imagefolder", path=str(eight)))
+    ds = load_dataset(DataConfig(kind="imagefolder", path=str(deep)))
+    assert ds.load_image(0).mode == mode and depth_rule(ds.load_image(0))
+    for channels in (1, 3):
+        t = build_transform({"channels": channels})
+        for i in range(len(ds)):
+            assert np.abs(t(ds.load_image(i)).numpy() - t(ref.load_image(i)).numpy()).max() <= 1 / 255 + 1e-6
+
+
+def test_float_images_outside_0_1_are_min_max_scaled_per_image():
+    from PIL import Image
+
+    from evalkit.preprocess import depth_rule, to_8bit
+
+    im = Image.fromarray(np.linspace(-3, 5, 64, dtype=np.float32).reshape(8, 8), "F")
+    out = np.asarray(to_8bit(im))
+    assert out.min() == 0 and out.max() == 255 and "min-max" in depth_rule(im)
+    assert np.asarray(to_8bit(Image.fromarray(np.full((4, 4), 7.0, np.float32), "F"))).max() == 0
+
+
+# --- rough edges ----------------------------------------------------------------------------
+
+
+def test_macosx_folder_is_not_a_class(tmp_path):
+    root = write_image_folder(tmp_path / "root", classes=("a", "b", "__MACOSX"), n_per_class=2, size=(8, 8))
+    assert load_dataset(DataConfig(kind="imagefolder", path=str(root))).label_names == ("a", "b")
+
+
+def test_unreadable_class_folder_is_named_as_unreadable(tmp_path, monkeypatch):
+    import evalkit.data
+
+    root = write_image_folder(tmp_path / "root", classes=("a", "b"), n_per_class=2, size=(8, 8))
+    real = evalkit.data.os.listdir
+
+    def listdir(path):
+        if str(path).endswith("/b"):
+            raise PermissionError(13, "Permission denied")
+        return real(path)
+
+    monkeypatch.setattr(evalkit.data.os, "listdir", listdir)
+    with pytest.raises(EvalkitError, match=r"class folder b under .* cannot be read \(Permission denied\)"):
+        load_dataset(DataConfig(kind="imagefolder", path=str(root)))
+
+
+@pytest.mark.parametrize("labels", [[0, 1, 2], [0, 1, -1]])
+def test_label_names_that_do_not_cover_the_labels_are_an_error(tmp_path, labels):
+    path = tmp_path / "f.npz"
+    np.savez(path, features=np.random.default_rng(0).normal(size=(9, 3)).astype(np.float32),
+             labels=np.array(labels * 3), label_names=np.array(["a", "b"]))
+    with pytest.raises(EvalkitError, match=rf"f.npz: label_names has 2 names .* the labels include {labels[-1]}"):
+        load_dataset(DataConfig(kind="features", path=str(path)))
+
+
+def test_home_in_paths_is_expanded(tmp_path, monkeypatch):
+    from evalkit.config import ModelConfig
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    X, y = _features()
+    np.savez(tmp_path / "f.npz", features=X, labels=y)
+    cfg = DataConfig(kind="features", path="~/f.npz")
+    assert cfg.path == str(tmp_path / "f.npz") and len(load_dataset(cfg)) == 12
+    assert ModelConfig(name="m", features="~/f.npz").features == str(tmp_path / "f.npz")

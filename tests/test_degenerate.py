@@ -141,3 +141,28 @@ def test_the_recorded_config_runs_again_on_small_data(tmp_path, monkeypatch, cap
     assert code == 0, err
     first, second = (json.loads((tmp_path / r / "metrics.json").read_text())["rows"] for r in ("run1", "run2"))
     assert first == second
+
+
+def _scores(tmp_path, capsys, X, y, tag):
+    write_features(tmp_path / f"{tag}.npz", X, y)
+    cfg = features_config(tmp_path / f"{tag}.yaml", f"{tag}.npz", name=tag, methods=METHODS)
+    code, _, err = run_cli(["report", cfg, "--out", tmp_path / f"run-{tag}"], capsys)
+    assert code == 0 and err == "", err
+    with np.load(tmp_path / f"run-{tag}" / "embeddings.npz") as z:
+        assert all(np.isfinite(z[f"m/features/{m}"]).all() for m in METHODS)
+    return {r["method"]: r for r in json.loads((tmp_path / f"run-{tag}" / "metrics.json").read_text())["rows"]}
+
+
+@pytest.mark.parametrize("factor", [1e18, 1e20, 1e-25])
+def test_scores_do_not_depend_on_a_global_factor(factor, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    X, y = blobs(n_per_class=10)
+    ref = _scores(tmp_path, capsys, X, y, "ref")
+    got = _scores(tmp_path, capsys, (X.astype(np.float64) * factor).astype(np.float32), y, "scaled")
+    for method in ("features", "pca"):  # deterministic: the same scores
+        for metric, value in ref[method].items():
+            if isinstance(value, float):
+                assert got[method][metric] == pytest.approx(value, rel=1e-5, abs=1e-6), (method, metric)
+    for method in ("tsne", "umap"):  # seeded, yet float rounding differs: the same picture
+        assert got[method]["knn_accuracy"] == pytest.approx(ref[method]["knn_accuracy"], abs=0.05)
+        assert got[method]["trustworthiness"] == pytest.approx(ref[method]["trustworthiness"], abs=0.05)

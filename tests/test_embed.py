@@ -220,3 +220,25 @@ def test_optional_method_is_not_a_default_and_runs_when_asked_for():
     assert [r["method"] for r in out.rows] == ["features", "pacmap", "pca"]
     assert out.method_params["pacmap"]["neighbors"] == "shared kNN graph (exact)"
     assert out.rows[1]["knn_accuracy"] > 0.9  # well-separated clusters stay separated
+
+
+@pytest.mark.parametrize("factor", [1.0, 1e18, 1e20, 1e-25, 1e-35, 1e37])
+def test_unit_scale_and_pca_do_not_depend_on_a_global_factor(factor):
+    from evalkit.embed import PCAEmbedder, reduce_dims, unit_scale
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(40, 60)) + np.repeat(np.eye(60)[:4] * 6, 10, axis=0)
+    Xs = (X * factor).astype(np.float32)
+    scaled, f = unit_scale(Xs)
+    if factor == 1.0:
+        assert f == 1.0 and scaled is Xs  # ordinary features are left as they are
+    else:
+        assert np.log2(f) == np.round(np.log2(f)) and 2 ** -20 <= np.abs(scaled).max() <= 2 ** 20
+        np.testing.assert_array_equal(scaled.astype(np.float64) * f, Xs.astype(np.float64))  # exact
+    ref = PCAEmbedder().fit_transform(X.astype(np.float32))
+    Z = PCAEmbedder().fit_transform(Xs)
+    assert np.isfinite(Z).all() and np.isfinite(reduce_dims(Xs, 10)).all()
+    # the same picture up to one factor and the sign of each axis
+    Z = Z * (np.abs(ref).max() / np.abs(Z).max())
+    for j in range(2):
+        assert min(np.abs(Z[:, j] - ref[:, j]).max(), np.abs(Z[:, j] + ref[:, j]).max()) < 1e-3 * np.abs(ref).max()

@@ -167,6 +167,17 @@ def check_metric_not_computed_for_method():
         "checks[0].metric: 'trustworthiness' is not computed for method 'features'"]
 
 
+def check_where_glob_matches_no_model():
+    check = {"metric": "knn_accuracy", "gte": 0.5, "where": {"model": "x*"}}
+    return _report(_cfg("c.yaml", _features_cfg(checks=[check]))), ["checks[0].where.model: matches no model"]
+
+
+def check_metric_not_computed_for_any_selected_method():
+    check = {"metric": "trustworthiness", "gte": 0.5, "where": {"method": "feat*"}}
+    return _report(_cfg("c.yaml", _features_cfg(checks=[check]))), [
+        "checks[0].metric: 'trustworthiness' is not computed for method 'features'"]
+
+
 def check_missing_condition():
     return _report(_cfg("c.yaml", _features_cfg(checks=[{"metric": "knn_accuracy"}]))), [
         "checks[0]: check on 'knn_accuracy' needs a condition"]
@@ -176,6 +187,12 @@ def model_name_with_slash():
     cfg = _features_cfg()
     cfg["models"][0]["name"] = "a/b"
     return _report(_cfg("c.yaml", cfg)), ["models: model name 'a/b' may not contain '/'"]
+
+
+def model_name_with_a_control_character():
+    cfg = _features_cfg()
+    cfg["models"][0]["name"] = "a\x00b"
+    return _report(_cfg("c.yaml", cfg)), ["models[0].name: model name 'a\\x00b' contains the control character"]
 
 
 def unknown_source_prefix():
@@ -299,6 +316,22 @@ def corrupt_image():
     cfg = _image_cfg({"source": "demo:cnn"})
     Path("imgs/b/zz-broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     return _report(_cfg("c.yaml", cfg)), ["zz-broken.png", "cannot read image"]
+
+
+def torchvision_dataset_needs_more_arguments():
+    cfg = _image_cfg({"source": "demo:cnn"}, data={"kind": "torchvision", "name": "CocoDetection", "path": "."})
+    return _report(_cfg("c.yaml", cfg)), ["data.name: CocoDetection needs 'annFile'", "classification datasets"]
+
+
+def grey_and_colour_images_mixed():
+    cfg = _image_cfg({"source": "demo:mlp", "layers": ["hidden1"]})  # no conv: images keep their channels
+    write_image_folder(Path("imgs"), classes=("c",), n_per_class=4, size=(8, 8), mode="RGB")
+    return _report(_cfg("c.yaml", cfg)), ["images with 1 and 3 channels (grey and colour)", "channels: 3"]
+
+
+def preprocess_std_zero():
+    model = {"source": "demo:cnn", "preprocess": {"mean": [0.5], "std": [0]}}
+    return _report(_cfg("c.yaml", _image_cfg(model))), ["models[0].preprocess.std", "must be > 0"]
 
 
 def features_file_missing():
@@ -440,6 +473,14 @@ def check_bad_metrics_json():
     return ["check", "run"], ["metrics.json", "not valid JSON"]
 
 
+def check_metrics_json_number_too_large():
+    os.mkdir("run")
+    row = '{"model": "m", "layer": "features", "method": "features", "knn_accuracy": 1' + "0" * 400 + "}"
+    Path("run/metrics.json").write_text('{"rows": [' + row + "]}")
+    Path("run/config.yaml").write_text("name: x\nmodels: [{name: m, features: f.npz}]\n")
+    return ["check", "run"], ["metrics.json: rows[0].knn_accuracy", "401 digits", "too large"]
+
+
 def layers_unknown_source():
     return ["layers", "demo:cnm"], ["unknown demo model 'cnm'"]
 
@@ -507,3 +548,17 @@ def test_a_checkpoint_that_would_run_code_names_the_opt_in(workdir, capsys):
     code, _, err = run_cli(argv, capsys)
     assert code == 2 and "pickled Python objects" in err and "unsafe_pickle: true" in err
     assert not (workdir / "pwned").exists()
+
+
+def test_an_image_over_pils_pixel_limit_is_one_line_naming_it(workdir, capsys, monkeypatch):
+    from PIL import Image
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # a 14,000 x 14,000 image, scaled down
+    cfg = _cfg("c.yaml", _image_cfg({"source": "demo:cnn"}))
+    Image.new("L", (64, 64)).save("imgs/b/zz-huge.png")
+    before = tree_digest(workdir / PREV)
+    code, _, err = run_cli(_report(cfg), capsys)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert "zz-huge.png: image too large to decode" in lines[0] and "downscale" in lines[0]
+    assert tree_digest(workdir / PREV) == before

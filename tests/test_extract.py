@@ -176,6 +176,27 @@ def test_layer_errors():
         run_layers(m, [torch.randn(2, 3)], resolve_layers(m, ["spare"]), device=CPU, pooling=PoolingConfig())
 
 
+@pytest.mark.parametrize("head, softmax", [("out", False), ("head", False), ("out", True)])
+def test_penultimate_is_the_input_of_the_layer_that_makes_the_output(image_folder, tmp_path, head, softmax):
+    from usermodels import HiddenFc
+
+    model = HiddenFc(head, softmax)
+    x = torch.randn(1, 3, 16, 16)
+    assert resolve_layers(model, ["penultimate"], example=x) == {"penultimate": (head, "input")}
+    assert dict((n, k) for n, k, _ in list_layers_of(model))["penultimate"] == f"input of {head}"
+    (fs,) = extract.extract_model(ModelConfig(name="h", source="python:usermodels:HiddenFc",
+                                              kwargs={"head": head, "softmax": softmax}),
+                                  _dataset(image_folder), _ecfg(tmp_path, cache=False))
+    assert fs.features.shape == (15, 8)  # the input of the 8 -> 3 classifier, not of the 4 -> 8 hidden fc
+
+
+def list_layers_of(model):
+    from unittest import mock
+
+    with mock.patch("evalkit.models.create_model", return_value=model):
+        return list_layers("python:x:y", input_size=(1, 3, 16, 16))
+
+
 def test_list_layers_prints_shapes_for_a_dummy_input():
     rows = {name: (kind, shape) for name, kind, shape in list_layers(USER, kwargs={"width": 4, "embed_dim": 6})}
     assert rows["blocks.1"] == ("Sequential", (1, 4, 224, 224))
@@ -382,6 +403,26 @@ def test_a_checkpoint_with_another_classifier_width_loads_with_a_note(image_fold
     assert len(count_runs) == 2 and again_notes == [note]
     for a, b in zip(again, want):
         np.testing.assert_array_equal(a.features, b.features)
+
+
+def test_python_model_cache_covers_its_code_and_initial_weights(image_folder, tmp_path, count_runs, monkeypatch):
+    code = ("import os\nimport torch\n\n\ndef make():\n    torch.manual_seed(int(os.environ.get('H4_SEED', '0')))\n"
+            "    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.LazyLinear(2))\n")
+    mod = tmp_path / "mods" / "h4_cached_net.py"
+    mod.parent.mkdir()
+    mod.write_text(code)
+    monkeypatch.syspath_prepend(str(mod.parent))
+    ds, ecfg = _dataset(image_folder), _ecfg(tmp_path)
+    cfg = ModelConfig(name="p", source="python:h4_cached_net:make", layers=("0",))
+    extract_model(cfg, ds, ecfg)
+    extract_model(cfg, ds, ecfg)
+    assert len(count_runs) == 1  # unchanged: served from the cache
+    mod.write_text(code + "# edited\n")  # the module's file changed
+    extract_model(cfg, ds, ecfg)
+    assert len(count_runs) == 2
+    monkeypatch.setenv("H4_SEED", "7")  # same code, other weights as created
+    extract_model(cfg, ds, ecfg)
+    assert len(count_runs) == 3
 
 
 def test_rewritten_checkpoint_recomputes(image_folder, tmp_path, count_runs):

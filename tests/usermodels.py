@@ -66,6 +66,21 @@ class NoClassifier(nn.Module):
         return self.conv(x)
 
 
+class HiddenFc(nn.Module):
+    """A hidden layer named ``fc`` and the real classifier named ``out`` (or ``head``)."""
+
+    def __init__(self, head: str = "out", softmax: bool = False):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.fc = nn.Linear(4, 8)
+        setattr(self, head, nn.Linear(8, 3))
+        self.head_name, self.softmax = head, softmax
+
+    def forward(self, x):
+        logits = getattr(self, self.head_name)(torch.relu(self.fc(self.conv(x).mean((2, 3)))))
+        return logits.softmax(-1) if self.softmax else logits
+
+
 class Pickled:
     """An arbitrary object stored next to the weights: needs ``unsafe_pickle`` to load."""
 
