@@ -86,3 +86,20 @@ class Pickled:
 
     def __init__(self, note: str = "hello"):
         self.note = note
+
+
+class DigitsCNN(nn.Module):
+    """A small CNN for scikit-learn's 8x8 grey digits (the API tests train it for a second)."""
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                                      nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1))
+        self.fc = nn.Linear(32, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.features(x).flatten(1))
+
+
+def digits_cnn(**kwargs) -> DigitsCNN:
+    return DigitsCNN(**kwargs)
