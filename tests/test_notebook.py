@@ -53,6 +53,9 @@ def test_committed_without_outputs():
             assert not cell.outputs and cell.execution_count is None, "clear the notebook's outputs before committing"
 
 
+# 25-70 s on 2 busy cores (training, then t-SNE/UMAP/PCA of 4 feature sets); `-m 'not slow'` skips it.
+@pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_notebook_runs_and_shows_the_result(tmp_path):
     nb = nbformat.read(NOTEBOOK, as_version=4)
     work = tmp_path / "work"
@@ -66,12 +69,13 @@ def test_notebook_runs_and_shows_the_result(tmp_path):
     assert not errors, errors
 
     # The last expression of the evaluate cell is `result`: Jupyter shows its _repr_html_.
-    views = [o["data"]["text/html"] for o in outputs
-             if o.output_type in ("execute_result", "display_data") and "evalkit-result" in o.get("data", {}).get("text/html", "")]
-    assert len(views) == 1, [o.get("data", {}).keys() for o in outputs]
+    htmls = [o["data"]["text/html"] for o in outputs
+             if o.output_type in ("execute_result", "display_data") and "text/html" in o.get("data", {})]
+    views = [h for h in htmls if "evalkit-result" in h]
+    assert len(views) == 1, [h[:200] for h in htmls]
     view = views[0]
     assert "digits-in-memory" in view and "899 samples" in view and "10 classes" in view
-    assert "all 1 checks passed" in view
+    assert re.search(r"1 checks? passed", view), view[:500]  # the one check, on its one row
     srcdoc = re.search(r'<iframe srcdoc="([^"]*)"', view)
     assert srcdoc, view[:500]
     page = html.unescape(srcdoc.group(1))
