@@ -129,8 +129,9 @@ def extract_features(model, data, layers: Sequence[str] | str = ("penultimate",)
 
 
 def evaluate(features, labels=None, *, label_names: Optional[Sequence[str]] = None,
-             methods: Sequence[str] = DEFAULT_METHODS, seeds: Sequence[int] = (0,), n_neighbors: Optional[int] = None,
-             metrics: Optional[Mapping[str, Any]] = None, method_settings: Optional[Mapping[str, Mapping]] = None,
+             methods: Sequence[str] | str = DEFAULT_METHODS, seeds: Sequence[int] | int = (0,),
+             n_neighbors: Optional[int] = None, metric_settings: Optional[Mapping[str, Any]] = None,
+             method_settings: Optional[Mapping[str, Mapping]] = None,
              pca_dims: int = 50, checks: Optional[Sequence[Mapping]] = None, device: str = "auto",
              name: str = "evalkit-run", sample_ids=None, indices=None) -> Result:
     """Embed and score feature sets that are in memory; nothing is written.
@@ -146,14 +147,16 @@ def evaluate(features, labels=None, *, label_names: Optional[Sequence[str]] = No
         Class of each sample (ints or strings). Taken from the features when they carry them.
     label_names : sequence of str, optional
         ``label_names[k]`` names class ``k`` when ``labels`` are 0..n_classes-1.
-    methods : sequence of str
-        Registered embedding methods (``tsne``, ``umap``, ``pca``, ...).
-    seeds : sequence of int
+    methods : str or sequence of str
+        Registered embedding methods (``tsne``, ``umap``, ``pca``, ``pacmap``; see
+        ``evalkit.METHODS``). Every registered score that applies is computed
+        (``evalkit.METRICS``).
+    seeds : int or sequence of int
         Several seeds give mean ± std scores and seed stability.
     n_neighbors : int, optional
         k of trustworthiness and continuity (and of kNN accuracy unless ``metrics`` sets
         ``knn_k``); by default 10, lowered with a note when the data are too few for it.
-    metrics : mapping, optional
+    metric_settings : mapping, optional
         More ``metrics:`` settings (``knn_k``, ``weighted_knn_k``, ``silhouette_max_samples``).
     method_settings : mapping, optional
         Per-method settings, e.g. ``{"tsne": {"perplexity": 20}, "umap": {"min_dist": 0.3}}``.
@@ -180,18 +183,25 @@ def evaluate(features, labels=None, *, label_names: Optional[Sequence[str]] = No
     from evalkit.extract import resolve_device
     from evalkit.pipeline import evaluate_feature_sets, fit_sizes
 
+    methods = [methods] if isinstance(methods, str) else list(methods)
+    seeds = [seeds] if isinstance(seeds, (int, np.integer)) else list(seeds)
+    for arg, value in (("metric_settings", metric_settings), ("method_settings", method_settings)):
+        if value is not None and not isinstance(value, Mapping):
+            raise EvalkitError(f"{arg}: got {type(value).__name__}; expected a mapping of settings such as "
+                               + ("{'knn_k': 20}" if arg == "metric_settings" else "{'tsne': {'perplexity': 20}}")
+                               + " (every registered score is computed; evalkit.METRICS lists them)")
     sets, carried = _feature_sets(features)
     n = sets[0].features.shape[0]
     samples = _samples(labels if labels is not None else carried, label_names, n, sample_ids, indices)
-    embed = _parse(EmbedConfig, {"methods": list(methods), "seeds": list(seeds), "pca_dims": pca_dims,
+    embed = _parse(EmbedConfig, {"methods": methods, "seeds": seeds, "pca_dims": pca_dims,
                                  **dict(method_settings or {})}, "embed")
     given = {"n_neighbors": n_neighbors} if n_neighbors is not None else {}
-    metric_settings = _parse(MetricsConfig, {**given, **dict(metrics or {})}, "metrics")
+    settings = _parse(MetricsConfig, {**given, **dict(metric_settings or {})}, "metrics")
     check_list = [_parse(CheckConfig, dict(c), f"checks[{i}]") for i, c in enumerate(checks or ())]
-    embed, metric_settings, notes = fit_sizes(embed, metric_settings, n)
-    yaml_text = _settings_yaml(name, sets, embed, metric_settings, check_list)
+    embed, settings, notes = fit_sizes(embed, settings, n)
+    yaml_text = _settings_yaml(name, sets, embed, settings, check_list)
     _validate_checks(yaml_text)
-    return evaluate_feature_sets(sets, samples, embed=embed, metrics=metric_settings, checks=check_list,
+    return evaluate_feature_sets(sets, samples, embed=embed, metrics=settings, checks=check_list,
                                  device=resolve_device(device), config_yaml=yaml_text, name=name, notes=notes,
                                  provenance={"command": "evalkit.evaluate() in Python"})
 
@@ -243,11 +253,26 @@ def _as_loader(data, *, batch_size: int, num_workers: int):
             logger.warning("evalkit: the DataLoader shuffles (shuffle=True); features and the labels it carries "
                            "still line up, but another model's pass will see another order: use shuffle=False")
         return data
+    if isinstance(data, (list, tuple)) and data and _is_batch(data[0]):
+        return data  # a list of batches, as a DataLoader would yield them
     if isinstance(data, torch.utils.data.Dataset) or (hasattr(data, "__getitem__") and hasattr(data, "__len__")):
         return torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     if hasattr(data, "__iter__"):
         return data  # any iterable of batches
     raise EvalkitError(f"data: got {type(data).__name__}; expected a torch DataLoader or Dataset")
+
+
+def _is_batch(item) -> bool:
+    """Is ``item`` a batch (inputs of 4 or more dimensions) rather than one sample?"""
+    import torch
+
+    if isinstance(item, dict):
+        from evalkit.extract import INPUT_KEYS
+
+        item = next((item[k] for k in INPUT_KEYS if k in item), None)
+    elif isinstance(item, (tuple, list)) and item:
+        item = item[0]
+    return isinstance(item, torch.Tensor) and item.ndim >= 4
 
 
 def _to_numpy(array, what: str) -> np.ndarray:

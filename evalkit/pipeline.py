@@ -188,6 +188,11 @@ def run_report(config, out_dir, *, use_cache: bool = True, argv=None) -> Result:
     from evalkit.runfolder import _PROCESS_START, check_out_dir, clean_stale_siblings, write_run
 
     t0 = time.perf_counter()
+    for i, m in enumerate(config.models):
+        if m.source and m.source.startswith("memory:"):  # what evalkit.evaluate() records
+            raise EvalkitError(f"models[{i}].source: {m.source!r} is a model that was passed in memory to the Python "
+                               f"API; a config cannot load it: name a factory (python:module:factory) and a "
+                               f"checkpoint, or a features file")
     out_dir = check_out_dir(out_dir)
     clean_stale_siblings(out_dir, older_than=_PROCESS_START)
     try:

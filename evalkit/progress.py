@@ -2,8 +2,8 @@
 
 Messages go through ``logging.getLogger("evalkit")`` (the CLI prints them on stdout; a
 library user chooses with ``logging``). Bars come from tqdm: a widget in Jupyter when
-ipywidgets is installed, text otherwise; in a terminal only when stderr is a terminal, so CI
-logs and pipes stay clean.
+ipywidgets is installed (none without it: tqdm's text fallback shows as a red stderr block),
+and in a terminal only when stderr is a terminal, so CI logs and pipes stay clean.
 """
 from __future__ import annotations
 
@@ -37,8 +37,9 @@ def progress_bar(total: int, desc: str, *, unit: str = "it", min_total: int = MI
         try:
             import ipywidgets  # noqa: F401  (tqdm's notebook bar needs it)
             from tqdm.notebook import tqdm
-        except ImportError:
-            from tqdm import tqdm
+        except ImportError:  # a text bar in a notebook is a red stderr block: better none
+            yield _Silent()
+            return
     else:
         from tqdm import tqdm
     bar = tqdm(total=total, desc=desc, unit=unit, leave=False, file=sys.stderr, dynamic_ncols=True)

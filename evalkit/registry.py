@@ -60,6 +60,10 @@ class Registry(Generic[T]):
     def __len__(self) -> int:
         return len(self._items)
 
+    def __repr__(self) -> str:
+        entries = ", ".join(f"{name} ({getattr(item, 'title', name)})" for name, item in self._items.items())
+        return f"<evalkit {self.kind}s: {entries}>"
+
 
 @dataclass(frozen=True)
 class Metric:

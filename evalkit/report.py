@@ -20,7 +20,7 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 
 from evalkit.registry import FEATURES, methods as _methods, metrics as _metrics
-from evalkit.results import ID_KEYS, INFO_KEYS, Result
+from evalkit.results import ID_KEYS, INFO_KEYS, Result, plural
 
 __all__ = ["render_html", "render_notebook", "build_context"]
 
@@ -282,15 +282,18 @@ def render_notebook(result: Result) -> str:
     page = render_html(result, compact=True)
     n_sets = len(result.feature_sets)
     failed = sum(c.status in ("fail", "error") for c in result.checks)
-    verdict = ("no checks" if not result.checks else
-               f"all {len(result.checks)} checks passed" if not failed else
-               f"{failed} of {len(result.checks)} checks failed")
-    height = 420 + 330 * n_sets + 40 * len(result.checks)
+    n_checks = len(result.checks)
+    verdict = ("no checks" if not n_checks else
+               ("the check passed" if n_checks == 1 else f"all {n_checks} checks passed") if not failed else
+               f"{failed} of {plural(n_checks, 'check')} failed")
+    # the compact page is about 650 px of header, summary and checks, then ~450 px per grid row
+    height = 650 + 450 * n_sets + 45 * n_checks
     return (f'<div class="evalkit-result"><p><strong>evalkit</strong> {html.escape(str(result.name))}: '
-            f'{len(result.labels):,} samples, {len(result.label_names)} classes, {n_sets} feature sets; '
+            f'{plural(len(result.labels), "sample")}, {plural(len(result.label_names), "class", "classes")}, '
+            f'{plural(n_sets, "feature set")}; '
             f'{verdict}. <code>result.save(DIR)</code> writes the full report.</p>'
             f'<iframe srcdoc="{html.escape(page, quote=True)}" title="evalkit result {html.escape(str(result.name))}" '
-            f'style="width:100%;height:{min(height, 2400)}px;border:1px solid #ddd" '
+            f'style="width:100%;height:{min(height, 5000)}px;border:1px solid #ddd" '
             f'sandbox="allow-scripts"></iframe></div>')
 
 

@@ -229,8 +229,15 @@ class Result:
         raise KeyError(f"no row {model}/{layer}/{method}; rows: {have}")
 
     def score(self, metric: str, *, model: str, layer: str, method: str = "features") -> Optional[float]:
-        """One score, e.g. ``result.score("knn_accuracy", model="cnn", layer="penultimate")``."""
-        return self.row(model, layer, method).scores.get(metric)
+        """One score, e.g. ``result.score("knn_accuracy", model="cnn", layer="penultimate")``.
+
+        None when the score is undefined for these data; KeyError when this row has no such
+        score (a misspelt name, or a score not computed for ``method``).
+        """
+        row = self.row(model, layer, method)
+        if metric not in row.scores:
+            raise KeyError(f"no score {metric!r} for {row.key}; scores there: {', '.join(row.scores)}")
+        return row.scores[metric]
 
     def embedding(self, model: str, layer: str, method: str, seed: Optional[int] = None) -> np.ndarray:
         """Coordinates (n_samples, 2) of one embedding (the first seed unless ``seed`` is given)."""
@@ -254,7 +261,7 @@ class Result:
         """
         from evalkit.runfolder import check_out_dir, write_run
 
-        out = check_out_dir(out_dir, overwrite=overwrite)
+        out = check_out_dir(out_dir, overwrite=overwrite, what="out_dir")
         return write_run(out, self)
 
     def html(self) -> str:
@@ -269,11 +276,17 @@ class Result:
         return render_notebook(self)
 
     def __repr__(self) -> str:
-        n_sets = len(self.feature_sets)
-        failed = sum(c.status == "fail" for c in self.checks)
-        checks = f", checks: {len(self.checks) - failed} passed, {failed} failed" if self.checks else ""
-        return (f"<evalkit.Result {self.name!r}: {len(self.labels)} samples, {len(self.label_names)} classes, "
-                f"{n_sets} feature set{'s' if n_sets != 1 else ''}, {len(self.embeddings)} embeddings{checks}>")
+        failed = sum(c.status in ("fail", "error") for c in self.checks)
+        passed = sum(c.status == "pass" for c in self.checks)
+        checks = f", checks: {passed} passed, {failed} failed" if self.checks else ""
+        return (f"<evalkit.Result {self.name!r}: {plural(len(self.labels), 'sample')}, "
+                f"{plural(len(self.label_names), 'class', 'classes')}, {plural(len(self.feature_sets), 'feature set')}, "
+                f"{plural(len(self.embeddings), 'embedding')}{checks}>")
+
+
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """``1 sample``, ``2 samples`` (``many`` for irregular plurals)."""
+    return f"{n:,} {word if n == 1 else (many or word + 's')}"
 
 
 #: The name earlier versions used.

@@ -38,41 +38,41 @@ def default_out_dir(config) -> Path:
     return Path("reports/out") / name
 
 
-def check_out_dir(out_dir, *, overwrite: bool = True) -> Path:
+def check_out_dir(out_dir, *, overwrite: bool = True, what: str = "--out") -> Path:
     """Fail before any work when ``out_dir`` cannot become the run folder.
 
     It must be a folder or not exist yet, under a writable folder, and an existing folder must
     be an earlier run folder: the run replaces it as a whole, so any other folder (``--out .``,
     a data folder) is refused rather than deleted. ``overwrite=False`` refuses an earlier run
-    folder too.
+    folder too. ``what`` names the argument in messages (``--out``, or ``out_dir`` from Python).
     """
     import tempfile
 
     out = Path(out_dir).expanduser().absolute()
     if out.exists() and not out.is_dir():
-        raise EvalkitError(f"--out {out_dir}: is a file; expected a run folder (or a path that does not exist yet)")
+        raise EvalkitError(f"{what} {out_dir}: is a file; expected a run folder (or a path that does not exist yet)")
     existing = next((p for p in (out, *out.parents) if p.exists()), None)
     blocker = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
     if blocker is not None:
-        raise EvalkitError(f"--out {out_dir}: {blocker} is a file; expected a folder there")
+        raise EvalkitError(f"{what} {out_dir}: {blocker} is a file; expected a folder there")
     if out.is_dir():
         cwd = Path.cwd().absolute()
         if out == cwd or out in cwd.parents:
-            raise EvalkitError(f"--out {out_dir}: is the working folder or holds it; the run replaces its "
+            raise EvalkitError(f"{what} {out_dir}: is the working folder or holds it; the run replaces its "
                                f"folder as a whole, so expected a folder of its own (e.g. reports/out/NAME)")
         entries = [e.name for e in out.iterdir()]
         if entries and not overwrite:
-            raise EvalkitError(f"--out {out_dir}: exists; expected a new folder (or pass overwrite=True to replace "
+            raise EvalkitError(f"{what} {out_dir}: exists; expected a new folder (or pass overwrite=True to replace "
                                f"an earlier run folder)")
         if entries and not all(f in entries for f in RUN_FILES):
-            raise EvalkitError(f"--out {out_dir}: exists and is not an evalkit run folder (no index.html and "
+            raise EvalkitError(f"{what} {out_dir}: exists and is not an evalkit run folder (no index.html and "
                                f"metrics.json); the run replaces its folder as a whole, so expected a new or "
                                f"earlier run folder")
     probe_in = out.parent if out.parent.exists() else existing
     try:
         Path(tempfile.mkdtemp(prefix=f".{out.name}.probe-", dir=probe_in)).rmdir()
     except OSError as exc:
-        raise EvalkitError(f"--out {out_dir}: cannot write in {probe_in} ({exc.strerror or exc}); expected a "
+        raise EvalkitError(f"{what} {out_dir}: cannot write in {probe_in} ({exc.strerror or exc}); expected a "
                            f"writable folder") from None
     return out
 
