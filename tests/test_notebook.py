@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-nbformat = pytest.importorskip("nbformat")
-nbclient = pytest.importorskip("nbclient")
-pytest.importorskip("ipykernel")
+import ipykernel  # noqa: F401  (the test extra installs all three: a missing one must fail, not skip)
+import nbclient
+import nbformat
 
 NOTEBOOK = Path(__file__).resolve().parent.parent / "examples" / "digits_in_memory.ipynb"
 KERNEL = "evalkit-test-python"
@@ -75,7 +75,7 @@ def test_notebook_runs_and_shows_the_result(tmp_path):
     assert len(views) == 1, [h[:200] for h in htmls]
     view = views[0]
     assert "digits-in-memory" in view and "899 samples" in view and "10 classes" in view
-    assert re.search(r"1 checks? passed", view), view[:500]  # the one check, on its one row
+    assert "the check passed" in view, view[:500]  # the one check, on its one row
     srcdoc = re.search(r'<iframe srcdoc="([^"]*)"', view)
     assert srcdoc, view[:500]
     page = html.unescape(srcdoc.group(1))
