@@ -14,11 +14,20 @@ help:  ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 	@echo "  variables: CONFIG=$(CONFIG) OUT=$(OUT)"
 
+INSTALL_LOG := $(VENV)/install.log
+
+# One line per step on the terminal; pip's full output goes to $(INSTALL_LOG), and its tail is
+# shown when a step fails.
 $(VENV)/.installed: pyproject.toml constraints.txt
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -c constraints.txt -e '.[test]'
-	touch $@
+	@mkdir -p $(VENV) && : > $(INSTALL_LOG)
+	@echo "install: creating $(VENV) (full log: $(INSTALL_LOG))"
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV) >> $(INSTALL_LOG) 2>&1 || { tail -n 30 $(INSTALL_LOG); exit 1; }
+	@echo "install: upgrading pip"
+	@$(PY) -m pip install --upgrade pip >> $(INSTALL_LOG) 2>&1 || { tail -n 30 $(INSTALL_LOG); exit 1; }
+	@echo "install: evalkit with its test extras (torch and torchvision pinned by constraints.txt; a few minutes the first time)"
+	@$(PY) -m pip install -c constraints.txt -e '.[test]' >> $(INSTALL_LOG) 2>&1 || { echo "install: pip failed; the end of $(INSTALL_LOG):"; tail -n 30 $(INSTALL_LOG); exit 1; }
+	@$(PY) -c "import evalkit, torch; print(f'install: done (evalkit {evalkit.__version__}, torch {torch.__version__})')"
+	@touch $@
 
 install: $(VENV)/.installed  ## create .venv and install evalkit with its test extras (torch pinned by constraints.txt)
 
@@ -27,7 +36,7 @@ demo-models: install  ## train the demo's models once (cached in runs/demo/)
 
 report: install  ## write a report: CONFIG=... OUT=... (default: the embedded digits demo)
 	@if [ "$(CONFIG)" = "$(DEMO)" ]; then $(PY) -m evalkit.demo $(DEMO); fi
-	$(VENV)/bin/evalkit report $(CONFIG) --out $(OUT)
+	@$(VENV)/bin/evalkit report $(CONFIG) --out $(OUT)
 
 test: install  ## run the test suite
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -89,6 +89,7 @@ def main(argv=None) -> int:
         if not m.checkpoint or not m.source or Path(m.checkpoint).exists():
             continue
         start = time.perf_counter()
+        print(f"demo: training {m.name} ({m.source}) once; its checkpoint is kept in {m.checkpoint}", flush=True)
         acc = train_model(m)
         print(f"trained {m.name} ({m.source}) -> {m.checkpoint}: test accuracy {acc:.3f} "
               f"in {time.perf_counter() - start:.1f} s")
