@@ -205,6 +205,7 @@ class ReportContext:
     css: str
     js: str
     csp: str
+    explorer: Any = None  # evalkit.explorer.ExplorerAssets: interactive panels, or None
 
 
 def build_context(result: RunResult) -> ReportContext:
@@ -229,6 +230,9 @@ def build_context(result: RunResult) -> ReportContext:
     methods = _method_columns(result, rows)
     summary_methods = _summary_methods(rows, methods)
     config = _parse_yaml(result.config_yaml)
+    from evalkit.explorer import explorer_assets
+
+    explorer = explorer_assets(result, colors=colors)
 
     return ReportContext(
         name=str(result.name),
@@ -259,7 +263,9 @@ def build_context(result: RunResult) -> ReportContext:
         config_yaml=str(result.config_yaml),
         css=_static("report.css"),
         js=_static("report.js"),
-        csp=_content_security_policy(_static("report.js")),
+        csp=_content_security_policy(_static("report.js"), *(explorer.scripts if explorer else ()),
+                                     allow_eval=bool(explorer and explorer.needs_eval)),
+        explorer=explorer,
     )
 
 
@@ -436,11 +442,19 @@ def _environment():
     return env
 
 
-def _content_security_policy(script: str) -> str:
-    """Nothing may load from anywhere; only our own inline script (by hash) may run."""
-    digest = base64.b64encode(hashlib.sha256(script.encode("utf-8")).digest()).decode("ascii")
+def _content_security_policy(*scripts: str, allow_eval: bool = False) -> str:
+    """Nothing may load from anywhere; only our own inline scripts (by hash) may run.
+
+    ``allow_eval`` adds 'unsafe-eval' for the explorer's regl, which compiles its WebGL draw
+    commands with ``Function``; only the hashed scripts can reach it.
+    """
+    sources = " ".join(
+        "'sha256-" + base64.b64encode(hashlib.sha256(s.encode("utf-8")).digest()).decode("ascii")
+        + "'" for s in scripts)
+    if allow_eval:
+        sources += " 'unsafe-eval'"
     return ("default-src 'none'; img-src data:; style-src 'unsafe-inline'; "
-            f"script-src 'sha256-{digest}'; base-uri 'none'; form-action 'none'")
+            f"script-src {sources}; base-uri 'none'; form-action 'none'")
 
 
 # --------------------------------------------------------------------------- formatting
