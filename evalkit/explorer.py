@@ -37,6 +37,10 @@ FORMAT_VERSION = 1
 QUANT_MAX = 65534  # largest quantised coordinate; 65535 means "missing"
 MISSING = 65535
 SPRITE_MAX_PX = 8192
+#: Above this many samples the explorer does not run its own exact kNN search (about 26 s per
+#: feature set at 70,000 on 2 cores): it shows kNN colours only from predictions the pipeline
+#: made with its shared graph (``result.knn_predictions`` or the ``predictions`` argument).
+KNN_FALLBACK_MAX = 20_000
 #: (file, npm package, version, licence file) of the vendored browser libraries, load order.
 VENDOR_LIBRARIES = (
     ("regl.min.js", "regl", "2.1.1", "LICENSE.regl"),
@@ -69,8 +73,9 @@ def build_explorer_data(result, *, n_neighbors: int | None = None,
 
     Reads ``result.embeddings``, ``labels``, ``label_names``, ``indices``, ``feature_sets``
     and, when present, ``thumbnails`` ((n, h, w) or (n, h, w, 3) uint8), ``sample_ids``
-    (n strings) and ``point_scores`` (``"model/layer/method"`` -> ``{"trustworthiness":
-    (n,), "continuity": (n,)}``).
+    (n strings), ``point_scores`` (``"model/layer/method"`` -> ``{"trustworthiness":
+    (n,), "continuity": (n,)}``) and ``knn_predictions`` (``"model/layer"`` -> (n,) labels
+    predicted by leave-one-out kNN on the raw features, as :func:`evalkit.score.knn_predict`).
 
     Parameters
     ----------
@@ -78,8 +83,9 @@ def build_explorer_data(result, *, n_neighbors: int | None = None,
     n_neighbors : int, optional
         k of the leave-one-out kNN predictions; default ``result.extras["n_neighbors"]`` or 10.
     predictions : mapping, optional
-        ``"model/layer"`` -> (n,) predicted labels, to reuse predictions already made;
-        feature sets missing here are predicted with :func:`evalkit.score.knn_predict`.
+        ``"model/layer"`` -> (n,) predicted labels, to reuse predictions already made
+        (default ``result.knn_predictions``); feature sets missing here are predicted with
+        :func:`evalkit.score.knn_predict` when there are at most ``KNN_FALLBACK_MAX`` samples.
     colors : list of str, optional
         Class colours; default :func:`evalkit.plots.class_colors`.
 
@@ -116,13 +122,16 @@ def build_explorer_data(result, *, n_neighbors: int | None = None,
         extras = getattr(result, "extras", None) or {}
         k = extras.get("n_neighbors") if isinstance(extras, Mapping) else None
     k = int(k or 10)
-    knn = _knn_predictions(result, labels, k, predictions or {})
+    if predictions is None:
+        predictions = getattr(result, "knn_predictions", None)
+    wide = len(names) > 256  # labels and predictions: uint16, else uint8
+    knn = _knn_predictions(result, labels, k, predictions or {}, "<u2" if wide else "u1")
 
     return {
         "version": FORMAT_VERSION,
         "n": n,
-        "labels": _b64(labels.astype("<u2" if len(names) > 256 else "u1")),
-        "label_dtype": "uint16" if len(names) > 256 else "uint8",
+        "labels": _b64(labels.astype("<u2" if wide else "u1")),
+        "label_dtype": "uint16" if wide else "uint8",
         "label_names": names,
         "colors": list(colors),
         "indices": None if identity else _b64(indices.astype("<u4")),
@@ -168,7 +177,7 @@ def decode_coords(xy: str, bounds, n: int) -> np.ndarray:
     return out
 
 
-def _knn_predictions(result, labels, k, given) -> list:
+def _knn_predictions(result, labels, k, given, dtype) -> list:
     from evalkit.score import knn_predict
 
     out = []
@@ -178,7 +187,7 @@ def _knn_predictions(result, labels, k, given) -> list:
         predicted = given.get(key)
         if predicted is None:
             features = np.asarray(fs.features)
-            if features.ndim != 2 or features.shape[0] != n or n < 2:
+            if features.ndim != 2 or features.shape[0] != n or not 2 <= n <= KNN_FALLBACK_MAX:
                 continue
             try:
                 predicted = knn_predict(features, labels, n_neighbors=min(k, n - 1))
@@ -188,8 +197,7 @@ def _knn_predictions(result, labels, k, given) -> list:
         if predicted.shape[0] != n:
             continue
         out.append({"key": key, "model": str(fs.model), "layer": str(fs.layer),
-                    "predicted": _b64(predicted.astype("<u2" if labels.max(initial=0) > 255
-                                                        else "u1")),
+                    "predicted": _b64(predicted.astype(dtype)),
                     "accuracy": float((predicted == labels).mean())})
     return out
 

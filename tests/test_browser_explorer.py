@@ -430,3 +430,16 @@ def test_narrow_screens_shrink_the_panels_without_sideways_scroll(browser, run_d
     assert view == 236 and math.isclose(canvas, inner, abs_tol=0.5)  # as the PNG's 236 px
     assert png == 0
     browser.set_viewport(1440, 900)
+
+
+def test_printing_shows_the_png_panels(page):
+    page.call("Emulation.setEmulatedMedia", {"media": "print"})
+    try:
+        assert page.evaluate("getComputedStyle(document.querySelector('.explorer-view'))"
+                             ".display") == "none"
+        assert page.evaluate("getComputedStyle(document.querySelector('td.explorer-on img'))"
+                             ".display") != "none"
+        assert page.evaluate("getComputedStyle(document.getElementById('explorer-bar'))"
+                             ".display") == "none"
+    finally:
+        page.call("Emulation.setEmulatedMedia", {"media": ""})

@@ -239,3 +239,14 @@ def test_report_size_for_a_demo_like_run(tmp_path):
           f"libraries {libraries / 1e3:.0f} KB")
     assert total < 3_000_000  # the target for the demo report
     assert data_size < 400_000
+
+
+def test_many_classes_store_labels_and_predictions_as_uint16():
+    result = make_result(n=120, n_classes=300, models=("a",), methods=("pca",), extras=False,
+                         checks=())
+    data = explorer.build_explorer_data(result)
+    assert data["label_dtype"] == "uint16"
+    labels = np.frombuffer(_bytes(data["labels"]), dtype="<u2")
+    np.testing.assert_array_equal(labels, result.labels)
+    for fs in data["knn"]["feature_sets"]:
+        assert len(_bytes(fs["predicted"])) == 2 * 120

@@ -161,7 +161,20 @@
 
     var style_ = el("style"); style_.textContent = CSS; document.head.appendChild(style_);
 
-    var renderer = createScatterplot.createRenderer();
+    // The shared renderer draws every view into its own canvas, then copies the middle of it
+    // into the view's canvas. By default that canvas is screen-sized and every frame pays for
+    // all of it (a software renderer pays a lot): keep it as small as the largest live view.
+    var renderer = createScatterplot.createRenderer({ canvas: document.createElement("canvas") });
+    var rendererSize = [0, 0];
+    function fitRenderer() {
+      var w = 1, h = 1;
+      views.forEach(function (v) { w = Math.max(w, v.plot.get("width")); h = Math.max(h, v.plot.get("height")); });
+      if (w === rendererSize[0] && h === rendererSize[1]) { return; }
+      rendererSize = [w, h];
+      renderer.resize(w, h);
+      renderer.refresh();
+      views.forEach(function (v) { v.plot.redraw(); });
+    }
     var state = {
       selection: new Int32Array(0), mode: "class",
       a: fsKeys[0] || null, b: fsKeys[fsKeys.length - 1] || null, drag: "pan"
@@ -239,6 +252,11 @@
       canvas.addEventListener("mousemove", function (e) { tip.x = e.clientX; tip.y = e.clientY; });
       canvas.addEventListener("mouseleave", function () { hover(-1, view); });
       applyDrag(view);
+      if (window.IntersectionObserver) {  // panels off screen are not marked on hover
+        new IntersectionObserver(function (entries) {
+          view.visible = entries[entries.length - 1].isIntersecting;
+        }).observe(canvas);
+      }
       views.push(view);
       view.drawn = paint(view);
       return view;
@@ -288,12 +306,24 @@
     var tip = el("div", "explorer-tip"); tip.id = "explorer-tip"; tip.x = 0; tip.y = 0;
     tip.setAttribute("role", "status");
     document.body.appendChild(tip);
-    var tipIndex = -1;
+    var tipIndex = -1, echoTimer = null, echoed = [], pressed = false;
+    document.addEventListener("mousedown", function () { pressed = true; }, true);
+    document.addEventListener("mouseup", function () { pressed = false; }, true);
+    // The hovered sample is also marked in the other panels on screen, once the pointer
+    // rests: each mark redraws a whole panel, too slow to do on every move of a big run.
+    function echo(i, from) {
+      echoed.forEach(function (v) { if (views.indexOf(v) >= 0) { v.plot.hover(-1, { preventEvent: true }); } });
+      echoed = [];
+      if (i < 0 || pressed) { return; }
+      echoed = views.filter(function (v) { return v !== from && v.visible !== false; });
+      echoed.forEach(function (v) { v.plot.hover(i, { preventEvent: true }); });
+    }
     function hover(i, from) {
       if (i === tipIndex) { return; }
       tipIndex = i;
-      views.forEach(function (v) { if (v !== from) { v.plot.hover(i, { preventEvent: true }); } });
-      if (i < 0) { tip.style.display = "none"; tip.removeAttribute("data-point"); return; }
+      clearTimeout(echoTimer);
+      echoTimer = setTimeout(function () { echo(i, from); }, i < 0 ? 0 : 120);
+      if (i < 0 || pressed) { tip.style.display = "none"; tip.removeAttribute("data-point"); return; }
       tip.textContent = "";
       tip.setAttribute("data-point", String(i));
       var head = el("div");
@@ -530,6 +560,7 @@
       var r = stage.getBoundingClientRect();
       large = makeView(panel, canvas, Math.max(200, Math.floor(r.width)), Math.max(200, Math.floor(r.height)));
       large.large = true;
+      fitRenderer();
       api.large = panel.key;
       close.focus();
       return large.drawn;
@@ -538,6 +569,7 @@
       if (!large) { return; }
       views.splice(views.indexOf(large), 1);
       large.plot.destroy();
+      fitRenderer();
       stage.textContent = "";
       large = null; api.large = null;
       modal.classList.remove("on");
@@ -565,6 +597,7 @@
       td.classList.add("explorer-on");
       grid.push(makeView(panel, canvas, box.clientWidth || 280, box.clientHeight || 280));
     });
+    fitRenderer();
     window.addEventListener("resize", function () {  // the grid's panels shrink on narrow screens
       grid.forEach(function (v) {
         var w = v.canvas.parentNode.clientWidth, h = v.canvas.parentNode.clientHeight;
@@ -572,6 +605,7 @@
           v.plot.set({ width: w, height: h });
         }
       });
+      fitRenderer();
     });
 
     // ---------------------------------------------------------------- the API (tests, users)
@@ -609,6 +643,7 @@
       });
     };
     api.mode = function () { return state.mode; };
+    api.plot = function (panelKey) { return panelKey === "large" ? large && large.plot : find(panelKey).plot; };
     api.setDrag = setDrag;
     api.exportText = exportText;
     api.open = openLarge;
