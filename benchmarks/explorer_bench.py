@@ -30,6 +30,7 @@ def main(argv=None) -> int:
     parser.add_argument("--n", type=int, default=70_000)
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--out", default=None, help="keep the run folder here")
+    parser.add_argument("--run", default=None, help="measure this existing run folder instead")
     parser.add_argument("--screenshot", default=None, help="PNG of the panned panel's row")
     args = parser.parse_args(argv)
 
@@ -41,6 +42,10 @@ def main(argv=None) -> int:
 
     from evalkit.score import knn_predict
 
+    if args.run:
+        figures = {"run": args.run}
+        run = Path(args.run)
+        return _browse(run, figures, args)
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="explorer-bench-"))
     started = time.perf_counter()
     result = make_result(n=args.n, n_classes=10, models=("a", "b"))
@@ -60,6 +65,12 @@ def main(argv=None) -> int:
         "libraries_kb": round(len(explorer.vendor_script().encode()) / 1e3),
         "report_build_s": round(written - made, 1), "fake_result_and_knn_s": round(made - started, 1),
     }
+
+    return _browse(run, figures, args)
+
+
+def _browse(run, figures, args) -> int:
+    from browser_util import WEBGL_FLAGS, Browser
 
     with Browser(width=1440, height=900, flags=WEBGL_FLAGS, timeout=300) as browser:
         t0 = time.perf_counter()

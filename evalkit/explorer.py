@@ -392,6 +392,9 @@ def explorer_assets(result, **kwargs) -> ExplorerAssets | None:
 
 
 def _static(name: str) -> str:
-    from evalkit.report import _static as read
+    from evalkit.report import _templates
 
-    return read(name)
+    path = _templates()
+    for part in name.split("/"):  # one step at a time: resource readers differ on "a/b"
+        path = path.joinpath(part)
+    return path.read_text(encoding="utf-8")

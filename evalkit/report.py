@@ -417,10 +417,15 @@ def _jsonable(value: Any) -> Any:
 def _templates():
     from importlib.resources import files
 
+    # A source tree's own templates first: an editable install elsewhere (another worktree)
+    # would otherwise map `evalkit.templates` to that tree's files.
+    source = Path(__file__).resolve().parent.parent / "reports" / "templates"
+    if (source / "report.html").is_file():
+        return source
     try:
         return files("evalkit.templates")
     except ModuleNotFoundError:  # running from a source tree that was never installed
-        return Path(__file__).resolve().parent.parent / "reports" / "templates"
+        return source
 
 
 def _static(name: str) -> str:
