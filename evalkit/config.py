@@ -193,6 +193,14 @@ class MetricsConfig(_Strict):
     )
 
 
+class ReportConfig(_Strict):
+    """The report's interactive explorer: hover thumbnails, stored once per report."""
+
+    thumbnails: bool = True
+    thumbnail_size: int = Field(24, ge=4, le=128, description="side of a thumbnail in pixels")
+    max_thumbnails: int = Field(20_000, ge=0, description="no thumbnails above this many samples")
+
+
 class WhereConfig(_Strict):
     model: str = "*"
     layer: str = "*"
@@ -270,6 +278,7 @@ class Config(_Strict):
     embed: EmbedConfig = EmbedConfig()
     metrics: MetricsConfig = MetricsConfig()
     checks: tuple[CheckConfig, ...] = ()
+    report: ReportConfig = ReportConfig()
 
     @field_validator("models")
     @classmethod

@@ -211,6 +211,7 @@ class ReportContext:
     js: str
     csp: str
     compact: bool = False  # summary, checks and pictures only (the Jupyter view)
+    explorer: Any = None  # evalkit.explorer.ExplorerAssets: interactive panels, or None
 
 
 def build_context(result: Result, *, compact: bool = False) -> ReportContext:
@@ -234,6 +235,11 @@ def build_context(result: Result, *, compact: bool = False) -> ReportContext:
     methods = _method_columns(result, rows)
     summary_methods = _summary_methods(rows, methods)
     config = _parse_yaml(result.config_yaml)
+    explorer = None
+    if not compact:  # the Jupyter view keeps the light PNG grid; the saved report is explorable
+        from evalkit.explorer import explorer_assets
+
+        explorer = explorer_assets(result, colors=colors)
 
     return ReportContext(
         name=str(result.name),
@@ -264,8 +270,10 @@ def build_context(result: Result, *, compact: bool = False) -> ReportContext:
         config_yaml=str(result.config_yaml),
         css=_static("report.css"),
         js=_static("report.js"),
-        csp=_content_security_policy(_static("report.js")),
+        csp=_content_security_policy(_static("report.js"), *(explorer.scripts if explorer else ()),
+                                     allow_eval=bool(explorer and explorer.needs_eval)),
         compact=compact,
+        explorer=explorer,
     )
 
 
@@ -303,10 +311,15 @@ def render_notebook(result: Result) -> str:
 def _templates():
     from importlib.resources import files
 
+    # A source tree's own templates first: an editable install elsewhere (another worktree)
+    # would otherwise map `evalkit.templates` to that tree's files.
+    source = Path(__file__).resolve().parent.parent / "reports" / "templates"
+    if (source / "report.html").is_file():
+        return source
     try:
         return files("evalkit.templates")
     except ModuleNotFoundError:  # running from a source tree that was never installed
-        return Path(__file__).resolve().parent.parent / "reports" / "templates"
+        return source
 
 
 def _static(name: str) -> str:
@@ -328,11 +341,19 @@ def _environment():
     return env
 
 
-def _content_security_policy(script: str) -> str:
-    """Nothing may load from anywhere; only our own inline script (by hash) may run."""
-    digest = base64.b64encode(hashlib.sha256(script.encode("utf-8")).digest()).decode("ascii")
+def _content_security_policy(*scripts: str, allow_eval: bool = False) -> str:
+    """Nothing may load from anywhere; only our own inline scripts (by hash) may run.
+
+    ``allow_eval`` adds 'unsafe-eval' for the explorer's regl, which compiles its WebGL draw
+    commands with ``Function``; only the hashed scripts can reach it.
+    """
+    sources = " ".join(
+        "'sha256-" + base64.b64encode(hashlib.sha256(s.encode("utf-8")).digest()).decode("ascii")
+        + "'" for s in scripts)
+    if allow_eval:
+        sources += " 'unsafe-eval'"
     return ("default-src 'none'; img-src data:; style-src 'unsafe-inline'; "
-            f"script-src 'sha256-{digest}'; base-uri 'none'; form-action 'none'")
+            f"script-src {sources}; base-uri 'none'; form-action 'none'")
 
 
 # --------------------------------------------------------------------------- formatting

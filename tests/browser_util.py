@@ -30,6 +30,11 @@ FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-ne
          "--disable-default-apps", "--disable-extensions", "--disable-dev-shm-usage",
          "--hide-scrollbars", "--mute-audio", "--force-device-scale-factor=1",
          "--remote-debugging-pipe")
+# Real WebGL on machines without a GPU: ANGLE on SwiftShader (software), as the explorer needs.
+WEBGL_FLAGS = tuple(f for f in FLAGS if f != "--disable-gpu") + (
+    "--use-angle=swiftshader", "--enable-unsafe-swiftshader")
+# A browser without WebGL at all, for the PNG fallback.
+NO_WEBGL_FLAGS = FLAGS + ("--disable-3d-apis",)
 # Installed before the page's own scripts: records alert() calls instead of showing them.
 _ALERT_TRAP = ("window.__alerts = []; ['alert', 'confirm', 'prompt'].forEach(function (n) {"
                " window[n] = function (m) { window.__alerts.push(n + ':' + String(m)); }; });")
@@ -59,7 +64,8 @@ class Browser:
     """
 
     def __init__(self, binary: str | None = None, *, width: int = 1440, height: int = 900,
-                 timeout: float = 30.0):
+                 timeout: float = 30.0, flags: tuple | None = None):
+        self.flags = FLAGS if flags is None else tuple(flags)
         self.binary = binary or find_chromium()
         if not self.binary:
             raise FileNotFoundError("no chromium binary found (set EVALKIT_CHROMIUM)")
@@ -84,7 +90,7 @@ class Browser:
 
         self._stderr = tempfile.TemporaryFile()
         self._proc = subprocess.Popen(
-            [self.binary, *FLAGS, f"--user-data-dir={self._profile}",
+            [self.binary, *self.flags, f"--user-data-dir={self._profile}",
              f"--window-size={self.width},{self.height}", "about:blank"],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self._stderr,
             preexec_fn=child_fds, pass_fds=(3, 4))

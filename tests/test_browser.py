@@ -94,7 +94,7 @@ def test_no_errors_no_network_no_alert_and_hostile_names_are_text(page):
     assert urls and all(u.startswith(("file:", "data:")) for u in urls), urls
     text = page.evaluate("document.body.innerText")
     assert HOSTILE_CLASS in text and HOSTILE_MODEL in text
-    assert page.evaluate("document.scripts.length") == 1
+    assert page.evaluate("document.scripts.length") == 4  # libraries, explorer, data, report.js
     assert page.evaluate("document.querySelectorAll('img[src=\"x\"]').length") == 0
     legend = page.evaluate("Array.from(document.querySelectorAll('.legend .class-name'))"
                            ".map(e => e.textContent)")
