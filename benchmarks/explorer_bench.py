@@ -35,7 +35,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     from browser_util import WEBGL_FLAGS, Browser
-    from evalkit import explorer, report
+    from evalkit import explorer, report, runfolder
     from helpers_report import make_result
 
     import re
@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     object.__setattr__(result, "knn_predictions", {
         fs.key: knn_predict(fs.features, result.labels) for fs in result.feature_sets})
     made = time.perf_counter()
-    run = report.write_run(out / "run", result)
+    run = runfolder.write_run(out / "run", result)
     written = time.perf_counter()
     html = (run / "index.html").read_text(encoding="utf-8")
     block = re.search(r'id="explorer-data">(.*?)</script>', html, flags=re.S).group(1)

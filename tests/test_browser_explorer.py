@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from browser_util import NO_WEBGL_FLAGS, WEBGL_FLAGS, Browser, find_chromium
-from evalkit import report
+from evalkit import runfolder
 from evalkit.score import knn_predict
 from helpers_report import make_result
 
@@ -61,7 +61,7 @@ def result():
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, result):
-    return report.write_run(tmp_path_factory.mktemp("explorer") / "run", result)
+    return runfolder.write_run(tmp_path_factory.mktemp("explorer") / "run", result)
 
 
 @pytest.fixture(scope="module")
