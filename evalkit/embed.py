@@ -282,6 +282,7 @@ class TSNEEmbedder:
             early_exaggeration=c.early_exaggeration, early_exaggeration_iter=early,
             n_iter=c.n_iter - early, initialization="pca", random_state=random_state,
             n_jobs=jobs, negative_gradient_method="auto", verbose=False,
+            callbacks=_stop_if_interrupted, callbacks_every_iters=25,  # Ctrl-C stays responsive
         )
         # X still feeds the PCA start when the affinities come from the graph
         return np.asarray(model.fit(X, affinities=affinities))
@@ -314,6 +315,14 @@ class TSNEEmbedder:
             vals = np.hstack([np.zeros((n, 1)), dist ** 2])
             D = sp.csr_matrix((vals.ravel(), cols.ravel(), np.arange(0, n * (k + 1) + 1, k + 1)), shape=(n, n))
             return TSNE(metric="precomputed", **kw).fit_transform(D)
+
+
+def _stop_if_interrupted(iteration, error, embedding):
+    """openTSNE callback: a Ctrl-C the command line recorded ends t-SNE within 25 iterations."""
+    from evalkit.interrupt import check_interrupted
+
+    check_interrupted()
+    return False
 
 
 class UMAPEmbedder:

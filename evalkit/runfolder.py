@@ -21,6 +21,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from evalkit.errors import EvalkitError
+from evalkit.interrupt import check_interrupted
 
 __all__ = ["check_out_dir", "default_out_dir", "clean_stale_siblings", "write_run", "metrics_payload",
            "embedding_arrays", "RUN_FILES"]
@@ -138,6 +139,8 @@ def write_run(out_dir, result) -> Path:
     # Render everything before touching the disk: a failing render leaves nothing behind.
     from evalkit.report import render_html
 
+    check_interrupted()
+
     files = {
         "index.html": render_html(result).encode("utf-8"),
         "metrics.json": (json.dumps(metrics_payload(result), indent=2, allow_nan=False)
@@ -146,12 +149,14 @@ def write_run(out_dir, result) -> Path:
         "config.yaml": str(result.config_yaml).encode("utf-8"),
     }
 
+    check_interrupted()
     tmp = _make_sibling(parent, f".{out.name}.tmp-")
     old: Path | None = None
     swapped = False
     try:
         for name, data in files.items():
             _write_file(tmp / name, data)
+        check_interrupted()  # the last moment a Ctrl-C stops the run: from here the swap goes through
         if out.exists():
             old = parent / f".{out.name}.old-{secrets.token_hex(4)}"
             os.rename(out, old)
