@@ -120,7 +120,10 @@ def write_run(out_dir, result) -> Path:
     Raises
     ------
     EvalkitError
-        If ``out_dir`` exists and is not a folder, or its parent cannot be created or written.
+        If ``out_dir`` exists and is not a folder, its parent cannot be created or written, or
+        writing fails (a full disk: the message names the folder and the system's reason).
+    KeyboardInterrupt, evalkit.interrupt.Terminated
+        A signal the command line recorded, checked once more right before the swap.
     """
     out = Path(out_dir).expanduser().absolute()
     if out.exists() and not out.is_dir():
@@ -152,21 +155,30 @@ def write_run(out_dir, result) -> Path:
     check_interrupted()
     tmp = _make_sibling(parent, f".{out.name}.tmp-")
     old: Path | None = None
+    existed = out.exists()
     swapped = False
     try:
         for name, data in files.items():
             _write_file(tmp / name, data)
         check_interrupted()  # the last moment a Ctrl-C stops the run: from here the swap goes through
-        if out.exists():
+        if existed:
             old = parent / f".{out.name}.old-{secrets.token_hex(4)}"
             os.rename(out, old)
         os.rename(tmp, out)
         swapped = True
+    except OSError as exc:  # a full disk, a quota, a read-only file system: the user's to fix
+        kept = "the earlier run folder is left as it was" if existed else "nothing was written"
+        raise EvalkitError(f"cannot write the run folder {out}: {_os_reason(exc)}; {kept}; "
+                           f"{_os_fix(exc)}") from exc
     finally:
         if not swapped:
             shutil.rmtree(tmp, ignore_errors=True)
             if old is not None and not out.exists():
-                os.rename(old, out)  # put the previous run back
+                try:
+                    os.rename(old, out)  # put the previous run back
+                except OSError as exc:
+                    raise EvalkitError(f"cannot put the earlier run folder back: {_os_reason(exc)}; it is "
+                                       f"{old}: rename it to {out}") from exc
                 old = None
         if old is not None:
             if old.is_symlink():  # out_dir was a link to a folder: drop the link, not its target
@@ -216,6 +228,24 @@ def embedding_arrays(result) -> dict[str, np.ndarray]:
     arrays["indices"] = np.asarray(result.indices, dtype=np.int64)
     arrays["label_names"] = np.array([str(n) for n in result.label_names], dtype=str)
     return arrays
+
+
+def _os_reason(exc: OSError) -> str:
+    """The system's reason, e.g. "No space left on device" (shutil.Error: the first file's)."""
+    if isinstance(exc, shutil.Error) and exc.args and isinstance(exc.args[0], list) and exc.args[0]:
+        src, _, why = exc.args[0][0]
+        return f"{why} (copying {src})"
+    return exc.strerror or str(exc) or type(exc).__name__
+
+
+def _os_fix(exc: OSError) -> str:
+    import errno
+
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "free some space on that disk, or write the run elsewhere (--out DIR)"
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return "expected a writable folder: write the run elsewhere (--out DIR)"
+    return "write the run elsewhere (--out DIR), or fix the cause and run again"
 
 
 def _make_sibling(parent: Path, prefix: str) -> Path:

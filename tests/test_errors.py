@@ -562,3 +562,36 @@ def test_an_image_over_pils_pixel_limit_is_one_line_naming_it(workdir, capsys, m
     assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
     assert "zz-huge.png: image too large to decode" in lines[0] and "downscale" in lines[0]
     assert tree_digest(workdir / PREV) == before
+
+
+@pytest.mark.parametrize("fails", ["a file write", "the swap"])
+def test_a_full_disk_while_writing_is_one_line_and_keeps_the_earlier_run(fails, workdir, capsys, monkeypatch):
+    """The OSError of a full disk names no file: the message names the run folder and the reason."""
+    import errno
+
+    import evalkit.runfolder
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    if fails == "a file write":
+        monkeypatch.setattr(evalkit.runfolder, "_write_file", full)
+    else:
+        real_rename = os.rename
+
+        def rename(src, dst):
+            if ".tmp-" in Path(src).name:  # the new folder moving in
+                full()
+            real_rename(src, dst)
+
+        monkeypatch.setattr(evalkit.runfolder.os, "rename", rename)
+    cfg = _cfg("c.yaml", _features_cfg())
+    before = tree_digest(workdir / PREV)
+    code, _, err = run_cli(_report(cfg), capsys)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0] == (f"evalkit: error: cannot write the run folder {workdir / PREV}: No space left on device; the "
+                        f"earlier run folder is left as it was; free some space on that disk, or write the run "
+                        f"elsewhere (--out DIR)")
+    monkeypatch.undo()
+    assert tree_digest(workdir / PREV) == before

@@ -138,7 +138,8 @@ def test_failure_mid_write_keeps_the_previous_folder(tmp_path, result, monkeypat
         real_write(path, data)
 
     monkeypatch.setattr(runfolder, "_write_file", failing_write)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(EvalkitError, match=r"cannot write the run folder .*run: No space left on device; the "
+                                           r"earlier run folder is left as it was; free some space"):
         runfolder.write_run(out, result)
     assert len(calls) == 2
     assert _tree(out) == before
@@ -160,7 +161,7 @@ def test_failure_during_the_swap_puts_the_previous_folder_back(tmp_path, result,
         real_rename(src, dst)
 
     monkeypatch.setattr(runfolder.os, "rename", failing_rename)
-    with pytest.raises(OSError, match="Input/output"):
+    with pytest.raises(EvalkitError, match="Input/output error; the earlier run folder is left as it was"):
         runfolder.write_run(out, result)
     monkeypatch.undo()
     assert calls[0][0] == "run" and calls[1][1] == "run"
