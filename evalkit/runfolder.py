@@ -4,7 +4,8 @@ A run folder holds ``index.html``, ``metrics.json``, ``embeddings.npz`` and ``co
 :func:`check_out_dir` refuses, before any work, a folder that cannot become one (a file, a
 folder of other things, the working folder); :func:`write_run` renders everything in memory,
 writes it into a hidden sibling folder and swaps that into place, so an interrupted or
-failing run never leaves a half-written report and never touches the previous one.
+failing run never leaves a half-written report and never touches the previous one. Files a
+user added to an earlier run folder (``notes.md``, ``figs/``) are carried into the new one.
 """
 from __future__ import annotations
 
@@ -114,8 +115,11 @@ def write_run(out_dir, result) -> Path:
     """Write the run folder ``out_dir`` atomically and return its path.
 
     Everything is written into a hidden sibling folder first, which then replaces ``out_dir``
-    (an existing folder is moved aside and deleted only after the swap). If anything fails, the
-    previous folder stays exactly as it was and no temporary folder is left behind.
+    (an existing folder is moved aside and deleted only after the swap). Whatever the earlier
+    folder holds besides the files a run writes (a user's ``notes.md``, ``figs/``) is carried
+    into the new folder before the swap, hard-linked where the file system allows, else copied.
+    If anything fails, the previous folder stays exactly as it was and no temporary folder is
+    left behind.
 
     Raises
     ------
@@ -160,6 +164,9 @@ def write_run(out_dir, result) -> Path:
     try:
         for name, data in files.items():
             _write_file(tmp / name, data)
+        if existed:
+            # hard links only where the earlier folder goes away: a linked-to folder stays, so copies
+            _carry_user_files(out, tmp, skip=files, link=not out.is_symlink())
         check_interrupted()  # the last moment a Ctrl-C stops the run: from here the swap goes through
         if existed:
             old = parent / f".{out.name}.old-{secrets.token_hex(4)}"
@@ -228,6 +235,33 @@ def embedding_arrays(result) -> dict[str, np.ndarray]:
     arrays["indices"] = np.asarray(result.indices, dtype=np.int64)
     arrays["label_names"] = np.array([str(n) for n in result.label_names], dtype=str)
     return arrays
+
+
+def _carry_user_files(old: Path, new: Path, *, skip, link: bool) -> None:
+    """Put everything in ``old`` but the files named in ``skip`` (what the run writes) into ``new``.
+
+    Files are hard-linked when ``link`` (instant, no extra space; ``old`` is deleted after the
+    swap), else copied with their times; symbolic links stay links. ``old`` is only read.
+    """
+    def link_or_copy(src, dst, *, follow_symlinks=True):
+        if link:
+            try:
+                os.link(src, dst, follow_symlinks=False)
+                return dst
+            except OSError:
+                pass  # no hard links on this file system, or not permitted: copy
+        return shutil.copy2(src, dst, follow_symlinks=follow_symlinks)
+
+    for entry in sorted(os.scandir(old), key=lambda e: e.name):
+        if entry.name in skip:
+            continue
+        src, dst = Path(entry.path), new / entry.name
+        if entry.is_symlink():
+            os.symlink(os.readlink(src), dst)
+        elif entry.is_dir():
+            shutil.copytree(src, dst, symlinks=True, copy_function=link_or_copy)
+        else:
+            link_or_copy(src, dst)
 
 
 def _os_reason(exc: OSError) -> str:
