@@ -140,6 +140,26 @@ def union_value():
         "c.yaml: embed.tsne.learning_rate: expected 'auto' or a number (got 'fast')"]
 
 
+def seed_negative():
+    return _report(_cfg("c.yaml", _features_cfg(embed={"methods": ["tsne"], "seeds": [-1]}))), [
+        "c.yaml: embed.seeds[0]: expected an integer from 0 to 4294967295 (got -1)", "2**32"]
+
+
+def seed_too_large():
+    return _report(_cfg("c.yaml", _features_cfg(embed={"methods": ["umap"], "seeds": [5000000000]}))), [
+        "c.yaml: embed.seeds[0]:", "(got 5000000000)", "0 <= seed < 2**32"]
+
+
+def umap_min_dist_above_spread():
+    return _report(_cfg("c.yaml", _features_cfg(embed={"methods": ["umap"], "umap": {"min_dist": 5}}))), [
+        "c.yaml: embed.umap.min_dist: expected a number from 0 to 1 (got 5)", "min_dist <= spread"]
+
+
+def tsne_learning_rate_negative():
+    return _report(_cfg("c.yaml", _features_cfg(embed={"methods": ["tsne"], "tsne": {"learning_rate": -5}}))), [
+        "c.yaml: embed.tsne.learning_rate: expected 'auto' or a number greater than 0 (got -5)"]
+
+
 def unknown_data_kind():
     return _report(_cfg("c.yaml", _features_cfg(data={"kind": "imagefoldr"}))), [
         "data.kind: expected one of", "did you mean 'imagefolder'?"]
