@@ -2,8 +2,9 @@
 
 A user mistake (:class:`EvalkitError`, a wrong command line, an unreadable file) is one line
 on stderr and exit code 2; ``--debug`` shows the traceback. A failing check is exit code 1.
-Ctrl-C is exit code 130 (SIGTERM 143) with one line; the previous run folder is untouched. A
-bug in evalkit is one line, then the traceback, and exit code 3.
+Ctrl-C is exit code 130 (SIGTERM 143) with one line; the previous run folder is untouched
+(during ``report`` the signal is recorded and acted on at the next stage boundary, see
+:mod:`evalkit.interrupt`). A bug in evalkit is one line, then the traceback, and exit code 3.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import argparse
 import sys
 
 from evalkit.errors import EvalkitError
+from evalkit.interrupt import Terminated as _Terminated
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT, EXIT_BUG = 0, 1, 2, 3
 EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143
@@ -24,10 +26,6 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message):
         command = self.prog.partition(" ")[2]  # "report" for "evalkit report", "" for evalkit itself
         raise _UsageError(f"{command + ': ' if command else ''}{message} (see `{self.prog} --help`)")
-
-
-class _Terminated(BaseException):
-    """SIGTERM, raised like KeyboardInterrupt so the run unwinds and leaves nothing behind."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -68,24 +66,42 @@ def _report(args) -> int:
 
     from evalkit.check import check_junit_path, describe, exit_code, write_junit
     from evalkit.config import load_config
+    from evalkit.interrupt import check_interrupted, recording_signals
     from evalkit.pipeline import run_report
     from evalkit.runfolder import default_out_dir
 
-    config = load_config(args.config)
-    out = Path(args.out) if args.out else default_out_dir(config)
-    if args.junit:
-        check_junit_path(args.junit)  # before the run, not after it
-    result = run_report(config, out, use_cache=not args.no_cache, argv=["evalkit"] + args.argv)
-    for r in result.checks:
-        if r.status != "pass":
-            print(describe(r), file=sys.stderr)
-    if args.junit:
-        write_junit(args.junit, result.checks)
-    passed = sum(r.status == "pass" for r in result.checks)
-    skipped = sum(r.status == "skip" for r in result.checks)
-    print(f"evalkit: wrote {out}/index.html ({result.provenance['duration_s']:.1f} s); "
-          f"checks: {passed} passed of {len(result.checks) - skipped}" + (f", {skipped} skipped" if skipped else ""))
-    return exit_code(result.checks)
+    with recording_signals():  # Ctrl-C / SIGTERM: raised at the next stage boundary, never lost
+        config = load_config(args.config)
+        out = Path(args.out) if args.out else default_out_dir(config)
+        if args.junit:
+            check_junit_path(args.junit)  # before the run, not after it
+        check_interrupted()
+        result = run_report(config, out, use_cache=not args.no_cache, argv=["evalkit"] + args.argv)
+        for r in result.checks:
+            if r.status != "pass":
+                print(describe(r), file=sys.stderr)
+        if args.junit:
+            write_junit(args.junit, result.checks)
+        passed = sum(r.status == "pass" for r in result.checks)
+        skipped = sum(r.status == "skip" for r in result.checks)
+        print(f"evalkit: wrote {out}/index.html ({result.provenance['duration_s']:.1f} s); "
+              f"checks: {passed} passed of {len(result.checks) - skipped}" + (f", {skipped} skipped" if skipped else ""))
+        late = _late_signal(out)
+    return exit_code(result.checks) if late is None else late
+
+
+def _late_signal(out):
+    """The exit code for a signal that came after the run folder was swapped in, else None."""
+    import signal
+
+    from evalkit.interrupt import pending_signal
+
+    sig = pending_signal()
+    if sig is None:
+        return None
+    what = "interrupted" if sig == signal.SIGINT else "terminated"
+    print(f"evalkit: {what} after the run had finished; {out} holds the complete new run", file=sys.stderr)
+    return EXIT_INTERRUPTED if sig == signal.SIGINT else EXIT_TERMINATED
 
 
 def _check(args) -> int:

@@ -157,6 +157,10 @@ class ExtractConfig(_Strict):
     cache_dir: str = ".evalkit-cache"
 
 
+#: numpy's RandomState (behind openTSNE, umap-learn and scikit-learn) takes seeds 0 <= seed < 2**32.
+SEED_LIMIT = 2**32
+
+
 def _embed_config_class():
     """``EmbedConfig`` with one ``embed.<method>`` settings key per registered method."""
     from pydantic import create_model
@@ -176,6 +180,15 @@ def _embed_config_class():
                 raise ValueError("give at least one")
             if len(set(v)) != len(v):
                 raise ValueError("entries must be unique")
+            return v
+
+        @field_validator("seeds")
+        @classmethod
+        def _in_range(cls, v):
+            for i, seed in enumerate(v):
+                if not 0 <= seed < SEED_LIMIT:
+                    raise LocatedError(f"[{i}]", f"expected an integer from 0 to {SEED_LIMIT - 1} (got {seed}): "
+                                                 f"numpy, openTSNE and umap-learn take seeds 0 <= seed < 2**32")
             return v
 
     return create_model("EmbedConfig", __base__=_EmbedBase, **per_method)

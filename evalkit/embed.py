@@ -26,7 +26,7 @@ import numpy as np
 
 from typing import Literal, Union
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from evalkit.errors import EvalkitError
 from evalkit.registry import METHODS, Method, StrictModel
@@ -282,6 +282,7 @@ class TSNEEmbedder:
             early_exaggeration=c.early_exaggeration, early_exaggeration_iter=early,
             n_iter=c.n_iter - early, initialization="pca", random_state=random_state,
             n_jobs=jobs, negative_gradient_method="auto", verbose=False,
+            callbacks=_stop_if_interrupted, callbacks_every_iters=25,  # Ctrl-C stays responsive
         )
         # X still feeds the PCA start when the affinities come from the graph
         return np.asarray(model.fit(X, affinities=affinities))
@@ -314,6 +315,14 @@ class TSNEEmbedder:
             vals = np.hstack([np.zeros((n, 1)), dist ** 2])
             D = sp.csr_matrix((vals.ravel(), cols.ravel(), np.arange(0, n * (k + 1) + 1, k + 1)), shape=(n, n))
             return TSNE(metric="precomputed", **kw).fit_transform(D)
+
+
+def _stop_if_interrupted(iteration, error, embedding):
+    """openTSNE callback: a Ctrl-C the command line recorded ends t-SNE within 25 iterations."""
+    from evalkit.interrupt import check_interrupted
+
+    check_interrupted()
+    return False
 
 
 class UMAPEmbedder:
@@ -508,11 +517,33 @@ class TSNEConfig(StrictModel):
     n_iter: int = Field(750, ge=50, description="total iterations, early exaggeration included")
     n_jobs: int = -1
 
+    @field_validator("learning_rate")
+    @classmethod
+    def _positive_step(cls, v):
+        # openTSNE and scikit-learn take any number; a step of 0 or less never moves (or moves
+        # uphill), which gives a meaningless embedding rather than an error
+        if v != "auto" and not (0 < v < float("inf")):
+            raise ValueError(f"expected 'auto' or a number greater than 0 (got {v:g}): it is the gradient "
+                             f"step size, so 0 or less gives a meaningless embedding")
+        return v
+
+
+#: umap-learn's ``spread`` (evalkit keeps its default); umap-learn requires ``min_dist <= spread``.
+UMAP_SPREAD = 1.0
+
 
 class UMAPConfig(StrictModel):
     n_neighbors: int = Field(15, ge=2)
     min_dist: float = Field(0.1, ge=0)
     n_epochs: Optional[int] = Field(None, ge=1)
+
+    @field_validator("min_dist")
+    @classmethod
+    def _within_spread(cls, v):
+        if v > UMAP_SPREAD:
+            raise ValueError(f"expected a number from 0 to {UMAP_SPREAD:g} (got {v:g}): umap-learn requires "
+                             f"min_dist <= spread, and evalkit uses umap-learn's spread of {UMAP_SPREAD:g}")
+        return v
 
 
 def _tsne_sizes(cfg: TSNEConfig, n_samples: int):

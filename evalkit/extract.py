@@ -18,6 +18,7 @@ import numpy as np
 
 from evalkit.cache import cache_key, cache_read, cache_write  # noqa: F401  (re-exported)
 from evalkit.errors import EvalkitError, unknown
+from evalkit.interrupt import check_interrupted
 from evalkit.preprocess import build_transform, depth_rule, resolve_preprocess  # noqa: F401  (re-exported)
 from evalkit.progress import progress_bar
 from evalkit.results import FeatureSet
@@ -332,6 +333,7 @@ def run_layers(model, loader, layer_map: dict, *, device, pooling, bf16: bool = 
         with torch.inference_mode(), autocast:
             batches = iter(loader)
             while True:
+                check_interrupted()  # per batch: a Ctrl-C the command line recorded ends the run here
                 try:
                     batch = next(batches)
                 except StopIteration:

@@ -18,6 +18,7 @@ from typing import Optional
 import numpy as np
 
 from evalkit.errors import EvalkitError
+from evalkit.interrupt import check_interrupted
 from evalkit.results import CKA, Result
 
 logger = logging.getLogger("evalkit")
@@ -151,6 +152,7 @@ def evaluate_feature_sets(feature_sets, samples: Samples, *, embed, metrics, che
             bar.update(1)
             logger.info(f"  {fs.key}: {fs.features.shape[1]} features, embedded and scored in "
                         f"{time.perf_counter() - t1:.1f} s")
+            check_interrupted()
     keys = tuple(fs.key for fs in feature_sets)
     cka = CKA(keys, tuple(tuple(linear_cka(a.features, b.features) for b in feature_sets) for a in feature_sets))
     check_results = evaluate_checks([dict(r) for r in rows], checks)
@@ -181,7 +183,9 @@ def evaluate_feature_sets(feature_sets, samples: Samples, *, embed, metrics, che
 def run_report(config, out_dir, *, use_cache: bool = True, argv=None) -> Result:
     """``evalkit report``: load the data, extract every model entry, evaluate, write the run folder.
 
-    The folder is checked before any work and written atomically at the end.
+    The folder is checked before any work and written atomically at the end. A Ctrl-C or
+    SIGTERM the command line recorded is acted on at every stage boundary
+    (:func:`evalkit.interrupt.check_interrupted`).
     """
     from evalkit.data import resolve_dataset
     from evalkit.extract import extract_model, resolve_device
@@ -201,6 +205,7 @@ def run_report(config, out_dir, *, use_cache: bool = True, argv=None) -> Result:
         where = exc.filename or (config.data.path if config.data is not None else None)
         key = "data.path" if config.data is not None else "models[].features"
         raise EvalkitError(f"{key}: {where}: cannot read ({exc.strerror or exc})") from exc
+    check_interrupted()
     n_classes = int(np.unique(dataset.labels).size)
     embed, metrics, notes = fit_sizes(config.embed, config.metrics, len(dataset),
                                       n_total=getattr(dataset, "n_total", None))
@@ -220,6 +225,7 @@ def run_report(config, out_dir, *, use_cache: bool = True, argv=None) -> Result:
         for fs in sets:
             check_features(fs, len(dataset))
         feature_sets.extend(sets)
+        check_interrupted()
     t_extract = time.perf_counter() - t0
     samples = Samples(dataset.labels, tuple(dataset.label_names), dataset.indices, name=dataset.name,
                       n_total=getattr(dataset, "n_total", None),
@@ -229,6 +235,7 @@ def run_report(config, out_dir, *, use_cache: bool = True, argv=None) -> Result:
         config_yaml=config.to_yaml(), name=config.name, notes=notes,
         provenance={"command": " ".join(argv) if argv else "evalkit report", "extract_s": round(t_extract, 2)})
     result.provenance["duration_s"] = round(time.perf_counter() - t0, 2)
+    check_interrupted()
     write_run(Path(out_dir), result)
     return result
 

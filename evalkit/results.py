@@ -257,7 +257,8 @@ class Result:
         ``config.yaml``) atomically, as ``evalkit report`` does; returns its path.
 
         An existing folder is replaced only when it is an earlier run folder (and
-        ``overwrite`` is true); anything else there is refused, never deleted.
+        ``overwrite`` is true); anything else there is refused, never deleted. Files you added
+        to an earlier run folder (``notes.md``, ``figs/``) are kept.
         """
         from evalkit.runfolder import check_out_dir, write_run
 

@@ -4,7 +4,8 @@ A run folder holds ``index.html``, ``metrics.json``, ``embeddings.npz`` and ``co
 :func:`check_out_dir` refuses, before any work, a folder that cannot become one (a file, a
 folder of other things, the working folder); :func:`write_run` renders everything in memory,
 writes it into a hidden sibling folder and swaps that into place, so an interrupted or
-failing run never leaves a half-written report and never touches the previous one.
+failing run never leaves a half-written report and never touches the previous one. Files a
+user added to an earlier run folder (``notes.md``, ``figs/``) are carried into the new one.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from evalkit.errors import EvalkitError
+from evalkit.interrupt import check_interrupted
 
 __all__ = ["check_out_dir", "default_out_dir", "clean_stale_siblings", "write_run", "metrics_payload",
            "embedding_arrays", "RUN_FILES"]
@@ -113,13 +115,19 @@ def write_run(out_dir, result) -> Path:
     """Write the run folder ``out_dir`` atomically and return its path.
 
     Everything is written into a hidden sibling folder first, which then replaces ``out_dir``
-    (an existing folder is moved aside and deleted only after the swap). If anything fails, the
-    previous folder stays exactly as it was and no temporary folder is left behind.
+    (an existing folder is moved aside and deleted only after the swap). Whatever the earlier
+    folder holds besides the files a run writes (a user's ``notes.md``, ``figs/``) is carried
+    into the new folder before the swap, hard-linked where the file system allows, else copied.
+    If anything fails, the previous folder stays exactly as it was and no temporary folder is
+    left behind.
 
     Raises
     ------
     EvalkitError
-        If ``out_dir`` exists and is not a folder, or its parent cannot be created or written.
+        If ``out_dir`` exists and is not a folder, its parent cannot be created or written, or
+        writing fails (a full disk: the message names the folder and the system's reason).
+    KeyboardInterrupt, evalkit.interrupt.Terminated
+        A signal the command line recorded, checked once more right before the swap.
     """
     out = Path(out_dir).expanduser().absolute()
     if out.exists() and not out.is_dir():
@@ -138,6 +146,8 @@ def write_run(out_dir, result) -> Path:
     # Render everything before touching the disk: a failing render leaves nothing behind.
     from evalkit.report import render_html
 
+    check_interrupted()
+
     files = {
         "index.html": render_html(result).encode("utf-8"),
         "metrics.json": (json.dumps(metrics_payload(result), indent=2, allow_nan=False)
@@ -146,22 +156,36 @@ def write_run(out_dir, result) -> Path:
         "config.yaml": str(result.config_yaml).encode("utf-8"),
     }
 
+    check_interrupted()
     tmp = _make_sibling(parent, f".{out.name}.tmp-")
     old: Path | None = None
+    existed = out.exists()
     swapped = False
     try:
         for name, data in files.items():
             _write_file(tmp / name, data)
-        if out.exists():
+        if existed:
+            # hard links only where the earlier folder goes away: a linked-to folder stays, so copies
+            _carry_user_files(out, tmp, skip=files, link=not out.is_symlink())
+        check_interrupted()  # the last moment a Ctrl-C stops the run: from here the swap goes through
+        if existed:
             old = parent / f".{out.name}.old-{secrets.token_hex(4)}"
             os.rename(out, old)
         os.rename(tmp, out)
         swapped = True
+    except OSError as exc:  # a full disk, a quota, a read-only file system: the user's to fix
+        kept = "the earlier run folder is left as it was" if existed else "nothing was written"
+        raise EvalkitError(f"cannot write the run folder {out}: {_os_reason(exc)}; {kept}; "
+                           f"{_os_fix(exc)}") from exc
     finally:
         if not swapped:
             shutil.rmtree(tmp, ignore_errors=True)
             if old is not None and not out.exists():
-                os.rename(old, out)  # put the previous run back
+                try:
+                    os.rename(old, out)  # put the previous run back
+                except OSError as exc:
+                    raise EvalkitError(f"cannot put the earlier run folder back: {_os_reason(exc)}; it is "
+                                       f"{old}: rename it to {out}") from exc
                 old = None
         if old is not None:
             if old.is_symlink():  # out_dir was a link to a folder: drop the link, not its target
@@ -211,6 +235,51 @@ def embedding_arrays(result) -> dict[str, np.ndarray]:
     arrays["indices"] = np.asarray(result.indices, dtype=np.int64)
     arrays["label_names"] = np.array([str(n) for n in result.label_names], dtype=str)
     return arrays
+
+
+def _carry_user_files(old: Path, new: Path, *, skip, link: bool) -> None:
+    """Put everything in ``old`` but the files named in ``skip`` (what the run writes) into ``new``.
+
+    Files are hard-linked when ``link`` (instant, no extra space; ``old`` is deleted after the
+    swap), else copied with their times; symbolic links stay links. ``old`` is only read.
+    """
+    def link_or_copy(src, dst, *, follow_symlinks=True):
+        if link:
+            try:
+                os.link(src, dst, follow_symlinks=False)
+                return dst
+            except OSError:
+                pass  # no hard links on this file system, or not permitted: copy
+        return shutil.copy2(src, dst, follow_symlinks=follow_symlinks)
+
+    for entry in sorted(os.scandir(old), key=lambda e: e.name):
+        if entry.name in skip:
+            continue
+        src, dst = Path(entry.path), new / entry.name
+        if entry.is_symlink():
+            os.symlink(os.readlink(src), dst)
+        elif entry.is_dir():
+            shutil.copytree(src, dst, symlinks=True, copy_function=link_or_copy)
+        else:
+            link_or_copy(src, dst)
+
+
+def _os_reason(exc: OSError) -> str:
+    """The system's reason, e.g. "No space left on device" (shutil.Error: the first file's)."""
+    if isinstance(exc, shutil.Error) and exc.args and isinstance(exc.args[0], list) and exc.args[0]:
+        src, _, why = exc.args[0][0]
+        return f"{why} (copying {src})"
+    return exc.strerror or str(exc) or type(exc).__name__
+
+
+def _os_fix(exc: OSError) -> str:
+    import errno
+
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "free some space on that disk, or write the run elsewhere (--out DIR)"
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return "expected a writable folder: write the run elsewhere (--out DIR)"
+    return "write the run elsewhere (--out DIR), or fix the cause and run again"
 
 
 def _make_sibling(parent: Path, prefix: str) -> Path:

@@ -17,6 +17,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
+from evalkit.interrupt import check_interrupted
 from evalkit.registry import FEATURES, metrics, methods
 from evalkit.results import Embedding, FeatureSet, ScoreRow
 
@@ -189,6 +190,7 @@ def score_feature_set(fs: FeatureSet, labels, *, embed, settings, device=None, l
     # (n_neighbors - 1 besides the point itself): neither searches its own.
     graph_k = min(n - 1, max(k, knn_k, settings.weighted_knn_k, *(e.graph_neighbors(n) for e in embedders.values())))
     graph = knn_graph(X, n_neighbors=graph_k, device=device)
+    check_interrupted()
     Xr = _embedding_input(X, fs.key, embed.pca_dims, notes, reduce_dims)
     constant = bool(n and np.ptp(X, axis=0).max() == 0)
     if constant:
@@ -215,6 +217,7 @@ def score_feature_set(fs: FeatureSet, labels, *, embed, settings, device=None, l
             first = Z if first is None else first
             embeddings.append(Embedding(fs.model, fs.layer, spec.name, seed, Z, params, time.perf_counter() - t0))
             coords[f"{spec.name}/{seed}"] = Z
+            check_interrupted()  # between seeds and methods: a recorded Ctrl-C ends the run here
         if log:
             log(f"    {fs.key}: {spec.title} in {time.perf_counter() - t_method:.1f} s")
 
@@ -228,6 +231,7 @@ def score_feature_set(fs: FeatureSet, labels, *, embed, settings, device=None, l
         rows.append(_row(fs, spec.name, spaces, undefined))
         if len(spaces) > 1:
             stability[f"{fs.key}/{spec.name}"] = procrustes_disparity([s.coords for s in spaces])
+        check_interrupted()
     per_class = per_class_knn_accuracy(X, labels, n_neighbors=knn_k, graph=feature_space.graph(knn_k), device=device)
     return FeatureSetScores(
         rows=tuple(rows), embeddings=tuple(embeddings),

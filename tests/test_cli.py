@@ -42,12 +42,15 @@ def test_report_then_check_exit_codes_and_streams(tmp_path, monkeypatch, capsys)
     assert "WARN" in out and "<failure" in (tmp_path / "strict.xml").read_text()
 
 
-def test_report_replaces_the_earlier_run_as_a_whole(tmp_path, monkeypatch, capsys):
+def test_report_replaces_the_earlier_run_and_keeps_the_users_files(tmp_path, monkeypatch, capsys):
     cfg = _features(tmp_path, monkeypatch)
-    out = make_run_folder(tmp_path / "run")
+    out = make_run_folder(tmp_path / "run")  # evalkit's four files plus a user's extra/note.txt
+    old_html = (out / "index.html").read_bytes()
     code, _, err = run_cli(["report", cfg, "--out", out], capsys)
     assert code == 0, err
-    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "embeddings.npz", "index.html", "metrics.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "embeddings.npz", "extra", "index.html",
+                                                     "metrics.json"]
+    assert (out / "index.html").read_bytes() != old_html and (out / "extra" / "note.txt").read_text() == "kept\n"
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
     assert json.loads((out / "metrics.json").read_text())["rows"]
 

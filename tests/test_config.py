@@ -29,6 +29,22 @@ def _cfg(**top):
      "x.yaml: embed.tsne.learning_rate: expected 'auto' or a number (got 'fast')"),
     (_cfg(embed={"tsne": {"learning_rate": [1]}}),
      "x.yaml: embed.tsne.learning_rate: expected 'auto' or a number (got [1])"),
+    # settings the libraries would reject (or accept and misuse) only after extraction
+    (_cfg(embed={"seeds": [-1]}),
+     "x.yaml: embed.seeds[0]: expected an integer from 0 to 4294967295 (got -1): numpy, openTSNE and umap-learn "
+     "take seeds 0 <= seed < 2**32"),
+    (_cfg(embed={"seeds": [0, 5000000000]}),
+     "x.yaml: embed.seeds[1]: expected an integer from 0 to 4294967295 (got 5000000000): numpy, openTSNE and "
+     "umap-learn take seeds 0 <= seed < 2**32"),
+    (_cfg(embed={"umap": {"min_dist": 5}}),
+     "x.yaml: embed.umap.min_dist: expected a number from 0 to 1 (got 5): umap-learn requires min_dist <= spread, "
+     "and evalkit uses umap-learn's spread of 1"),
+    (_cfg(embed={"tsne": {"learning_rate": -5}}),
+     "x.yaml: embed.tsne.learning_rate: expected 'auto' or a number greater than 0 (got -5): it is the gradient "
+     "step size, so 0 or less gives a meaningless embedding"),
+    (_cfg(embed={"tsne": {"learning_rate": 0}}),
+     "x.yaml: embed.tsne.learning_rate: expected 'auto' or a number greater than 0 (got 0): it is the gradient "
+     "step size, so 0 or less gives a meaningless embedding"),
     # an Optional nested model
     ({"models": [{"name": "m", "source": "demo:cnn", "preprocess": {"channels": 2}}]},
      "x.yaml: models[0].preprocess.channels: expected one of 1, 3 (got 2)"),
@@ -181,3 +197,11 @@ def test_tagged_and_untagged_unions_of_models():
     assert line({"items": [{"kind": "a"}, {"kind": "b", "y": "no"}]}) == "s.yaml: items[1].y: expected an integer (got 'no')"
     assert line({"plain": {"kind": "a", "x": "q"}}) == "s.yaml: plain.x: expected an integer (got 'q')"
     assert line({"plain": {"kind": "b", "x": 1}}) == "s.yaml: plain.x: unknown key (valid keys here: kind, y)"
+
+
+def test_the_edges_of_the_ranges_are_valid():
+    cfg = parse_config(_cfg(embed={"seeds": [0, 2**32 - 1], "umap": {"min_dist": 1.0},
+                                   "tsne": {"learning_rate": 1e-3}}), source="x.yaml")
+    assert cfg.embed.seeds == (0, 2**32 - 1) and cfg.embed.umap.min_dist == 1.0
+    assert cfg.embed.tsne.learning_rate == 1e-3
+    assert parse_config(_cfg(embed={"tsne": {"learning_rate": "auto"}}), source="x.yaml").embed.tsne.learning_rate == "auto"

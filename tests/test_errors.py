@@ -140,6 +140,26 @@ def union_value():
         "c.yaml: embed.tsne.learning_rate: expected 'auto' or a number (got 'fast')"]
 
 
+def seed_negative():
+    return _report(_cfg("c.yaml", _features_cfg(embed={"methods": ["tsne"], "seeds": [-1]}))), [
+        "c.yaml: embed.seeds[0]: expected an integer from 0 to 4294967295 (got -1)", "2**32"]
+
+
+def seed_too_large():
+    return _report(_cfg("c.yaml", _features_cfg(embed={"methods": ["umap"], "seeds": [5000000000]}))), [
+        "c.yaml: embed.seeds[0]:", "(got 5000000000)", "0 <= seed < 2**32"]
+
+
+def umap_min_dist_above_spread():
+    return _report(_cfg("c.yaml", _features_cfg(embed={"methods": ["umap"], "umap": {"min_dist": 5}}))), [
+        "c.yaml: embed.umap.min_dist: expected a number from 0 to 1 (got 5)", "min_dist <= spread"]
+
+
+def tsne_learning_rate_negative():
+    return _report(_cfg("c.yaml", _features_cfg(embed={"methods": ["tsne"], "tsne": {"learning_rate": -5}}))), [
+        "c.yaml: embed.tsne.learning_rate: expected 'auto' or a number greater than 0 (got -5)"]
+
+
 def unknown_data_kind():
     return _report(_cfg("c.yaml", _features_cfg(data={"kind": "imagefoldr"}))), [
         "data.kind: expected one of", "did you mean 'imagefolder'?"]
@@ -561,4 +581,37 @@ def test_an_image_over_pils_pixel_limit_is_one_line_naming_it(workdir, capsys, m
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
     assert "zz-huge.png: image too large to decode" in lines[0] and "downscale" in lines[0]
+    assert tree_digest(workdir / PREV) == before
+
+
+@pytest.mark.parametrize("fails", ["a file write", "the swap"])
+def test_a_full_disk_while_writing_is_one_line_and_keeps_the_earlier_run(fails, workdir, capsys, monkeypatch):
+    """The OSError of a full disk names no file: the message names the run folder and the reason."""
+    import errno
+
+    import evalkit.runfolder
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    if fails == "a file write":
+        monkeypatch.setattr(evalkit.runfolder, "_write_file", full)
+    else:
+        real_rename = os.rename
+
+        def rename(src, dst):
+            if ".tmp-" in Path(src).name:  # the new folder moving in
+                full()
+            real_rename(src, dst)
+
+        monkeypatch.setattr(evalkit.runfolder.os, "rename", rename)
+    cfg = _cfg("c.yaml", _features_cfg())
+    before = tree_digest(workdir / PREV)
+    code, _, err = run_cli(_report(cfg), capsys)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0] == (f"evalkit: error: cannot write the run folder {workdir / PREV}: No space left on device; the "
+                        f"earlier run folder is left as it was; free some space on that disk, or write the run "
+                        f"elsewhere (--out DIR)")
+    monkeypatch.undo()
     assert tree_digest(workdir / PREV) == before

@@ -141,3 +141,196 @@ def test_ctrl_c_in_process_exits_130_and_keeps_the_earlier_run(when, tmp_path, m
     assert code == 130 and calls
     assert err.strip().splitlines() == ["evalkit: interrupted; nothing was written (an earlier run folder is left as it was)"]
     assert tree_digest(out) == before
+
+
+# --------------------------------------------------------------------------- no signal is lost
+# The handlers only record a signal; the run raises it at the next stage boundary. A handler that
+# raised could raise inside a C library's callback (numba compiling, a ctypes callback), which
+# prints "Exception ignored" and drops the exception: the run went on, exited 0 and replaced the
+# earlier run folder.
+
+_SWALLOWING_RUNNER = '''
+import ctypes, sys, time
+import evalkit.scoring
+
+real = evalkit.scoring.score_feature_set
+
+def in_a_c_callback(*args, **kwargs):
+    def callback():  # what numba's compiler or any C library calling back into Python does
+        print("in the C callback", flush=True)
+        end = time.monotonic() + 2.0
+        while time.monotonic() < end:
+            time.sleep(0.02)
+    ctypes.CFUNCTYPE(None)(callback)()  # an exception raised in here is printed and dropped
+    return real(*args, **kwargs)
+
+evalkit.scoring.score_feature_set = in_a_c_callback
+from evalkit.cli import main
+sys.argv[0] = "evalkit"
+raise SystemExit(main())
+'''
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_during_a_c_callback_is_not_lost(sig, tmp_path):
+    X, y = blobs()
+    write_features(tmp_path / "f.npz", X, y)
+    cfg = features_config(tmp_path / "c.yaml", "f.npz")
+    out = make_run_folder(tmp_path / "run")
+    before = tree_digest(out)
+    (tmp_path / "runner.py").write_text(_SWALLOWING_RUNNER)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, str(tmp_path / "runner.py"), "report", str(cfg), "--out", str(out)],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_default_signals)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if "in the C callback" in line or (not line and proc.poll() is not None):
+                break
+        assert proc.poll() is None, proc.stderr.read()
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == (130 if sig == signal.SIGINT else 143), err
+    assert "Exception ignored" not in err and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1, err
+    assert tree_digest(out) == before
+
+
+def _two_set_config(tmp_path: Path) -> Path:
+    """Two feature sets, each a few seconds of t-SNE: progress lines mark the stage boundaries."""
+    import yaml
+
+    X, y = blobs(n_per_class=100, n_classes=4, dim=20)
+    write_features(tmp_path / "f.npz", X, y)
+    cfg = features_config(tmp_path / "two.yaml", "f.npz", name="two", methods=("tsne", "pca"), model_name="m1",
+                          embed={"tsne": {"n_iter": 2000, "n_jobs": 1}})
+    data = yaml.safe_load(cfg.read_text())
+    data["models"].append({"name": "m2", "features": "f.npz"})
+    cfg.write_text(yaml.safe_dump(data, sort_keys=False))
+    return cfg
+
+
+@pytest.mark.parametrize("moment", ["after loading the data", "after the first feature set"])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_at_any_stage_ends_the_run_and_keeps_the_earlier_one(sig, moment, tmp_path):
+    marker = "samples" if moment == "after loading the data" else "m1/features"
+    out = make_run_folder(tmp_path / "run")
+    before = tree_digest(out)
+    proc = _start(tmp_path, _two_set_config(tmp_path), out)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if marker in line or (not line and proc.poll() is not None):
+                break
+        assert proc.poll() is None, proc.stderr.read()
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == (130 if sig == signal.SIGINT else 143), err
+    assert err.strip().splitlines() == [("evalkit: interrupted" if sig == signal.SIGINT else "evalkit: terminated")
+                                        + "; nothing was written (an earlier run folder is left as it was)"]
+    assert tree_digest(out) == before
+
+
+@pytest.mark.parametrize("when", ["in a stage that swallows exceptions", "while writing the run folder"])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_recorded_signal_is_raised_at_the_next_boundary(sig, when, tmp_path, monkeypatch, capsys):
+    """The handler fires where a library catches and ignores every exception, or after the last
+    file is written: the run still ends with 130/143 before the swap, the earlier run intact."""
+    import evalkit.runfolder
+    import evalkit.scoring
+
+    monkeypatch.chdir(tmp_path)
+    X, y = blobs()
+    write_features(tmp_path / "f.npz", X, y)
+    cfg = features_config(tmp_path / "c.yaml", "f.npz")
+    out = make_run_folder(tmp_path / "run")
+    before = tree_digest(out)
+    fired = []
+
+    def send():
+        try:
+            os.kill(os.getpid(), sig)
+            time.sleep(0.05)  # the handler runs here
+        except BaseException:  # what a C callback does with the exception
+            pass
+        fired.append(sig)
+
+    if when == "in a stage that swallows exceptions":
+        real_score = evalkit.scoring.score_feature_set
+
+        def score(*args, **kwargs):
+            send()
+            return real_score(*args, **kwargs)
+
+        monkeypatch.setattr(evalkit.scoring, "score_feature_set", score)
+    else:
+        real_write = evalkit.runfolder._write_file
+
+        def write(path, data):
+            real_write(path, data)
+            if path.name == "config.yaml":  # the last file
+                send()
+
+        monkeypatch.setattr(evalkit.runfolder, "_write_file", write)
+    code, _, err = run_cli(["report", cfg, "--out", out], capsys)
+    assert fired and code == (130 if sig == signal.SIGINT else 143), err
+    assert len(err.strip().splitlines()) == 1 and "nothing was written" in err
+    assert tree_digest(out) == before
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_the_python_api_leaves_signal_handling_alone(tmp_path):
+    """In a notebook Ctrl-C is the usual KeyboardInterrupt: evaluate installs no handler."""
+    import evalkit
+
+    X, y = blobs()
+    seen = []
+    real = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+
+    def spy(*args, **kwargs):
+        seen.append((signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)))
+        raise KeyboardInterrupt
+
+    import evalkit.scoring
+
+    original = evalkit.scoring.score_feature_set
+    evalkit.scoring.score_feature_set = spy
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            evalkit.evaluate({"m": X}, y, methods=["pca"])
+    finally:
+        evalkit.scoring.score_feature_set = original
+    assert seen == [real]
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == real
+
+
+def test_ctrl_c_stops_extraction_at_the_next_batch():
+    """Recorded, not raised: the extraction loop checks it once per batch."""
+    import torch
+
+    from evalkit.config import PoolingConfig
+    from evalkit.extract import resolve_layers, run_layers
+    from evalkit.interrupt import recording_signals
+
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    served = []
+
+    def endless():
+        while True:
+            served.append(1)
+            if len(served) == 3:
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.05)
+            yield torch.zeros(2, 1, 2, 2)
+
+    with recording_signals(), pytest.raises(KeyboardInterrupt):
+        run_layers(model, endless(), resolve_layers(model, ["1"]), device=torch.device("cpu"), pooling=PoolingConfig())
+    assert len(served) == 3
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -111,12 +111,56 @@ def test_json_sanitiser_always_gives_strict_json(value):
 # --------------------------------------------------------------------------- atomic writing
 
 
-def test_rewrite_replaces_the_folder(tmp_path, result):
+def test_rewrite_replaces_evalkits_files_and_keeps_the_users(tmp_path, result):
+    """Everything evalkit did not write (notes, figures) is carried into the new run folder."""
     out = tmp_path / "run"
     runfolder.write_run(out, result)
-    (out / "stale.txt").write_text("from an older run")
+    (out / "index.html").write_text("an older report")
+    (out / "notes.md").write_text("# what I saw\n")
+    (out / "figs" / "deep").mkdir(parents=True)
+    (out / "figs" / "a.png").write_bytes(bytes(range(256)) * 4)
+    (out / "figs" / "deep" / "b.txt").write_text("b")
+    (out / "latest.png").symlink_to("figs/a.png")
+    users = {k: v for k, v in _tree(out).items() if k.startswith(("notes", "figs"))}
     runfolder.write_run(out, result)
-    assert not (out / "stale.txt").exists()
+    assert "an older report" not in (out / "index.html").read_text()
+    assert {k: v for k, v in _tree(out).items() if k.startswith(("notes", "figs"))} == users
+    assert (out / "latest.png").is_symlink() and os.readlink(out / "latest.png") == "figs/a.png"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    runfolder.write_run(out, result)  # again: still there
+    assert {k: v for k, v in _tree(out).items() if k.startswith(("notes", "figs"))} == users
+
+
+def test_users_files_are_copied_when_links_are_refused(tmp_path, result, monkeypatch):
+    out = tmp_path / "run"
+    runfolder.write_run(out, result)
+    (out / "figs").mkdir()
+    (out / "figs" / "a.png").write_bytes(b"png")
+
+    def no_links(*args, **kwargs):
+        raise OSError(1, "Operation not permitted")
+
+    monkeypatch.setattr(runfolder.os, "link", no_links)
+    runfolder.write_run(out, result)
+    assert (out / "figs" / "a.png").read_bytes() == b"png"
+
+
+def test_a_failing_rerun_keeps_the_folder_with_the_users_files(tmp_path, result, monkeypatch):
+    out = tmp_path / "run"
+    runfolder.write_run(out, result)
+    (out / "notes.md").write_text("# mine\n")
+    (out / "figs").mkdir()
+    (out / "figs" / "a.png").write_bytes(b"\x89PNG" + bytes(100))
+    before = _tree(out)
+
+    def broken(old, new, **kwargs):  # the disk fills up while carrying the user's files
+        (new / "notes.md").write_text("half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(runfolder, "_carry_user_files", broken)
+    with pytest.raises(EvalkitError, match="No space left on device"):
+        runfolder.write_run(out, result)
+    assert _tree(out) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
@@ -138,7 +182,8 @@ def test_failure_mid_write_keeps_the_previous_folder(tmp_path, result, monkeypat
         real_write(path, data)
 
     monkeypatch.setattr(runfolder, "_write_file", failing_write)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(EvalkitError, match=r"cannot write the run folder .*run: No space left on device; the "
+                                           r"earlier run folder is left as it was; free some space"):
         runfolder.write_run(out, result)
     assert len(calls) == 2
     assert _tree(out) == before
@@ -160,7 +205,7 @@ def test_failure_during_the_swap_puts_the_previous_folder_back(tmp_path, result,
         real_rename(src, dst)
 
     monkeypatch.setattr(runfolder.os, "rename", failing_rename)
-    with pytest.raises(OSError, match="Input/output"):
+    with pytest.raises(EvalkitError, match="Input/output error; the earlier run folder is left as it was"):
         runfolder.write_run(out, result)
     monkeypatch.undo()
     assert calls[0][0] == "run" and calls[1][1] == "run"
