@@ -68,13 +68,13 @@ def test_degenerate_data_gives_a_complete_report(case, tmp_path, monkeypatch, ca
     write_features(tmp_path / "f.npz", X, y)
     cfg = features_config(tmp_path / "c.yaml", "f.npz", name=case, methods=METHODS)
     cfg.write_text(cfg.read_text().replace("metrics:\n  n_neighbors: 3\n", ""))  # defaults
-    out = make_run_folder(tmp_path / "run")  # an earlier run, replaced as a whole
+    out = make_run_folder(tmp_path / "run")  # an earlier run (with a user's folder "extra", which is kept)
 
     code, stdout, err = run_cli(["report", cfg, "--out", out], capsys)
 
     assert code == 0, err
     assert err == ""
-    assert {p.name for p in out.iterdir()} == {"index.html", "metrics.json", "embeddings.npz", "config.yaml"}
+    assert {p.name for p in out.iterdir()} == {"index.html", "metrics.json", "embeddings.npz", "config.yaml", "extra"}
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".run")] == []
     metrics = json.loads((out / "metrics.json").read_text())
     rows = {r["method"]: r for r in metrics["rows"]}
