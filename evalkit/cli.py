@@ -144,7 +144,7 @@ def _compare(args) -> int:
             print(describe(r), file=sys.stderr if r.status == "fail" else sys.stdout)
     if args.junit:
         write_junit(args.junit, comparison.checks)
-    worse = [d for d in comparison.deltas if d.change is not None and d.change < 0]
+    worse = [d for d in comparison.deltas if d.verdict == "worse"]
     for d in worse[:3]:
         print(f"  worse: {d.model}/{d.layer}/{d.method} {d.metric} {d.a:.4f} -> {d.b:.4f} ({d.delta:+.4f})")
     failed = sum(r.status == "fail" for r in comparison.checks)

@@ -23,11 +23,14 @@ from evalkit.results import ID_KEYS, INFO_KEYS
 
 __all__ = ["RunFolder", "load_run", "ScoreDelta", "SampleMatch", "AlignedEmbedding", "Difference",
            "Comparison", "compare_runs", "comparison_payload", "History", "build_history",
-           "history_csv", "default_compare_dir", "default_history_dir", "NOISE_FACTOR"]
+           "history_csv", "default_compare_dir", "default_history_dir", "NOISE_FACTOR", "TOLERANCE"]
 
 #: A change counts as beyond the noise when ``|delta| > NOISE_FACTOR * sqrt(std_a² + std_b²)``
 #: (about a 95 % two-sided test for the difference of two seed means).
 NOISE_FACTOR = 2.0
+#: A change of at most this much is no change: float noise of a recomputed score (PCA's
+#: continuity moves by 1e-7 between two runs of the same features).
+TOLERANCE = 1e-6
 #: Share of the shared samples marked as "moved most" in an aligned pair (at least 1, at most 100).
 MOVED_SHARE = 0.05
 #: Provenance keys that differ on every run (times, durations): left out of the difference list.
@@ -197,7 +200,8 @@ class ScoreDelta:
     ``delta`` is B - A; ``change`` is the delta signed so that positive is better (the
     registry's ``higher_is_better``; None when the direction is unknown). ``noise`` is the
     combined seed spread ``sqrt(std_a² + std_b²)`` when either run has one, and
-    ``beyond_noise`` whether ``|delta|`` exceeds :data:`NOISE_FACTOR` times it.
+    ``beyond_noise`` whether ``|delta|`` exceeds :data:`NOISE_FACTOR` times it (and
+    :data:`TOLERANCE`).
     """
 
     model: str
@@ -222,6 +226,14 @@ class ScoreDelta:
         return d if self.higher_is_better else -d
 
     @property
+    def verdict(self) -> Optional[str]:
+        """``worse``, ``better`` or ``same`` (within :data:`TOLERANCE`); None when unknown."""
+        c = self.change
+        if c is None:
+            return None if self.delta is None or abs(self.delta) > TOLERANCE else "same"
+        return "worse" if c < -TOLERANCE else "better" if c > TOLERANCE else "same"
+
+    @property
     def noise(self) -> Optional[float]:
         spreads = [s for s in (self.a_std, self.b_std) if s is not None]
         return math.sqrt(sum(s * s for s in spreads)) if spreads else None
@@ -229,11 +241,11 @@ class ScoreDelta:
     @property
     def beyond_noise(self) -> Optional[bool]:
         d, n = self.delta, self.noise
-        return None if d is None or n is None else abs(d) > NOISE_FACTOR * n
+        return None if d is None or n is None else abs(d) > max(NOISE_FACTOR * n, TOLERANCE)
 
     def as_dict(self) -> dict:
         return {"model": self.model, "layer": self.layer, "method": self.method, "metric": self.metric,
-                "a": self.a, "b": self.b, "delta": self.delta, "change": self.change,
+                "a": self.a, "b": self.b, "delta": self.delta, "change": self.change, "verdict": self.verdict,
                 "higher_is_better": self.higher_is_better, "a_std": self.a_std, "b_std": self.b_std,
                 "noise": self.noise, "beyond_noise": self.beyond_noise}
 

@@ -108,7 +108,7 @@ def comparison_context(cmp: Comparison) -> ComparisonContext:
 
     defined = [abs(d.change) for d in cmp.deltas if d.change is not None]
     scale = max(defined) if defined else 0.0
-    worst_keys = {id(d) for d in [d for d in cmp.deltas if d.change is not None and d.change < 0][:N_WORST]}
+    worst_keys = {id(d) for d in [d for d in cmp.deltas if d.verdict == "worse"][:N_WORST]}
     rows = tuple(_delta_row(d, scale, id(d) in worst_keys) for d in cmp.deltas)
     n_classes = len(cmp.run_a.label_names) or int(max((int(e.labels.max()) + 1 for e in cmp.aligned
                                                         if len(e.labels)), default=1))
@@ -152,8 +152,8 @@ def comparison_context(cmp: Comparison) -> ComparisonContext:
         title=f"{names[0]} vs {names[1]}",
         runs=(_run_head("A", cmp.run_a), _run_head("B", cmp.run_b)),
         n_scores=len(rows),
-        n_worse=sum(d.change is not None and d.change < 0 for d in cmp.deltas),
-        n_better=sum(d.change is not None and d.change > 0 for d in cmp.deltas),
+        n_worse=sum(d.verdict == "worse" for d in cmp.deltas),
+        n_better=sum(d.verdict == "better" for d in cmp.deltas),
         n_beyond=sum(bool(d.beyond_noise) for d in cmp.deltas),
         has_spread=any(d.noise is not None for d in cmp.deltas),
         worst=tuple(r for r in rows if r.worst),
@@ -209,7 +209,7 @@ def _delta_row(d, scale: float, worst: bool) -> DeltaRow:
     if d.delta is None:
         delta = Cell("n/a", None, "undefined in one of the runs", undefined=True)
     else:
-        style = _delta_style(d.change, scale, d.beyond_noise)
+        style = _delta_style(d.change if d.verdict != "same" else 0.0, scale, d.beyond_noise)
         delta = Cell(f"{d.delta:+.4f}" if d.delta else "0", d.delta, direction, style=style, best=worst)
     if d.noise is not None:
         noise = (f"{'beyond' if d.beyond_noise else 'within'} noise "
@@ -302,12 +302,16 @@ def history_context(history: History) -> HistoryContext:
     from evalkit.registry import metrics as registry
 
     runs = history.runs
-    labels = [f"{i + 1}. {r.name}" for i, r in enumerate(runs)]
+    names = [r.name for r in runs]
+    if len(set(names)) < len(names):  # the same config run again and again: tell them by folder
+        names = [r.path.resolve().name for r in runs]
+    labels = [f"{i + 1}. {name}" for i, name in enumerate(names)]
     sets = list(dict.fromkeys((e["model"], e["layer"]) for e in history.table))
     colours = dict(zip(sets, plots.class_colors(len(sets))))
-    values: dict = {}
-    for e in history.table:
-        values[(e["model"], e["layer"], e["method"], e["run"] - 1)] = e
+    values: dict = {}  # the runs' own rows: a score a row lacks is not charted for it
+    for i, run in enumerate(runs):
+        for row in run.rows:
+            values[(row["model"], row["layer"], row["method"], i)] = row
     methods = list(dict.fromkeys(e["method"] for e in history.table))
     methods = (["features"] if "features" in methods else []) + [m for m in methods if m != "features"]
     charts = []

@@ -260,3 +260,22 @@ def test_history_chosen_metric_and_best_run(tmp_path):
     assert best["b/head \u00b7 t-SNE"].startswith("2.")  # dropped least in the second run
     with pytest.raises(EvalkitError, match=r"unknown --metric 'knn_acuracy'.*did you mean 'knn_accuracy'"):
         build_history(runs, metrics=["knn_acuracy"])
+
+
+def test_float_noise_is_no_change():
+    from evalkit.compare import ScoreDelta
+
+    tiny = ScoreDelta("m", "l", "pca", "continuity", 0.9, 0.9 - 2.5e-7)
+    assert tiny.verdict == "same" and tiny.change < 0
+    assert ScoreDelta("m", "l", "pca", "continuity", 0.9, 0.8).verdict == "worse"
+    assert ScoreDelta("m", "l", "pca", "mystery", 0.9, 0.8, higher_is_better=None).verdict is None
+
+
+def test_history_charts_only_the_methods_a_score_applies_to(tmp_path):
+    from evalkit.compare_report import history_context
+
+    runs = [load_run(p) for p in _three_runs(tmp_path)]
+    charts = {c.metric: c for c in history_context(build_history(runs)).charts}
+    methods = {label.split(" \u00b7 ")[1] for label, _, _ in charts["trustworthiness"].rows}
+    assert "raw features" not in methods and "t-SNE" in methods
+    assert charts["trustworthiness"].runs == ("1. epoch0", "2. epoch1", "3. epoch2")  # same name: by folder
