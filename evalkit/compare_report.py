@@ -16,7 +16,7 @@ from typing import Any, Optional
 import numpy as np
 
 from evalkit.compare import NOISE_FACTOR, Comparison, History, RunFolder, comparison_payload, history_csv
-from evalkit.report import (Cell, CheckRow, CheckSummary, LegendEntry, _check_row, _check_summary,
+from evalkit.report import (Cell, CheckSummary, LegendEntry, _check_row, _check_summary,
                             _content_security_policy, _environment, _fmt, _fmt_spread, _format_date,
                             _method_title, _metric_title, _static)
 
