@@ -1,4 +1,4 @@
-"""Command line: ``evalkit report | check | layers``. No logic lives here.
+"""Command line: ``evalkit report | check | compare | history | layers``. No logic lives here.
 
 A user mistake (:class:`EvalkitError`, a wrong command line, an unreadable file) is one line
 on stderr and exit code 2; ``--debug`` shows the traceback. A failing check is exit code 1.
@@ -52,6 +52,21 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--baseline", metavar="DIR2", help="an earlier run folder, for max_drop conditions")
     c.add_argument("--junit", metavar="FILE", help="write JUnit XML")
     c.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+    co = sub.add_parser("compare", help="compare two run folders: score deltas, aligned embeddings, config changes")
+    co.add_argument("run_a", metavar="RUN_A", help="the earlier run folder (the baseline)")
+    co.add_argument("run_b", metavar="RUN_B", help="the later run folder")
+    co.add_argument("--out", metavar="DIR", help="output folder (default: reports/out/compare-A-vs-B)")
+    co.add_argument("--config", metavar="CONFIG", help="take the checks from this config instead of RUN_B/config.yaml")
+    co.add_argument("--junit", metavar="FILE", help="write RUN_B's checks (RUN_A as the baseline) as JUnit XML")
+    co.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+    hi = sub.add_parser("history", help="scores of many run folders in order: a page of line charts and a CSV")
+    hi.add_argument("runs", metavar="RUN", nargs="+", help="run folders, in order (e.g. one per epoch)")
+    hi.add_argument("--metric", metavar="NAME", action="append", default=[],
+                    help="a score to show (repeat for several; default: all)")
+    hi.add_argument("--out", metavar="DIR", help="output folder (default: reports/out/history-FIRST-to-LAST)")
+    hi.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
     la = sub.add_parser("layers", help="list the layer names a config may use for a model")
     la.add_argument("source", metavar="MODEL_SPEC", help="e.g. timm:resnet18, torchvision:resnet50, demo:cnn")
@@ -124,6 +139,49 @@ def _check(args) -> int:
     if not results:
         print(f"evalkit: {config_path} has no checks")
     return exit_code(results)
+
+
+def _compare(args) -> int:
+    from evalkit.check import check_junit_path, describe, write_junit
+    from evalkit.compare import checks_for, compare_runs, default_compare_dir, load_run
+    from evalkit.compare_report import COMPARE_FILES, write_comparison
+    from evalkit.runfolder import check_out_dir
+
+    if args.junit:
+        check_junit_path(args.junit)
+    run_a, run_b = load_run(args.run_a, what="RUN_A"), load_run(args.run_b, what="RUN_B")
+    out = check_out_dir(args.out or default_compare_dir(args.run_a, args.run_b), marker_files=COMPARE_FILES,
+                        kind="evalkit comparison folder")
+    checks, source = checks_for(run_b, args.config)
+    comparison = compare_runs(run_a, run_b, checks=checks, checks_source=source)
+    write_comparison(out, comparison)
+    for r in comparison.checks:
+        if r.status != "pass":
+            print(describe(r), file=sys.stderr if r.status == "fail" else sys.stdout)
+    if args.junit:
+        write_junit(args.junit, comparison.checks)
+    worse = [d for d in comparison.deltas if d.verdict == "worse"]
+    for d in worse[:3]:
+        print(f"  worse: {d.model}/{d.layer}/{d.method} {d.metric} {d.a:.4f} -> {d.b:.4f} ({d.delta:+.4f})")
+    failed = sum(r.status == "fail" for r in comparison.checks)
+    print(f"evalkit: wrote {out}/index.html; {len(comparison.deltas)} scores compared, {len(worse)} worse in B"
+          + (f"; checks: {failed} failed of {len(comparison.checks)}" if comparison.checks else ""))
+    return comparison.exit_code
+
+
+def _history(args) -> int:
+    from evalkit.compare import build_history, default_history_dir, load_run
+    from evalkit.compare_report import HISTORY_FILES, write_history
+    from evalkit.runfolder import check_out_dir
+
+    runs = [load_run(path) for path in args.runs]
+    history = build_history(runs, metrics=args.metric)
+    out = check_out_dir(args.out or default_history_dir(args.runs), marker_files=HISTORY_FILES,
+                        kind="evalkit history folder")
+    write_history(out, history)
+    print(f"evalkit: wrote {out}/index.html and {out}/history.csv ({len(runs)} runs, "
+          f"{len(history.metrics)} scores)")
+    return EXIT_OK
 
 
 def _layers(args) -> int:
@@ -227,7 +285,8 @@ def main(argv=None) -> int:
         return EXIT_OK
     debug = getattr(args, "debug", False)
     args.argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
-    handler = {"report": _report, "check": _check, "layers": _layers}[args.command]
+    handler = {"report": _report, "check": _check, "compare": _compare, "history": _history,
+               "layers": _layers}[args.command]
     _log_to_stdout()
     previous = None
     try:

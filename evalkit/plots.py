@@ -141,3 +141,95 @@ def heat_color(value: float | None, vmin: float = 0.0, vmax: float = 1.0) -> tup
 
 def _hex_rgb(color: str) -> tuple[int, int, int]:
     return int(color[1:3], 16), int(color[3:5], 16), int(color[5:7], 16)
+
+
+def aligned_pair_png(a: np.ndarray, b: np.ndarray, labels: np.ndarray, colors: list[str],
+                     moved: np.ndarray, *, size_px: int = 260) -> tuple[str, str]:
+    """Two aligned embeddings of the same samples as two PNG ``data:`` URIs on the same axes.
+
+    Parameters
+    ----------
+    a, b : ndarray of shape (n_samples, 2)
+        Already aligned (row i is the same sample in both).
+    labels : ndarray of shape (n_samples,), int
+    colors : list of str
+        From :func:`class_colors`.
+    moved : ndarray of int
+        Rows to mark (the samples that moved most): ringed in black in both pictures, and in
+        the second joined by a thin line to where they were in the first.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.collections import LineCollection
+    from matplotlib.colors import to_rgba_array
+    from matplotlib.figure import Figure
+
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    labels = np.asarray(labels)
+    moved = np.asarray(moved, dtype=np.int64)
+    both = np.concatenate([a, b]) if len(a) else np.zeros((1, 2))
+    lo, hi = both.min(axis=0), both.max(axis=0)
+    centre, half = (lo + hi) / 2, max(float((hi - lo).max()) / 2, 1e-12) * 1.06
+    order = np.random.default_rng(0).permutation(len(a))
+    diameter, alpha = marker_style(len(a))
+    points = diameter * 72.0 / _DPI
+    rgba = to_rgba_array(colors) if len(colors) else np.zeros((1, 4))
+    point_colors = rgba[labels % len(rgba)] if len(a) else np.zeros((0, 4))
+    uris = []
+    for which, coords in (("a", a), ("b", b)):
+        fig = Figure(figsize=(size_px / _DPI, size_px / _DPI), dpi=_DPI)
+        FigureCanvasAgg(fig)
+        ax = fig.add_axes((0.0, 0.0, 1.0, 1.0))
+        ax.set_axis_off()
+        ax.set_xlim(centre[0] - half, centre[0] + half)
+        ax.set_ylim(centre[1] - half, centre[1] + half)
+        ax.set_aspect("equal", adjustable="box")
+        if len(order):
+            ax.scatter(coords[order, 0], coords[order, 1], s=points ** 2, c=point_colors[order],
+                       alpha=alpha * 0.8, linewidths=0, rasterized=True)
+        if len(moved):
+            if which == "b":
+                segments = np.stack([a[moved], b[moved]], axis=1)
+                ax.add_collection(LineCollection(segments, colors="#1f2328", linewidths=0.6, alpha=0.55))
+            ax.scatter(coords[moved, 0], coords[moved, 1], s=(points + 5) ** 2, facecolors=point_colors[moved],
+                       edgecolors="#000000", linewidths=1.1, zorder=3)
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=_DPI, facecolor="white", metadata={"Software": None})
+        uris.append("data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii"))
+    return uris[0], uris[1]
+
+
+def history_png(run_labels: list[str], panels: list[tuple[str, list[tuple[str, str, list]]]], *,
+                higher_is_better: bool = True, width_px: int = 300, height_px: int = 190) -> str:
+    """Small line charts of one score across runs, one panel per method, as a PNG ``data:`` URI.
+
+    ``panels`` is ``[(method_title, [(label, colour, values), ...]), ...]`` with one value (or
+    None) per run; each line's best run is marked with a star.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    n = max(len(panels), 1)
+    fig = Figure(figsize=(width_px * n / _DPI, height_px / _DPI), dpi=_DPI)
+    FigureCanvasAgg(fig)
+    x = np.arange(len(run_labels))
+    step = max(1, int(math.ceil(len(run_labels) / 6)))
+    axes = fig.subplots(1, n, squeeze=False)[0]
+    for ax, (title, lines) in zip(axes, panels):
+        ax.set_title(title, fontsize=9)
+        for _, color, values in lines:
+            y = np.array([np.nan if v is None else float(v) for v in values], dtype=np.float64)
+            ax.plot(x, y, color=color, linewidth=1.3, marker="o", markersize=2.5)
+            if np.isfinite(y).any():
+                best = int(np.nanargmax(y) if higher_is_better else np.nanargmin(y))
+                ax.plot([x[best]], [y[best]], marker="*", markersize=9, color=color,
+                        markeredgecolor="#1f2328", markeredgewidth=0.6, linestyle="none")
+        ax.set_xticks(x[::step])
+        ax.set_xticklabels([run_labels[i][:14] for i in x[::step]], fontsize=7, rotation=20, ha="right")
+        ax.tick_params(axis="y", labelsize=7)
+        ax.grid(True, linewidth=0.4, alpha=0.5)
+        if len(x) == 1:
+            ax.set_xlim(-0.5, 0.5)
+    fig.tight_layout(pad=0.4)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=_DPI, facecolor="white", metadata={"Software": None})
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")

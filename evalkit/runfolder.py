@@ -24,8 +24,8 @@ import numpy as np
 from evalkit.errors import EvalkitError
 from evalkit.interrupt import check_interrupted
 
-__all__ = ["check_out_dir", "default_out_dir", "clean_stale_siblings", "write_run", "metrics_payload",
-           "embedding_arrays", "RUN_FILES"]
+__all__ = ["check_out_dir", "default_out_dir", "clean_stale_siblings", "write_run", "write_folder",
+           "metrics_payload", "embedding_arrays", "RUN_FILES"]
 
 
 RUN_FILES = ("index.html", "metrics.json")  # every run folder has both
@@ -40,13 +40,16 @@ def default_out_dir(config) -> Path:
     return Path("reports/out") / name
 
 
-def check_out_dir(out_dir, *, overwrite: bool = True, what: str = "--out") -> Path:
+def check_out_dir(out_dir, *, overwrite: bool = True, what: str = "--out", marker_files=RUN_FILES,
+                  kind: str = "evalkit run folder") -> Path:
     """Fail before any work when ``out_dir`` cannot become the run folder.
 
     It must be a folder or not exist yet, under a writable folder, and an existing folder must
     be an earlier run folder: the run replaces it as a whole, so any other folder (``--out .``,
     a data folder) is refused rather than deleted. ``overwrite=False`` refuses an earlier run
     folder too. ``what`` names the argument in messages (``--out``, or ``out_dir`` from Python).
+    ``marker_files`` and ``kind`` say what an earlier output folder of this kind holds and is
+    called (``evalkit compare`` writes ``index.html`` and ``comparison.json``).
     """
     import tempfile
 
@@ -66,10 +69,9 @@ def check_out_dir(out_dir, *, overwrite: bool = True, what: str = "--out") -> Pa
         if entries and not overwrite:
             raise EvalkitError(f"{what} {out_dir}: exists; expected a new folder (or pass overwrite=True to replace "
                                f"an earlier run folder)")
-        if entries and not all(f in entries for f in RUN_FILES):
-            raise EvalkitError(f"{what} {out_dir}: exists and is not an evalkit run folder (no index.html and "
-                               f"metrics.json); the run replaces its folder as a whole, so expected a new or "
-                               f"earlier run folder")
+        if entries and not all(f in entries for f in marker_files):
+            raise EvalkitError(f"{what} {out_dir}: exists and is not an {kind} (no {' and '.join(marker_files)}); "
+                               f"the run replaces its folder as a whole, so expected a new or earlier {kind}")
     probe_in = out.parent if out.parent.exists() else existing
     try:
         Path(tempfile.mkdtemp(prefix=f".{out.name}.probe-", dir=probe_in)).rmdir()
@@ -129,19 +131,7 @@ def write_run(out_dir, result) -> Path:
     KeyboardInterrupt, evalkit.interrupt.Terminated
         A signal the command line recorded, checked once more right before the swap.
     """
-    out = Path(out_dir).expanduser().absolute()
-    if out.exists() and not out.is_dir():
-        raise EvalkitError(f"run folder {out}: exists and is not a folder; expected a folder "
-                           "(or a path that does not exist yet)")
-    parent = out.parent
-    blocker = next((p for p in (parent, *parent.parents) if p.exists()), None)
-    if blocker is not None and not blocker.is_dir():
-        raise EvalkitError(f"run folder {out}: {blocker} is a file; expected a folder there")
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise EvalkitError(f"cannot create the folder {parent} for the run folder {out.name}: "
-                           f"{exc.strerror or exc}") from None
+    out, parent = _prepare_parent(out_dir, "run folder")
 
     # Render everything before touching the disk: a failing render leaves nothing behind.
     from evalkit.report import render_html
@@ -155,8 +145,41 @@ def write_run(out_dir, result) -> Path:
         "embeddings.npz": _npz_bytes(embedding_arrays(result)),
         "config.yaml": str(result.config_yaml).encode("utf-8"),
     }
-
     check_interrupted()
+    return _swap_in(out, parent, files, "run folder")
+
+
+def write_folder(out_dir, files: Mapping[str, bytes], *, what: str = "output folder") -> Path:
+    """Write ``files`` (name -> bytes, already rendered) as the folder ``out_dir``, atomically.
+
+    The same temporary-sibling-and-swap as :func:`write_run` (which uses it): an existing folder
+    is replaced as a whole only once every file is written, and kept as it was on any failure.
+    ``what`` names the folder in messages (``comparison folder``).
+    """
+    out, parent = _prepare_parent(out_dir, what)
+    return _swap_in(out, parent, {str(k): bytes(v) for k, v in files.items()}, what)
+
+
+def _prepare_parent(out_dir, what: str) -> tuple[Path, Path]:
+    out = Path(out_dir).expanduser().absolute()
+    if out.exists() and not out.is_dir():
+        raise EvalkitError(f"{what} {out}: exists and is not a folder; expected a folder "
+                           "(or a path that does not exist yet)")
+    parent = out.parent
+    blocker = next((p for p in (parent, *parent.parents) if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise EvalkitError(f"{what} {out}: {blocker} is a file; expected a folder there")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise EvalkitError(f"cannot create the folder {parent} for the {what} {out.name}: "
+                           f"{exc.strerror or exc}") from None
+    return out, parent
+
+
+def _swap_in(out: Path, parent: Path, files: Mapping[str, bytes], what: str) -> Path:
+    """Write ``files`` into a hidden sibling of ``out``, then swap it into place; files a user
+    added to an earlier folder are carried over."""
     tmp = _make_sibling(parent, f".{out.name}.tmp-")
     old: Path | None = None
     existed = out.exists()
@@ -174,8 +197,8 @@ def write_run(out_dir, result) -> Path:
         os.rename(tmp, out)
         swapped = True
     except OSError as exc:  # a full disk, a quota, a read-only file system: the user's to fix
-        kept = "the earlier run folder is left as it was" if existed else "nothing was written"
-        raise EvalkitError(f"cannot write the run folder {out}: {_os_reason(exc)}; {kept}; "
+        kept = f"the earlier {what} is left as it was" if existed else "nothing was written"
+        raise EvalkitError(f"cannot write the {what} {out}: {_os_reason(exc)}; {kept}; "
                            f"{_os_fix(exc)}") from exc
     finally:
         if not swapped:
@@ -184,7 +207,7 @@ def write_run(out_dir, result) -> Path:
                 try:
                     os.rename(old, out)  # put the previous run back
                 except OSError as exc:
-                    raise EvalkitError(f"cannot put the earlier run folder back: {_os_reason(exc)}; it is "
+                    raise EvalkitError(f"cannot put the earlier {what} back: {_os_reason(exc)}; it is "
                                        f"{old}: rename it to {out}") from exc
                 old = None
         if old is not None:
