@@ -36,11 +36,15 @@ class Features(Mapping):
     labels : ndarray of shape (n_samples,) or None
         The labels the data carried (``(x, y)`` batches, ``label`` keys), in row order.
     images_per_second : float
+    thumbnails : ndarray of uint8 or None
+        (n_samples, h, w[, 3]) small copies of the inputs for the report's hover (None for
+        inputs that are not images, or above ``max_thumbnails``).
     """
 
     layers: Mapping[str, np.ndarray]
     labels: Optional[np.ndarray] = None
     images_per_second: float = 0.0
+    thumbnails: Optional[np.ndarray] = None
 
     def __getitem__(self, layer: str) -> np.ndarray:
         try:
@@ -62,7 +66,8 @@ class Features(Mapping):
 
 def extract_features(model, data, layers: Sequence[str] | str = ("penultimate",), *, pooling="avg",
                      tokens: str = "cls", device: str = "auto", batch_size: int = 128, num_workers: int = 0,
-                     bf16: bool = False, progress: bool = True) -> Features:
+                     bf16: bool = False, progress: bool = True, thumbnail_size: int = 24,
+                     max_thumbnails: int = 20_000) -> Features:
     """Run an in-memory model over data once, capturing every requested layer.
 
     Parameters
@@ -88,11 +93,16 @@ def extract_features(model, data, layers: Sequence[str] | str = ("penultimate",)
         bfloat16 autocast on CUDA.
     progress : bool
         A progress bar in a terminal or notebook for long runs.
+    thumbnail_size, max_thumbnails : int
+        Image inputs (B, 1|3, H, W) are also kept as thumbnails of at most this side, each
+        scaled from its own range to 0..255, for the report's hover; none above
+        ``max_thumbnails`` samples (0 turns them off).
 
     Returns
     -------
     Features
-        ``features[layer]`` of shape (n_samples, n_features), float32, plus ``features.labels``.
+        ``features[layer]`` of shape (n_samples, n_features), float32, plus ``features.labels``
+        and ``features.thumbnails``.
     """
     import torch
 
@@ -105,7 +115,8 @@ def extract_features(model, data, layers: Sequence[str] | str = ("penultimate",)
     if not layers:
         raise EvalkitError("layers: give at least one layer name (e.g. 'penultimate')")
     pool = _parse(PoolingConfig, {"spatial": pooling, "tokens": tokens}, "pooling")
-    loader = _as_loader(data, batch_size=batch_size, num_workers=num_workers)
+    loader = _ThumbnailTap(_as_loader(data, batch_size=batch_size, num_workers=num_workers), thumbnail_size,
+                           max_thumbnails)
     dev = resolve_device(device)
     layer_map = resolve_layers(model, layers)
     was_training = model.training
@@ -125,7 +136,7 @@ def extract_features(model, data, layers: Sequence[str] | str = ("penultimate",)
     y = np.concatenate(labels) if labels else None
     if y is not None and y.shape[0] != n:
         raise EvalkitError(f"data: {y.shape[0]} labels for {n} samples; expected one label per sample")
-    return Features({layer: feats[layer] for layer in layers}, y, float(rate))
+    return Features({layer: feats[layer] for layer in layers}, y, float(rate), loader.thumbnails(n))
 
 
 def evaluate(features, labels=None, *, label_names: Optional[Sequence[str]] = None,
@@ -133,7 +144,7 @@ def evaluate(features, labels=None, *, label_names: Optional[Sequence[str]] = No
              n_neighbors: Optional[int] = None, metric_settings: Optional[Mapping[str, Any]] = None,
              method_settings: Optional[Mapping[str, Mapping]] = None,
              pca_dims: int = 50, checks: Optional[Sequence[Mapping]] = None, device: str = "auto",
-             name: str = "evalkit-run", sample_ids=None, indices=None) -> Result:
+             name: str = "evalkit-run", sample_ids=None, indices=None, thumbnails=None) -> Result:
     """Embed and score feature sets that are in memory; nothing is written.
 
     Parameters
@@ -172,6 +183,9 @@ def evaluate(features, labels=None, *, label_names: Optional[Sequence[str]] = No
         Identifiers shown for each sample.
     indices : array-like of shape (n_samples,), optional
         Positions of the samples in their dataset (default 0..n_samples-1).
+    thumbnails : array-like of shape (n_samples, h, w[, 3]) or (n_samples, 1|3, h, w), optional
+        Images shown when hovering a point in the saved report (uint8, or floats scaled from
+        their own range); by default those :func:`extract_features` kept.
 
     Returns
     -------
@@ -190,8 +204,9 @@ def evaluate(features, labels=None, *, label_names: Optional[Sequence[str]] = No
             raise EvalkitError(f"{arg}: got {type(value).__name__}; expected a mapping of settings such as "
                                + ("{'knn_k': 20}" if arg == "metric_settings" else "{'tsne': {'perplexity': 20}}")
                                + " (every registered score is computed; evalkit.METRICS lists them)")
-    sets, carried = _feature_sets(features)
+    sets, carried, carried_thumbnails = _feature_sets(features)
     n = sets[0].features.shape[0]
+    thumbs = _thumbnails(thumbnails, n) if thumbnails is not None else carried_thumbnails
     samples = _samples(labels if labels is not None else carried, label_names, n, sample_ids, indices)
     embed = _parse(EmbedConfig, {"methods": methods, "seeds": seeds, "pca_dims": pca_dims,
                                  **dict(method_settings or {})}, "embed")
@@ -203,7 +218,7 @@ def evaluate(features, labels=None, *, label_names: Optional[Sequence[str]] = No
     _validate_checks(yaml_text)
     return evaluate_feature_sets(sets, samples, embed=embed, metrics=settings, checks=check_list,
                                  device=resolve_device(device), config_yaml=yaml_text, name=name, notes=notes,
-                                 provenance={"command": "evalkit.evaluate() in Python"})
+                                 provenance={"command": "evalkit.evaluate() in Python"}, thumbnails=thumbs)
 
 
 def evaluate_models(models: Mapping[str, Any], data, *, layers: Sequence[str] | str = ("penultimate",),
@@ -262,6 +277,76 @@ def _as_loader(data, *, batch_size: int, num_workers: int):
     raise EvalkitError(f"data: got {type(data).__name__}; expected a torch DataLoader or Dataset")
 
 
+class _ThumbnailTap:
+    """Passes a loader's batches through, keeping a small copy of image inputs for the report."""
+
+    def __init__(self, loader, size: int, cap: int):
+        self.loader, self.size, self.cap = loader, int(size), int(cap)
+        self.kept: list = []
+        self.count = 0
+        self.off = self.cap <= 0
+
+    @property
+    def dataset(self):  # the progress bar's total
+        return self.loader.dataset
+
+    def __len__(self):
+        return len(self.loader)
+
+    @property
+    def batch_size(self):
+        return getattr(self.loader, "batch_size", None)
+
+    def __iter__(self):
+        for batch in self.loader:
+            if not self.off:
+                self._keep(batch)
+            yield batch
+
+    def _keep(self, batch) -> None:
+        import torch
+
+        from evalkit.extract import split_batch
+
+        try:
+            x = split_batch(batch)[0]
+        except EvalkitError:
+            self.off = True  # run_layers names the problem
+            return
+        self.count += x.shape[0]
+        if x.ndim != 4 or x.shape[1] not in (1, 3) or self.count > self.cap:
+            self.off, self.kept = True, []
+            return
+        with torch.no_grad():
+            x = x.detach().float().cpu()
+            h, w = x.shape[2:]
+            scale = min(1.0, self.size / max(h, w))
+            if scale < 1.0:
+                x = torch.nn.functional.interpolate(x, size=(max(1, round(h * scale)), max(1, round(w * scale))),
+                                                    mode="area")
+            lo = x.amin(dim=(1, 2, 3), keepdim=True)
+            span = (x.amax(dim=(1, 2, 3), keepdim=True) - lo).clamp_min(1e-12)
+            u8 = ((x - lo) / span * 255).round().to(torch.uint8).numpy()
+        self.kept.append(u8[:, 0] if u8.shape[1] == 1 else np.moveaxis(u8, 1, -1))
+
+    def thumbnails(self, n: int) -> Optional[np.ndarray]:
+        if self.off or not self.kept:
+            return None
+        out = np.concatenate(self.kept)
+        return out if out.shape[0] == n else None
+
+
+def _thumbnails(images, n: int) -> Optional[np.ndarray]:
+    from evalkit.explorer import make_thumbnails
+
+    if hasattr(images, "detach"):
+        images = images.detach().cpu().numpy()
+    images = np.asarray(images)
+    if images.shape[0] != n:
+        raise EvalkitError(f"thumbnails: {images.shape[0]} images for {n} samples; expected one per sample")
+    return make_thumbnails(lambda i: images[i], n, max_samples=max(n, 1))
+
+
 def _is_batch(item) -> bool:
     """Is ``item`` a batch (inputs of 4 or more dimensions) rather than one sample?"""
     import torch
@@ -290,16 +375,17 @@ def _to_numpy(array, what: str) -> np.ndarray:
 
 
 def _feature_sets(features):
-    """``(list of FeatureSet, labels carried by Features or None)``."""
+    """``(list of FeatureSet, labels carried by Features or None, thumbnails carried or None)``."""
     if isinstance(features, Features):
         features = {"model": features}
     elif not isinstance(features, Mapping):
         features = {("features", "features"): features}
     if not features:
         raise EvalkitError("features: empty; expected at least one array of shape (n_samples, n_features)")
-    sets, carried = [], None
+    sets, carried, thumbs = [], None, None
     for key, value in features.items():
         if isinstance(value, Features):
+            thumbs = thumbs if thumbs is not None else value.thumbnails
             if isinstance(key, tuple):
                 raise EvalkitError(f"features[{key!r}]: a Features object is keyed by its model name alone")
             for layer, array in value.items():
@@ -326,7 +412,7 @@ def _feature_sets(features):
     keys = [fs.key for fs in sets]
     if len(set(keys)) != len(keys):
         raise EvalkitError(f"features: the names {keys} repeat; expected unique model/layer names")
-    return sets, carried
+    return sets, carried, thumbs
 
 
 def _name(value, what: str) -> str:

@@ -51,6 +51,7 @@ class Dataset:
     features: Optional[np.ndarray] = None
     fingerprint: str = ""
     n_total: int = 0
+    sample_ids: Optional[np.ndarray] = None  # str per selected sample (image paths), shown on hover
     rows: Optional[np.ndarray] = None
 
     def __len__(self) -> int:
@@ -117,7 +118,7 @@ class _Subset:
         return self.load_full(int(self.indices[i]))
 
 
-def _select(name, labels, label_names, cfg, *, load_full=None, features=None, fingerprint=""):
+def _select(name, labels, label_names, cfg, *, load_full=None, features=None, fingerprint="", ids=None):
     labels = np.asarray(labels)
     if labels.shape[0] == 0:
         raise EvalkitError(f"data: {name} has no samples")
@@ -131,6 +132,7 @@ def _select(name, labels, label_names, cfg, *, load_full=None, features=None, fi
         features=None if features is None else features[idx],
         fingerprint=f"{fingerprint}|n={labels.shape[0]}|max={cfg.max_samples}|seed={cfg.seed}",
         n_total=int(labels.shape[0]),
+        sample_ids=None if ids is None else np.asarray([str(ids[i]) for i in idx]),
     )
 
 
@@ -254,6 +256,7 @@ def _load_imagefolder(cfg) -> Dataset:
                            f"add images or remove the folder")
     return _select(
         f"{root.name} (imagefolder)", np.array(labels), classes, cfg, load_full=_ImageFiles(files),
+        ids=[str(Path(f).relative_to(root)) if Path(f).is_relative_to(root) else str(f) for f in files],
         fingerprint=f"imagefolder|{root.resolve()}|{_files_fingerprint(root, files)}",
     )
 

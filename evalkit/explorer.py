@@ -117,10 +117,7 @@ def build_explorer_data(result, *, n_neighbors: int | None = None,
                        "method": str(emb.method), "seed": int(emb.seed),
                        "xy": xy, "bounds": bounds})
 
-    k = n_neighbors
-    if k is None:
-        extras = getattr(result, "extras", None) or {}
-        k = extras.get("n_neighbors") if isinstance(extras, Mapping) else None
+    k = n_neighbors if n_neighbors is not None else (getattr(result, "knn_k", None) or getattr(result, "n_neighbors", None))
     k = int(k or 10)
     if predictions is None:
         predictions = getattr(result, "knn_predictions", None)

@@ -138,6 +138,7 @@ def evaluate_feature_sets(feature_sets, samples: Samples, *, embed, metrics, che
         check_features(fs, len(labels))
     all_notes = list(dict.fromkeys(notes))
     rows, embeddings, per_class, method_params, stability, undefined = [], [], {}, {}, {}, {}
+    predictions = {}
     with progress_bar(len(feature_sets), "embedding and scoring", unit="set") as bar:
         for fs in feature_sets:
             t1 = time.perf_counter()
@@ -145,6 +146,8 @@ def evaluate_feature_sets(feature_sets, samples: Samples, *, embed, metrics, che
             rows.extend(out.rows)
             embeddings.extend(out.embeddings)
             per_class[fs.key] = out.per_class_knn
+            if out.knn_predictions is not None:
+                predictions[fs.key] = out.knn_predictions
             method_params.update(out.method_params)
             stability.update(out.stability)
             undefined.update(out.undefined_reasons)
@@ -177,7 +180,7 @@ def evaluate_feature_sets(feature_sets, samples: Samples, *, embed, metrics, che
         checks=tuple(check_results), provenance=prov, config_yaml=config_yaml, per_class_knn=per_class, cka=cka,
         method_params=method_params, stability=stability, notes=tuple(sorted(all_notes)),
         undefined_reasons=undefined, n_neighbors=metrics.n_neighbors, knn_k=metrics.knn_k or metrics.n_neighbors,
-        sample_ids=samples.sample_ids, thumbnails=thumbnails)
+        sample_ids=samples.sample_ids, thumbnails=thumbnails, knn_predictions=predictions)
 
 
 def run_report(config, out_dir, *, use_cache: bool = True, argv=None) -> Result:
@@ -228,11 +231,17 @@ def run_report(config, out_dir, *, use_cache: bool = True, argv=None) -> Result:
         check_interrupted()
     t_extract = time.perf_counter() - t0
     samples = Samples(dataset.labels, tuple(dataset.label_names), dataset.indices, name=dataset.name,
-                      n_total=getattr(dataset, "n_total", None),
+                      n_total=getattr(dataset, "n_total", None), sample_ids=dataset.sample_ids,
                       seed=config.data.seed if config.data is not None else None)
+    thumbnails = None
+    if config.report.thumbnails and dataset.load_image is not None:
+        from evalkit.explorer import make_thumbnails
+
+        thumbnails = make_thumbnails(dataset.load_image, len(dataset), size=config.report.thumbnail_size,
+                                     max_samples=config.report.max_thumbnails)
     result = evaluate_feature_sets(
         feature_sets, samples, embed=embed, metrics=metrics, checks=config.checks, device=device,
-        config_yaml=config.to_yaml(), name=config.name, notes=notes,
+        config_yaml=config.to_yaml(), name=config.name, notes=notes, thumbnails=thumbnails,
         provenance={"command": " ".join(argv) if argv else "evalkit report", "extract_s": round(t_extract, 2)})
     result.provenance["duration_s"] = round(time.perf_counter() - t0, 2)
     check_interrupted()

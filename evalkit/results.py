@@ -183,9 +183,15 @@ class Result:
     n_neighbors, knn_k : int or None
         The k of the neighbourhood scores and of kNN accuracy.
     sample_ids : ndarray of str or None
-        Per-sample identifiers when the data carry them.
+        Per-sample identifiers when the data carry them (image paths, ids in features files).
     thumbnails : ndarray of uint8 or None
         (n_samples, h, w[, 3]) small images for the report's hover.
+    knn_predictions : mapping of str to ndarray of int64
+        ``model/layer`` -> each sample's leave-one-out kNN prediction on the raw features
+        (the report colours points right/wrong and compares feature sets with them).
+    point_scores : mapping of str to mapping
+        ``model/layer/method`` -> ``{"trustworthiness": (n_samples,), "continuity": (n_samples,)}``:
+        each point's share of the score (their mean is the score).
     """
 
     name: str
@@ -208,6 +214,8 @@ class Result:
     knn_k: Optional[int] = None
     sample_ids: Optional[np.ndarray] = None
     thumbnails: Optional[np.ndarray] = None
+    knn_predictions: Mapping = field(default_factory=dict)
+    point_scores: Mapping = field(default_factory=dict)
 
     def __post_init__(self):
         rows = tuple(r if isinstance(r, ScoreRow) else ScoreRow.from_dict(r) for r in self.rows)

@@ -29,6 +29,7 @@ class FeatureSetScores:
     rows: tuple  # of ScoreRow: the raw features first, then one per method
     embeddings: tuple  # of Embedding, every method x seed
     per_class_knn: tuple  # kNN accuracy of each class on the raw features (None where undefined)
+    knn_predictions: Optional[np.ndarray]  # (n_samples,) leave-one-out kNN prediction on the raw features
     method_params: dict  # method -> the hyperparameters it used
     stability: dict  # "model/layer/method" -> mean Procrustes disparity across seeds
     notes: tuple
@@ -172,7 +173,7 @@ def score_feature_set(fs: FeatureSet, labels, *, embed, settings, device=None, l
     """
     from evalkit.embed import create_embedder, reduce_dims, unit_scale
     from evalkit.neighbors import knn_graph
-    from evalkit.score import per_class_knn_accuracy
+    from evalkit.score import knn_predict, per_class_knn_accuracy
 
     notes: list = []
     # Every score and embedding is the same for c * X as for X; float32 arithmetic is not. A
@@ -233,9 +234,12 @@ def score_feature_set(fs: FeatureSet, labels, *, embed, settings, device=None, l
             stability[f"{fs.key}/{spec.name}"] = procrustes_disparity([s.coords for s in spaces])
         check_interrupted()
     per_class = per_class_knn_accuracy(X, labels, n_neighbors=knn_k, graph=feature_space.graph(knn_k), device=device)
+    predictions = (knn_predict(X, labels, n_neighbors=knn_k, graph=feature_space.graph(knn_k))
+                   if shared.n_classes > 1 else None)
     return FeatureSetScores(
         rows=tuple(rows), embeddings=tuple(embeddings),
         per_class_knn=tuple(None if not np.isfinite(v) else float(v) for v in per_class),
+        knn_predictions=predictions,
         method_params=method_params, stability=stability, notes=tuple(notes + shared.notes),
         undefined_reasons=undefined)
 

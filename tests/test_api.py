@@ -225,3 +225,19 @@ def test_a_list_of_batches_and_single_strings(trained):
     with pytest.raises(EvalkitError, match="metric_settings: got list; expected a mapping"):
         evalkit.evaluate(feats, metric_settings=["knn_accuracy"])
     assert "neighbourhood_hit (neighbourhood hit)" in repr(evalkit.METRICS)
+
+
+def test_thumbnails_and_predictions_reach_the_saved_report(api_result, tmp_path):
+    thumbs = api_result.thumbnails
+    assert thumbs is not None and thumbs.shape == (899, 8, 8) and thumbs.dtype == np.uint8
+    x, _ = _tensors("test")
+    # the first digit, scaled from its own range: the same picture
+    first = x[0, 0].numpy()
+    expected = np.round((first - first.min()) / (first.max() - first.min()) * 255)
+    assert np.abs(thumbs[0].astype(int) - expected).max() <= 1
+    assert set(api_result.knn_predictions) == {"cnn/penultimate", "cnn/features"}
+    pred = api_result.knn_predictions["cnn/penultimate"]
+    assert (pred == api_result.labels).mean() == pytest.approx(
+        api_result.score("knn_accuracy", model="cnn", layer="penultimate"))
+    page = (api_result.save(tmp_path / "r") / "index.html").read_text()
+    assert '"thumbnails"' in page and "explorer" in page
