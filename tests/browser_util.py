@@ -279,8 +279,9 @@ def screenshot(html_path, png_path, *, width: int = 1440, height: int | None = N
 
     ``height=None`` captures the whole page; a number captures just the top of it.
     """
-    with Browser(binary, width=width, height=height or 900) as browser:
+    with Browser(binary, width=width, height=height or 900, flags=WEBGL_FLAGS) as browser:
         browser.open(html_path)
+        time.sleep(1.5)  # the explorer draws its WebGL panels after load
         return browser.screenshot(png_path, full_page=height is None)
 
 
