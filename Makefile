@@ -41,8 +41,8 @@ report: install  ## write a report: CONFIG=... OUT=... (default: the embedded di
 test: install  ## run the test suite
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-bench: install  ## embed+score speed and memory against the textbook pipeline (not part of test)
-	$(PY) benchmarks/bench.py
+bench: install  ## the judged speed scenarios (tiny, demo, 10k vs textbook, 70k vs openTSNE) -> bench-results/judged.json (not part of test; about 30 min)
+	$(PY) benchmarks/bench.py --judged --out bench-results/judged.json
 
 docker:  ## build the CUDA image (needs a Docker engine)
 	docker build -t evalkit .

@@ -188,7 +188,22 @@ def side_textbook(n: int) -> dict:
             "peak_rss_bytes": peak_rss_bytes(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)}
 
 
-SIDES = {"evalkit": side_evalkit, "textbook": side_textbook}
+def side_opentsne(n: int) -> dict:
+    """openTSNE alone on the same data, as its documentation runs it: PCA to 50, then
+    ``TSNE(n_jobs=2)`` with its defaults (the yardstick of the 70k report)."""
+    import numpy as np  # noqa: F401
+    import openTSNE
+    from sklearn.decomposition import PCA
+
+    X, _ = make_features(n)
+    t0 = time.perf_counter()
+    Xr = PCA(n_components=50, random_state=0).fit_transform(X)
+    openTSNE.TSNE(n_jobs=2, random_state=0).fit(Xr)
+    return {"seconds": time.perf_counter() - t0,
+            "peak_rss_bytes": peak_rss_bytes(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)}
+
+
+SIDES = {"evalkit": side_evalkit, "textbook": side_textbook, "opentsne": side_opentsne}
 
 
 def run_side(side: str, n: int, timeout: float, warm: bool = False) -> dict:
@@ -214,28 +229,55 @@ def run_side(side: str, n: int, timeout: float, warm: bool = False) -> dict:
 # --------------------------------------------------------------------------- evalkit report at 70k
 
 
-def run_report(n: int, timeout: float, keep: bool = False) -> dict:
-    """``python -m evalkit report`` on an n x 256 features file: wall time, peak RSS, rows."""
+def run_report(n: int, timeout: float, keep: bool = False, *, n_features: int = N_FEATURES,
+               methods: str = "tsne, umap, pca") -> dict:
+    """``python -m evalkit report`` on an n x n_features features file: wall time, peak RSS, rows."""
     import numpy as np
 
     tmp = Path(tempfile.mkdtemp(prefix="evalkit-bench-report-"))
     X, y = make_features(n)
     feats = tmp / f"gmm-{n}.npz"
-    np.savez(feats, features=X, labels=y, label_names=np.array([f"class{i}" for i in range(N_CLASSES)]))
+    np.savez(feats, features=X[:, :n_features], labels=y,
+             label_names=np.array([f"class{i}" for i in range(N_CLASSES)]))
     del X, y
     config = tmp / "bench.yaml"
     config.write_text(
         f"name: bench-{n}\n"
-        f"data: {{kind: features, path: {json.dumps(str(feats))}}}\n"
         f"models:\n  - {{name: gmm, features: {json.dumps(str(feats))}}}\n"
-        f"embed: {{methods: [tsne, umap, pca], seeds: [0]}}\n"
+        f"embed: {{methods: [{methods}], seeds: [0]}}\n"
     )
-    out_dir = tmp / "run"
-    log = tmp / "report.log"
-    cmd = [sys.executable, "-m", "evalkit", "report", str(config), "--out", str(out_dir)]
+    cmd = [sys.executable, "-m", "evalkit", "report", str(config), "--out", str(tmp / "run")]
+    result = run_timed(cmd, tmp, timeout)
+    result.update({"n": n, "n_features": n_features, "methods": methods})
+    if keep:
+        result["folder"] = str(tmp)
+    else:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return result
+
+
+def run_demo(timeout: float) -> dict:
+    """``evalkit report configs/demo.yaml`` with the demo models trained and a cold feature cache."""
+    subprocess.run([sys.executable, "-m", "evalkit.demo", "configs/demo.yaml"], cwd=ROOT, check=True)  # untimed
+    tmp = Path(tempfile.mkdtemp(prefix="evalkit-bench-demo-"))
+    cmd = [sys.executable, "-m", "evalkit", "report", str(ROOT / "configs" / "demo.yaml"), "--out", str(tmp / "run"),
+           "--no-cache"]
+    result = run_timed(cmd, ROOT, timeout, out_dir=tmp / "run")
+    import shutil
+
+    shutil.rmtree(tmp, ignore_errors=True)
+    return result
+
+
+def run_timed(cmd: list, cwd: Path, timeout: float, *, out_dir: Path | None = None) -> dict:
+    """Run ``cmd``; its wall time, its own peak RSS (``os.wait4``), exit code, log tail, rows."""
+    out_dir = out_dir or Path(cwd) / "run"
+    log = Path(tempfile.mkstemp(prefix="evalkit-bench-", suffix=".log")[1])
     t0 = time.perf_counter()
     with open(log, "w") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=tmp)
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=cwd)
         deadline = t0 + timeout
         while True:  # os.wait4 gives this child's own peak RSS
             pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
@@ -248,18 +290,13 @@ def run_report(n: int, timeout: float, keep: bool = False) -> dict:
             time.sleep(0.5)
         proc.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - t0
-    result = {"n": n, "n_features": N_FEATURES, "command": " ".join(cmd), "exit_code": proc.returncode,
+    result = {"command": " ".join(cmd), "exit_code": proc.returncode,
               "seconds": wall, "peak_rss_bytes": peak_rss_bytes(usage.ru_maxrss),
-              "timed_out": wall >= timeout, "log_tail": log.read_text().strip().splitlines()[-12:]}
+              "timed_out": wall >= timeout, "log_tail": log.read_text().strip().splitlines()[-14:]}
+    log.unlink()
     metrics = out_dir / "metrics.json"
     if metrics.exists():
         result["rows"] = json.loads(metrics.read_text())["rows"]
-    if keep:
-        result["folder"] = str(tmp)
-    else:
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
     return result
 
 
@@ -311,6 +348,9 @@ def main(argv=None) -> int:
     ap.add_argument("--warm", action="store_true",
                     help=f"time each side after an untimed run on {WARM_N:,} points in the same process, so "
                          f"numba's compilation is not counted (default: a fresh process, as a script run)")
+    ap.add_argument("--judged", action="store_true",
+                    help="the issue's judged scenarios in one go: the 10k report vs the textbook script, the 70k "
+                         "report vs openTSNE alone, the demo report (cold cache), a 300-point PCA report")
     ap.add_argument("--side", choices=sorted(SIDES), help=argparse.SUPPRESS)
     ap.add_argument("--n", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
@@ -324,6 +364,8 @@ def main(argv=None) -> int:
         Path(args.result).write_text(json.dumps(out))
         return 0
 
+    if args.judged:
+        return judged(args)
     try:
         sizes = [int(s.replace("_", "")) for s in args.sizes.split(",") if s.strip()]
     except ValueError:
@@ -376,6 +418,56 @@ def main(argv=None) -> int:
     print(f"\nwrote {out}")
     failed = any("error" in (r.get(s) or {}) for r in results for s in ("evalkit", "textbook"))
     return 1 if failed or (report is not None and report["exit_code"] != 0) else 0
+
+
+def judged(args) -> int:
+    """The speed issue's scenarios, each as a whole process, ratios taken within this one run."""
+    out: dict = {"machine": {"python": platform.python_version(), "platform": platform.platform(),
+                             "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+                             "load_average_at_start": os.getloadavg()},
+                 "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    steps = [
+        ("tiny", "evalkit report, 300 x 16 features, PCA only",
+         lambda: run_report(300, args.timeout, n_features=16, methods="pca")),
+        ("demo", "evalkit report configs/demo.yaml --no-cache (models trained)", lambda: run_demo(args.timeout)),
+        ("report_10k", "evalkit report, 10,000 x 256, t-SNE + UMAP + PCA + every score",
+         lambda: run_report(10_000, args.timeout)),
+        ("textbook_10k", "textbook script, 10,000 x 256", lambda: run_side("textbook", 10_000, args.timeout)),
+        ("opentsne_70k", "openTSNE alone, PCA-50 + TSNE(n_jobs=2), 70,000 x 256",
+         lambda: run_side("opentsne", REPORT_N, args.timeout)),
+        ("report_70k", "evalkit report, 70,000 x 256, t-SNE + UMAP + PCA + every score",
+         lambda: run_report(REPORT_N, args.timeout)),
+    ]
+    for key, title, run in steps:
+        print(f"{title} ...", flush=True)
+        out[key] = run()
+        out[key]["title"] = title
+        wall = out[key].get("process_seconds", out[key].get("seconds"))
+        print(f"  {wall:.1f} s" if wall else f"  {out[key].get('error')}", flush=True)
+
+    def wall(key):
+        r = out.get(key) or {}
+        return r.get("process_seconds", r.get("seconds"))
+
+    out["ratios"] = {
+        "report_10k / textbook_10k (target <= 0.2)": _ratio(wall("report_10k"), wall("textbook_10k")),
+        "report_70k / opentsne_70k (target <= 2.2)": _ratio(wall("report_70k"), wall("opentsne_70k")),
+    }
+    print("\n| scenario | wall s | peak GB |\n|---|---|---|")
+    for key, title, _ in steps:
+        r = out[key]
+        print(f"| {title} | {_s(wall(key))} | {_gb(r.get('peak_rss_bytes'))} |")
+    for name, value in out["ratios"].items():
+        print(f"| ratio {name} | {'-' if value is None else f'{value:.2f}'} | |")
+    path = Path(args.out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=2, default=float))
+    print(f"\nwrote {path}")
+    return 0 if all(out[k].get("exit_code", 0) == 0 and "error" not in out[k] for k, _, _ in steps) else 1
+
+
+def _ratio(a, b):
+    return a / b if a and b else None
 
 
 if __name__ == "__main__":
