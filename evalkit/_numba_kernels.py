@@ -178,3 +178,94 @@ def lowdim_count_ranks(PT, nbr, out):
                 v = vals[q]
                 acc += 1 if (v < tm or (v == tm and ids[q] < j)) else 0
             out[i, m] = acc
+
+
+@numba.njit(parallel=True, cache=True)
+def row_topk_sorted(R, rows, X, err, idx):
+    """:func:`row_topk_exact` for large k (R_NX up to K = 1000 and beyond): a selection
+    instead of an insertion buffer, so the cost is O(n + c log c) per row, c ~ k candidates.
+
+    The k-th smallest value v admits the candidates R <= v + 2 err, which are sorted by R
+    (index order among equal values); two neighbours in that order whose R differ by more
+    than 2 err are certainly in the right order, so only runs of candidates chained by gaps
+    <= 2 err are re-sorted by (sq_dist, index).
+    """
+    n_rows, n = R.shape
+    k = idx.shape[1]
+    for r in numba.prange(n_rows):
+        i = rows[r]
+        row = R[r]
+        kth = np.partition(row.copy(), k - 1)[k - 1]
+        lim = np.empty(1, dtype=R.dtype)
+        lim[0] = np.float64(kth) + 2.0 * err[i]
+        limit = lim[0]
+        cand = np.empty(n, dtype=np.int64)
+        c = 0
+        for l in range(n):
+            if row[l] <= limit:
+                cand[c] = l
+                c += 1
+        cv = np.empty(c)
+        for q in range(c):
+            cv[q] = np.float64(row[cand[q]])
+        order = np.argsort(cv, kind="mergesort")
+        sc = cand[:c][order]
+        sv = cv[order]
+        e2 = 2.0 * err[i]
+        s = 0
+        while s < k:
+            t = s
+            while t + 1 < c and sv[t + 1] - sv[t] <= e2:
+                t += 1
+            if t > s:  # a run whose order R cannot certify: exact distances decide
+                members = np.sort(sc[s:t + 1])
+                dd = np.empty(t + 1 - s)
+                for q in range(t + 1 - s):
+                    dd[q] = sq_dist(X, i, members[q])
+                sc[s:t + 1] = members[np.argsort(dd, kind="mergesort")]
+            s = t + 1
+        for m in range(k):
+            idx[r, m] = sc[m]
+
+
+@numba.njit(parallel=True, cache=True)
+def lowdim_coranks(PT, rows, nbr, out):
+    """For i = rows[r] and its neighbours nbr[r, p] of rank p + 1 in the other space
+    (K = nbr.shape[1] of them, in order): out[r, p] = max(p + 1, rank of nbr[r, p] in this
+    space), or K + 1 when that rank exceeds K. Ranks by (sq_dist, index), distances exact
+    and on the fly from PT = P.T (n_dims, n_samples), as :func:`lowdim_count_ranks`.
+
+    So #{p : out[r, p] <= K'} = |U_K'(i) ∩ V_K'(i)| for every K' <= K: the co-ranking
+    counts behind Q_NX and R_NX.
+    """
+    d, n = PT.shape
+    K = nbr.shape[1]
+    for r in numba.prange(rows.shape[0]):
+        i = rows[r]
+        buf = np.zeros(n)
+        for c in range(d):
+            pc = PT[c]
+            x = pc[i]
+            for l in range(n):
+                diff = x - pc[l]
+                buf[l] += diff * diff
+        buf[i] = np.inf
+        kth = np.partition(buf.copy(), K - 1)[K - 1]
+        cand = np.empty(n, dtype=np.int64)
+        c = 0
+        for l in range(n):
+            if buf[l] <= kth:
+                cand[c] = l
+                c += 1
+        cv = np.empty(c)
+        for q in range(c):
+            cv[q] = buf[cand[q]]
+        order = np.argsort(cv, kind="mergesort")  # (distance, index): candidates are in index order
+        pos = np.zeros(n, dtype=np.int64)
+        for q in range(K):
+            pos[cand[order[q]]] = q + 1
+        for p in range(K):
+            rz = pos[nbr[r, p]]
+            if rz == 0:
+                rz = K + 1
+            out[r, p] = rz if rz > p + 1 else p + 1

@@ -24,6 +24,7 @@ torch (and numba, for the counting kernels on CPU) are imported inside the funct
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Mapping
 
 import numpy as np
@@ -35,6 +36,7 @@ from evalkit.kernels import (
     Ranking,
     as_float_matrix,
     check_n_neighbors,
+    corank_max,
     lowdim_rank_counts,
     pick_block_size,
     squared_distance_block,
@@ -46,6 +48,9 @@ __all__ = [
     "trustworthiness",
     "continuity",
     "neighbourhood_scores",
+    "RNXCurve",
+    "rnx_curve",
+    "rnx_grid",
     "silhouette",
     "knn_accuracy",
     "weighted_knn_accuracy",
@@ -106,7 +111,7 @@ def trustworthiness(X, Z, *, n_neighbors: int = 10, graph_Z: KNNGraph | None = N
     k = _check_half(n_neighbors, X.shape[0])
     dev = _score_device(device)
     graph_Z = _graph_or_exact(Z, graph_Z, k, dev, block_size, "graph_Z")
-    (excess,), _ = _rank_excess(X, [graph_Z.indices[:, :k]], k, dev, block_size)
+    (excess,), _, _ = _rank_excess(X, [graph_Z.indices[:, :k]], k, dev, block_size)
     return _trust_from_excess(excess, X.shape[0], k)
 
 
@@ -142,15 +147,16 @@ def continuity(X, Z, *, n_neighbors: int = 10, graph_X: KNNGraph | None = None,
     k = _check_half(n_neighbors, X.shape[0])
     dev = _score_device(device)
     graph_X = _graph_or_exact(X, graph_X, k, dev, block_size, "graph_X")
-    (excess,), _ = _rank_excess(Z, [graph_X.indices[:, :k]], k, dev, block_size)
+    (excess,), _, _ = _rank_excess(Z, [graph_X.indices[:, :k]], k, dev, block_size)
     return _trust_from_excess(excess, X.shape[0], k)
 
 
 def neighbourhood_scores(X, embeddings: Mapping[str, np.ndarray], *, n_neighbors: int = 10,
                          graph_X: KNNGraph | None = None,
                          graphs_Z: Mapping[str, KNNGraph] | None = None,
-                         device=None, block_size: int | None = None) -> dict[str, dict[str, float]]:
-    """Trustworthiness and continuity of several embeddings of the same data, in one pass.
+                         device=None, block_size: int | None = None,
+                         rnx_max_k: int | None = None) -> dict[str, dict]:
+    """Trustworthiness and continuity (and R_NX) of several embeddings of the same data, in one pass.
 
     The expensive part, the distances in the original space, is computed once, block by
     block, and shared by all embeddings (and by the search for the neighbours in ``X`` when
@@ -169,11 +175,16 @@ def neighbourhood_scores(X, embeddings: Mapping[str, np.ndarray], *, n_neighbors
         Neighbours in some or all embeddings; the missing ones are computed exactly.
     device, block_size
         As for :func:`trustworthiness`.
+    rnx_max_k : int, optional
+        Also compute R_NX(K) for K = 1..min(rnx_max_k, n_samples - 2) in the same pass over
+        ``X`` (:func:`rnx_curve`); each entry then also has ``"rnx"`` (an :class:`RNXCurve`)
+        and ``"rnx_auc"``.
 
     Returns
     -------
     dict
-        ``{name: {"trustworthiness": t, "continuity": c}}`` in the order of ``embeddings``.
+        ``{name: {"trustworthiness": t, "continuity": c}}`` in the order of ``embeddings``
+        (plus ``"rnx"`` and ``"rnx_auc"`` with ``rnx_max_k``).
     """
     X = as_float_matrix(X, "X")
     n_samples = X.shape[0]
@@ -188,21 +199,132 @@ def neighbourhood_scores(X, embeddings: Mapping[str, np.ndarray], *, n_neighbors
         _graph_or_exact(Z, graphs_Z.get(name), k, dev, block_size, f"graphs_Z[{name!r}]").indices[:, :k]
         for name, Z in Zs.items()
     ]
-    if graph_X is None and X.shape[1] <= _LOWDIM_MAX:
+    rnx_k = _rnx_k(rnx_max_k, n_samples) if rnx_max_k is not None else 0
+    spaces = list(Zs.values()) if rnx_k else []
+    if graph_X is None and X.shape[1] <= _LOWDIM_MAX and not rnx_k:
         graph_X = knn_graph(X, n_neighbors=k, method="exact", device=dev, block_size=block_size)
     if graph_X is not None:
         nbr_X = _check_graph(graph_X, n_samples, k, "graph_X").indices[:, :k]
-        trust_excess, _ = _rank_excess(X, nbr_Z, k, dev, block_size)
+        trust_excess, _, kept = _rank_excess(X, nbr_Z, k, dev, block_size, rnx_spaces=spaces, rnx_k=rnx_k)
     else:  # the neighbours in X come from the same pass over X's distances
-        trust_excess, nbr_X = _rank_excess(X, nbr_Z, k, dev, block_size, knn=k)
+        trust_excess, nbr_X, kept = _rank_excess(X, nbr_Z, k, dev, block_size, knn=k, rnx_spaces=spaces,
+                                                 rnx_k=rnx_k)
     out = {}
-    for (name, Z), t_excess in zip(Zs.items(), trust_excess):
-        (c_excess,), _ = _rank_excess(Z, [nbr_X], k, dev, block_size)
+    for s, ((name, Z), t_excess) in enumerate(zip(Zs.items(), trust_excess)):
+        (c_excess,), _, _ = _rank_excess(Z, [nbr_X], k, dev, block_size)
         out[name] = {
             "trustworthiness": _trust_from_excess(t_excess, n_samples, k),
             "continuity": _trust_from_excess(c_excess, n_samples, k),
         }
+        if rnx_k:
+            curve = RNXCurve(n_samples, kept[s])
+            out[name].update(rnx=curve, rnx_auc=curve.auc)
     return out
+
+
+# =========================================================================== R_NX
+
+
+@dataclass(frozen=True)
+class RNXCurve:
+    """The co-ranking quality curves of one embedding for K = 1..max_k (Lee & Verleysen).
+
+    Attributes
+    ----------
+    n_samples : int
+    kept : ndarray of shape (max_k,), int64
+        ``kept[K - 1] = sum_i |U_K(i) ∩ V_K(i)|``: the K-neighbourhoods of the two spaces
+        summed over samples (ranks by (distance, index), as every score here).
+    """
+
+    n_samples: int
+    kept: np.ndarray
+
+    @property
+    def max_k(self) -> int:
+        return int(len(self.kept))
+
+    @property
+    def ks(self) -> np.ndarray:
+        """K = 1..max_k."""
+        return np.arange(1, self.max_k + 1)
+
+    @property
+    def q_nx(self) -> np.ndarray:
+        """Q_NX(K) = kept(K) / (K N): the share of K-neighbours kept."""
+        return self.kept / (self.ks * float(self.n_samples))
+
+    @property
+    def lcmc(self) -> np.ndarray:
+        """LCMC(K) = Q_NX(K) - K / (N - 1)."""
+        return self.q_nx - self.ks / (self.n_samples - 1.0)
+
+    @property
+    def r_nx(self) -> np.ndarray:
+        """R_NX(K) = ((N - 1) Q_NX(K) - K) / (N - 1 - K): 0 for a random embedding, 1 for a perfect one."""
+        n1 = self.n_samples - 1.0
+        return (n1 * self.q_nx - self.ks) / (n1 - self.ks)
+
+    @property
+    def auc(self) -> float:
+        """Area under R_NX against log K: sum_K R_NX(K) / K / sum_K 1 / K over every K = 1..max_k
+        (Lee & Verleysen 2015's AUC_logK, which is this with max_k = N - 2)."""
+        w = 1.0 / self.ks
+        return float(np.sum(self.r_nx * w) / np.sum(w))
+
+    def grid(self, n_points: int = 40) -> tuple:
+        """``(ks, r_nx)`` at about ``n_points`` log-spaced K from 1 to max_k (both ends kept)."""
+        ks = rnx_grid(self.max_k, n_points)
+        return ks, self.r_nx[ks - 1]
+
+
+def rnx_grid(max_k: int, n_points: int = 40) -> np.ndarray:
+    """About ``n_points`` distinct integers log-spaced from 1 to ``max_k`` (both included)."""
+    return np.unique(np.round(np.geomspace(1, max_k, n_points)).astype(np.int64))
+
+
+def rnx_curve(X, Z, *, max_k: int = 1000, device=None, block_size: int | None = None) -> RNXCurve:
+    """R_NX(K) of an embedding for K = 1..min(max_k, n_samples - 2), exact.
+
+    Q_NX(K) = (1 / (K N)) sum_i |U_K(i) ∩ V_K(i)| with U_K(i), V_K(i) the K nearest neighbours
+    of i in ``X`` and in ``Z`` (ranks by (distance, index): the module's tie rule), and
+    R_NX(K) = ((N - 1) Q_NX(K) - K) / (N - 1 - K) (Lee & Verleysen 2009, 2015). One blocked
+    pass over ``X``: for each block of rows, the max_k nearest neighbours in ``X`` (exactly,
+    in order) and their ranks in ``Z`` (up to max_k) give the co-ranking counts of every
+    K <= max_k at once. Memory O(block x n_samples); time O(N^2 D) for ``X`` plus
+    O(N^2 d) for ``Z``.
+
+    Parameters
+    ----------
+    X : array-like of shape (n_samples, n_features)
+    Z : array-like of shape (n_samples, n_components)
+        Usually 2-D; its distances are computed on the fly, O(n_components) per pair.
+    max_k : int
+        Largest K (lowered to n_samples - 2, where R_NX stops being defined).
+    device, block_size
+        As for :func:`trustworthiness`.
+
+    Returns
+    -------
+    RNXCurve
+        ``.r_nx``, ``.q_nx``, ``.lcmc`` for K = 1..max_k, ``.auc`` (the area under R_NX
+        against log K over those K), ``.grid()`` for a chart.
+    """
+    X = as_float_matrix(X, "X")
+    Z = _same_rows(as_float_matrix(Z, "Z"), X, "Z")
+    n_samples = X.shape[0]
+    rnx_k = _rnx_k(max_k, n_samples)
+    dev = _score_device(device)
+    _, _, (kept,) = _rank_excess(X, [], 1, dev, block_size, rnx_spaces=[Z], rnx_k=rnx_k)
+    return RNXCurve(n_samples, kept)
+
+
+def _rnx_k(max_k, n_samples: int) -> int:
+    if isinstance(max_k, bool) or not isinstance(max_k, (int, np.integer)) or max_k < 1:
+        raise InputError(f"max_k must be a positive integer; got {max_k!r}")
+    if n_samples < 3:
+        raise InputError(f"R_NX needs at least 3 samples; got {n_samples}")
+    return int(min(max_k, n_samples - 2))
 
 
 # =========================================================================== silhouette
@@ -514,9 +636,11 @@ def _cross_frobenius_sq(A: np.ndarray, B: np.ndarray, block: int = 2048) -> floa
 # =========================================================================== rank machinery
 
 
-def _rank_excess(P: np.ndarray, neighbour_sets, k: int, dev, block_size, knn: int | None = None):
+def _rank_excess(P: np.ndarray, neighbour_sets, k: int, dev, block_size, knn: int | None = None,
+                 rnx_spaces=(), rnx_k: int = 0):
     """Sum over rows i and neighbours j of max(0, r(i, j) - k), r the rank in ``P`` (module
-    docstring: ties by index, equal distances detected exactly).
+    docstring: ties by index, equal distances detected exactly); optionally the co-ranking
+    counts of R_NX against other spaces, from the same pass.
 
     Parameters
     ----------
@@ -527,20 +651,27 @@ def _rank_excess(P: np.ndarray, neighbour_sets, k: int, dev, block_size, knn: in
     knn : int, optional
         Also return the exact ``knn`` nearest neighbours in P (found in the same pass; the
         same as :func:`evalkit.neighbors.knn_graph`).
+    rnx_spaces : list of ndarray of shape (n_samples, n_dims)
+        Spaces of few dimensions (embeddings) to compare with P by co-ranking.
+    rnx_k : int
+        Largest K of those counts (<= n_samples - 2).
 
     Returns
     -------
-    (list of int, ndarray of shape (n_samples, knn) or None)
+    (list of int, ndarray of shape (n_samples, knn) or None, list of ndarray of shape (rnx_k,))
+        The last: ``kept[K - 1] = sum_i |U_K(i) ∩ V_K(i)|`` per space of ``rnx_spaces``.
     """
     import torch
 
     n_samples = P.shape[0]
-    if P.shape[1] <= _LOWDIM_MAX and dev.type == "cpu" and knn is None:
+    rnx_spaces = [np.ascontiguousarray(Z, dtype=np.float64) for Z in rnx_spaces] if rnx_k else []
+    if P.shape[1] <= _LOWDIM_MAX and dev.type == "cpu" and knn is None and not rnx_spaces:
         counts = [lowdim_rank_counts(P, nb) for nb in neighbour_sets]
         if all(c is not None for c in counts):
-            return [_excess(c, k) for c in counts], None
+            return [_excess(c, k) for c in counts], None, []
     excess = [0] * len(neighbour_sets)
     found = np.empty((n_samples, knn), dtype=np.int64) if knn else None
+    hist = [np.zeros(rnx_k + 2, dtype=np.int64) for _ in rnx_spaces]
     block = pick_block_size(n_samples, block_size)
     with torch.no_grad():
         ranking = Ranking(P, dev, torch.float64)
@@ -548,12 +679,15 @@ def _rank_excess(P: np.ndarray, neighbour_sets, k: int, dev, block_size, knn: in
             stop = min(start + block, n_samples)
             rows = np.arange(start, stop)
             R = ranking.block(start, stop)
+            top = ranking.topk(R, rows, rnx_k) if rnx_spaces else None  # exact, nearest first
             if knn:
-                found[start:stop] = ranking.topk(R, rows, knn)
+                found[start:stop] = top[:, :knn] if top is not None and knn <= rnx_k else ranking.topk(R, rows, knn)
             for s, nb in enumerate(neighbour_sets):
                 excess[s] += _excess(ranking.rank_counts(R, rows, nb[start:stop]), k)
             del R
-    return excess, found
+            for s, Z in enumerate(rnx_spaces):
+                hist[s] += np.bincount(corank_max(Z, rows, top, dev).ravel(), minlength=rnx_k + 2)
+    return excess, found, [np.cumsum(h)[1:rnx_k + 1] for h in hist]
 
 
 def _excess(closer: np.ndarray, k: int) -> int:

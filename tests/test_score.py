@@ -298,6 +298,103 @@ def test_duplicates_and_ties_stay_in_range():
     assert trustworthiness(X, X, n_neighbors=5) == 1.0  # ties are ranked lowest, never penalised
 
 
+# ------------------------------------------------------------------ R_NX (co-ranking)
+
+
+def _reference_rnx(X, Z):
+    """R_NX(K), K = 1..N-2, from the full co-ranking matrix (Lee & Verleysen 2009): ranks from a
+    stable argsort of each row of exact squared distances (self first), Q[k, l] = #{(i, j) :
+    rank_X(i, j) = k, rank_Z(i, j) = l}, Q_NX(K) = sum_{k, l <= K} Q[k, l] / (K N)."""
+    def ranks(P):
+        D = _exact_sq(P) if np.allclose(P, np.round(P)) else ((P[:, None] - P[None]) ** 2).sum(2)
+        D = D.astype(np.float64)
+        np.fill_diagonal(D, -np.inf)
+        return np.argsort(np.argsort(D, axis=1, kind="stable"), axis=1, kind="stable")  # self: 0
+
+    n = len(X)
+    Q = np.zeros((n, n), dtype=np.int64)
+    np.add.at(Q, (ranks(X).ravel(), ranks(Z).ravel()), 1)
+    Q = Q[1:, 1:]  # drop the pairs (i, i)
+    K = np.arange(1, n - 1)
+    q_nx = np.array([Q[:k, :k].sum() for k in K]) / (K * n)
+    return ((n - 1) * q_nx - K) / (n - 1 - K)
+
+
+@pytest.mark.parametrize("numba", [True, False])
+def test_rnx_equals_coranking_reference(numba, monkeypatch):
+    if not numba:
+        monkeypatch.setattr(kernels, "_NUMBA_KERNELS", None)
+        monkeypatch.setattr(kernels, "_NUMBA_TRIED", True)
+    X, Z, _ = _data(90, 12, seed=5)
+    Xt, Zt = _tied_data(60, 5, seed=7)  # integer data: many equal distances in both spaces
+    for A, B in ((X, Z), (Xt, Zt), (X.astype(np.float32), Z.astype(np.float32))):
+        ref = _reference_rnx(A, B)
+        n = len(A)
+        for block in (None, 1, 13):
+            curve = score.rnx_curve(A, B, max_k=10_000, block_size=block)
+            assert curve.max_k == n - 2
+            np.testing.assert_allclose(curve.r_nx, ref, rtol=0, atol=1e-12)
+        K = np.arange(1, n - 1)
+        assert curve.auc == pytest.approx(np.sum(ref / K) / np.sum(1 / K), abs=1e-12)
+        short = score.rnx_curve(A, B, max_k=20)
+        np.testing.assert_array_equal(short.r_nx, curve.r_nx[:20])  # a prefix, not an approximation
+        assert short.auc == pytest.approx(np.sum(ref[:20] / K[:20]) / np.sum(1 / K[:20]), abs=1e-12)
+
+
+def test_rnx_known_answers():
+    X, Z, _ = _data(80, 2, seed=1)
+    same = score.rnx_curve(X, X, max_k=40)
+    np.testing.assert_array_equal(same.r_nx, 1.0)
+    assert same.auc == 1.0
+    assert score.rnx_curve(X, 3 * X + 1, max_k=40).auc == 1.0  # ranks do not change
+    # an unrelated embedding keeps about K / (N - 1) of each K-neighbourhood: R_NX near 0
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(400, 10))
+    noise = score.rnx_curve(X, rng.normal(size=(400, 2)), max_k=200)
+    assert abs(noise.auc) < 0.05 and np.abs(noise.r_nx[20:]).max() < 0.05
+    # five points on a line, K = 1: Z keeps the neighbour of e only (d); Q_NX(1) = 1/5
+    line = score.rnx_curve(np.array([[0.0], [1], [3], [7], [15]]), np.array([[0.0], [10], [1], [3], [21]]), max_k=3)
+    assert line.kept[0] == 1 and line.r_nx[0] == pytest.approx((4 * 0.2 - 1) / 3)
+    ks, r = line.grid()
+    assert list(ks) == [1, 2, 3] and list(r) == list(line.r_nx)
+    assert list(score.rnx_grid(1000, 8)) == [1, 3, 7, 19, 52, 139, 373, 1000]
+    with pytest.raises(ValueError, match="max_k must be a positive integer"):
+        score.rnx_curve(X, X[:, :2], max_k=0)
+
+
+def test_rnx_in_the_neighbourhood_pass():
+    X, Z, _ = _data(120, 16, seed=2, dtype=np.float32)
+    rng = np.random.default_rng(0)
+    embeddings = {"noisy": Z, "random": rng.normal(size=(120, 2))}
+    plain = neighbourhood_scores(X, embeddings, n_neighbors=8)
+    for kwargs in ({}, {"graph_X": knn_graph(X, n_neighbors=8, method="exact")}, {"block_size": 7}):
+        got = neighbourhood_scores(X, embeddings, n_neighbors=8, rnx_max_k=50, **kwargs)
+        for name, E in embeddings.items():
+            assert {k: got[name][k] for k in ("trustworthiness", "continuity")} == plain[name]
+            np.testing.assert_array_equal(got[name]["rnx"].kept, score.rnx_curve(X, E, max_k=50).kept)
+            assert got[name]["rnx_auc"] == got[name]["rnx"].auc
+    # R_NX needs the 50 nearest in X, more than n_neighbors: the found graph's first 8 are the same
+    lowdim = neighbourhood_scores(X[:, :3], embeddings, n_neighbors=8, rnx_max_k=5)
+    assert {k: lowdim["noisy"][k] for k in ("trustworthiness", "continuity")} == \
+        neighbourhood_scores(X[:, :3], embeddings, n_neighbors=8)["noisy"]
+
+
+@pytest.mark.parametrize("numba", [True, False])
+def test_topk_many_neighbours_follows_the_tie_rule(numba, monkeypatch):
+    import torch
+
+    if not numba:
+        monkeypatch.setattr(kernels, "_NUMBA_KERNELS", None)
+        monkeypatch.setattr(kernels, "_NUMBA_TRIED", True)
+    X, _ = _tied_data(70, 6, seed=2)
+    expected = np.argsort(_ranks(_exact_sq(X)) + np.eye(70, dtype=np.int64) * 10**6, axis=1)[:, :60]
+    for scale, dtype in ((1.0, torch.float64), (0.5, torch.float64), (2.0**30, torch.float64), (0.5, torch.float32)):
+        ranking = kernels.Ranking(X * scale, torch.device("cpu"), dtype)
+        rows = np.arange(3, 40)
+        for k in (5, 40, 60):  # insertion buffer; selection (k > 32)
+            np.testing.assert_array_equal(ranking.topk(ranking.block(3, 40), rows, k), expected[3:40, :k])
+
+
 # ------------------------------------------------------------------ silhouette
 
 
