@@ -191,6 +191,7 @@ class MetricsConfig(_Strict):
     silhouette_max_samples: Optional[int] = Field(
         20000, ge=2, description="above this N, silhouette uses a seeded stratified sample"
     )
+    rnx_max_k: int = Field(1000, ge=1, description="largest K of the R_NX curves and of rnx_auc (at most N - 2)")
 
 
 class WhereConfig(_Strict):

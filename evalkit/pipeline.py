@@ -137,6 +137,7 @@ def evaluate_feature_sets(feature_sets, samples: Samples, *, embed, metrics, che
         check_features(fs, len(labels))
     all_notes = list(dict.fromkeys(notes))
     rows, embeddings, per_class, method_params, stability, undefined = [], [], {}, {}, {}, {}
+    rnx_curves = {}
     with progress_bar(len(feature_sets), "embedding and scoring", unit="set") as bar:
         for fs in feature_sets:
             t1 = time.perf_counter()
@@ -146,6 +147,7 @@ def evaluate_feature_sets(feature_sets, samples: Samples, *, embed, metrics, che
             per_class[fs.key] = out.per_class_knn
             method_params.update(out.method_params)
             stability.update(out.stability)
+            rnx_curves.update(out.rnx_curves)
             undefined.update(out.undefined_reasons)
             all_notes.extend(n for n in out.notes if n not in all_notes)
             bar.update(1)
@@ -173,7 +175,7 @@ def evaluate_feature_sets(feature_sets, samples: Samples, *, embed, metrics, che
         name=name, labels=labels, label_names=tuple(samples.label_names), indices=samples.indices,
         feature_sets=tuple(feature_sets), embeddings=tuple(embeddings), rows=tuple(rows),
         checks=tuple(check_results), provenance=prov, config_yaml=config_yaml, per_class_knn=per_class, cka=cka,
-        method_params=method_params, stability=stability, notes=tuple(sorted(all_notes)),
+        method_params=method_params, stability=stability, rnx_curves=rnx_curves, notes=tuple(sorted(all_notes)),
         undefined_reasons=undefined, n_neighbors=metrics.n_neighbors, knn_k=metrics.knn_k or metrics.n_neighbors,
         sample_ids=samples.sample_ids, thumbnails=thumbnails)
 

@@ -171,6 +171,16 @@ class Table:
 
 
 @dataclass(frozen=True)
+class Chart:
+    """One picture of curves (the R_NX chart of one method)."""
+
+    method: str
+    title: str
+    image: str  # data: URI
+    alt: str
+
+
+@dataclass(frozen=True)
 class ProvenanceItem:
     key: str
     text: str
@@ -203,6 +213,7 @@ class ReportContext:
     per_class: Table | None
     per_class_open: bool
     stability: Table | None
+    rnx_charts: tuple  # of Chart, one per method
     metric_notes: tuple  # of (label, text)
     notes: tuple  # of str
     provenance: tuple  # of ProvenanceItem
@@ -258,7 +269,8 @@ def build_context(result: Result, *, compact: bool = False) -> ReportContext:
         per_class=_per_class_table(result.per_class_knn, result.label_names),
         per_class_open=n_classes <= 30,
         stability=_stability_table(result.stability),
-        metric_notes=_metric_notes(metrics, _n_neighbors(result, config), result.knn_k),
+        rnx_charts=() if compact else _rnx_charts(result, methods),
+        metric_notes=_metric_notes(metrics, _n_neighbors(result, config), result.knn_k, _rnx_max_k(result)),
         notes=tuple(str(n) for n in result.notes or ()),
         provenance=_provenance_items(result.provenance),
         config_yaml=str(result.config_yaml),
@@ -659,6 +671,24 @@ def _stability_table(stability: Any) -> Table | None:
     return Table(columns, tuple(rows), "Procrustes disparity across seeds (lower is more stable)")
 
 
+def _rnx_charts(result: Result, methods: tuple) -> tuple:
+    """One chart per method: R_NX(K) of each feature set, in config order."""
+    from evalkit import plots
+
+    curves = dict(result.rnx_curves or {})
+    out = []
+    for column in methods:
+        lines = [(key.rpartition("/")[0], c.k, c.r) for key, c in curves.items()
+                 if key.rpartition("/")[2] == column.name and len(c.k)]
+        if not lines:
+            continue
+        alt = (f"R_NX(K) of the {column.title} embeddings against K on a log scale, one line per feature set: "
+               + "; ".join(f"{label} from {r[0]:.2f} at K = 1 to {r[-1]:.2f} at K = {int(k[-1]):,}"
+                           for label, k, r in lines))
+        out.append(Chart(column.name, column.title, plots.curves_png(lines, title=column.title), alt))
+    return tuple(out)
+
+
 def _n_neighbors(result: Result, config: Mapping) -> Any:
     if result.n_neighbors is not None:
         return result.n_neighbors
@@ -666,14 +696,20 @@ def _n_neighbors(result: Result, config: Mapping) -> Any:
     return metrics.get("n_neighbors") if isinstance(metrics, Mapping) else None
 
 
-def _metric_notes(metrics: tuple, k: Any, knn_k: Any = None) -> tuple:
+def _rnx_max_k(result: Result) -> int | None:
+    ks = [int(c.k[-1]) for c in (result.rnx_curves or {}).values() if len(c.k)]
+    return max(ks) if ks else None
+
+
+def _metric_notes(metrics: tuple, k: Any, knn_k: Any = None, rnx_k: Any = None) -> tuple:
     """(title, explanation) of each score shown, from its registry entry."""
     kk = f"k = {k}" if k is not None else "k"
     knn = f"k = {knn_k}" if knn_k is not None else kk
     out = []
     for m in metrics:
         if m in _metrics() and _metrics().get(m).description:
-            text = _metrics().get(m).description.replace("{knn_k}", knn).replace("{k}", kk)
+            text = (_metrics().get(m).description.replace("{knn_k}", knn).replace("{k}", kk)
+                    .replace("{rnx_k}", f"{rnx_k:,}" if rnx_k is not None else "metrics.rnx_max_k"))
             out.append((_metric_title(m), text))
     return tuple(out)
 

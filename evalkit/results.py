@@ -135,6 +135,22 @@ class CheckResult:
 
 
 @dataclass(frozen=True)
+class Curve:
+    """R_NX(K) of one embedding method of one feature set at log-spaced K (mean over seeds).
+
+    Attributes
+    ----------
+    k : ndarray of shape (n_points,), int64
+        Neighbourhood sizes, 1 to the largest K computed.
+    r : ndarray of shape (n_points,), float64
+        R_NX at those K (0 = no better than random, 1 = every K-neighbourhood kept).
+    """
+
+    k: np.ndarray
+    r: np.ndarray
+
+
+@dataclass(frozen=True)
 class CKA:
     """Linear CKA between every pair of feature sets (``keys`` are ``model/layer``)."""
 
@@ -176,6 +192,8 @@ class Result:
         The hyperparameters each method used (shown in the report).
     stability : mapping of str to float or None
         ``model/layer/method`` -> mean Procrustes disparity across seeds (several seeds only).
+    rnx_curves : mapping of str to Curve
+        ``model/layer/method`` -> R_NX(K) of that embedding (mean over seeds).
     notes : tuple of str
         What the reader should know (lowered defaults, subsampling, rescaling...).
     undefined_reasons : mapping of str to str
@@ -202,6 +220,7 @@ class Result:
     cka: Optional[CKA] = None
     method_params: Mapping = field(default_factory=dict)
     stability: Mapping = field(default_factory=dict)
+    rnx_curves: Mapping = field(default_factory=dict)
     notes: tuple = ()
     undefined_reasons: Mapping = field(default_factory=dict)
     n_neighbors: Optional[int] = None

@@ -189,6 +189,8 @@ def extras(result) -> dict:
         "cka": {"keys": list(cka.keys), "matrix": [list(r) for r in cka.matrix]} if cka is not None else None,
         "method_params": dict(result.method_params),
         "stability": dict(result.stability),
+        "rnx_curves": {key: {"k": [int(k) for k in c.k], "r_nx": [float(r) for r in c.r]}
+                       for key, c in result.rnx_curves.items()},
         "notes": list(result.notes),
         "undefined_reasons": dict(result.undefined_reasons),
         "n_neighbors": result.n_neighbors,

@@ -795,6 +795,13 @@ METRICS.register(Metric(
     description=("The reverse: are the {k} nearest neighbours in the feature space kept near in the "
                  "picture? 1 = no neighbours torn apart.")))
 METRICS.register(Metric(
+    "rnx_auc", "R_NX area (log K)", "R_NX AUC", frozenset({"embedding"}),
+    lambda space: space.neighbourhood("rnx_auc"), params=("rnx_max_k",),
+    description=("Area under R_NX(K) against log K for K = 1 to {rnx_k} (Lee & Verleysen 2015): how much "
+                 "better than a random picture the K-neighbourhoods are kept, at every scale K, small K "
+                 "weighted most; 1 = every neighbourhood kept, 0 = no better than random. R_NX(K) = "
+                 "((N - 1) Q_NX(K) - K) / (N - 1 - K), Q_NX(K) the share of K-neighbours kept.")))
+METRICS.register(Metric(
     "silhouette", "silhouette", "silhouette", _BOTH, _silhouette_of, needs_classes=True,
     params=("silhouette_max_samples",),
     description=("Mean silhouette of the classes with euclidean distance, from -1 to 1: how much closer "

@@ -18,7 +18,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from evalkit.registry import FEATURES, metrics, methods
-from evalkit.results import Embedding, FeatureSet, ScoreRow
+from evalkit.results import Curve, Embedding, FeatureSet, ScoreRow
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,7 @@ class FeatureSetScores:
     per_class_knn: tuple  # kNN accuracy of each class on the raw features (None where undefined)
     method_params: dict  # method -> the hyperparameters it used
     stability: dict  # "model/layer/method" -> mean Procrustes disparity across seeds
+    rnx_curves: dict  # "model/layer/method" -> Curve: R_NX(K), mean over seeds
     notes: tuple
     undefined_reasons: dict  # score -> why it is undefined for these data
 
@@ -50,6 +51,25 @@ class _Shared:
         if key not in self.cache:
             self.cache[key] = compute()
         return self.cache[key]
+
+    def neighbourhood(self, k: int) -> dict:
+        """:func:`evalkit.score.neighbourhood_scores` of every embedding, R_NX included."""
+        from evalkit.score import neighbourhood_scores
+
+        def one_pass():
+            exact = self.graph if self.graph.exact and self.graph.n_neighbors >= k else None
+            return neighbourhood_scores(self.X, self.embeddings, n_neighbors=k, graph_X=exact, device=self.device,
+                                        rnx_max_k=self.settings.rnx_max_k)
+
+        return self.once("neighbourhood", one_pass)
+
+    def rnx_curves(self, method: str, seeds) -> Optional[Curve]:
+        """R_NX of one method at log-spaced K, averaged over seeds (None before the pass ran)."""
+        done = self.cache.get("neighbourhood")
+        if not done:
+            return None
+        grids = [done[f"{method}/{seed}"]["rnx"].grid() for seed in seeds]
+        return Curve(grids[0][0], np.mean([r for _, r in grids], axis=0))
 
 
 @dataclass
@@ -137,20 +157,11 @@ class Space:
             shared.cache[("graph", self.key)] = graph
         return graph.head(n_neighbors)
 
-    def neighbourhood(self, name: str) -> float:
-        """``trustworthiness`` or ``continuity`` of this embedding, from the one pass over the
-        raw features' distances that serves every embedding and seed of the feature set."""
-        from evalkit.score import neighbourhood_scores
-
-        shared = self._shared
-        graph = shared.graph
-
-        def one_pass():
-            exact = graph if graph.exact and graph.n_neighbors >= self.k else None
-            return neighbourhood_scores(shared.X, shared.embeddings, n_neighbors=self.k, graph_X=exact,
-                                        device=self.device)
-
-        return shared.once("neighbourhood", one_pass)[self.key][name]
+    def neighbourhood(self, name: str):
+        """``trustworthiness``, ``continuity``, ``rnx_auc`` or ``rnx`` (the
+        :class:`~evalkit.score.RNXCurve`) of this embedding, from the one pass over the raw
+        features' distances that serves every embedding and seed of the feature set."""
+        return self._shared.neighbourhood(self.k)[self.key][name]
 
 
 def score_feature_set(fs: FeatureSet, labels, *, embed, settings, device=None, log=None) -> FeatureSetScores:
@@ -222,17 +233,20 @@ def score_feature_set(fs: FeatureSet, labels, *, embed, settings, device=None, l
     undefined: dict = {}
     feature_space = Space(FEATURES, None, X, shared)
     rows = [_row(fs, FEATURES, [feature_space], undefined, info={"n_features": int(X.shape[1])})]
-    stability = {}
+    stability, rnx_curves = {}, {}
     for spec in specs:
         spaces = [Space(spec.name, seed, coords[f"{spec.name}/{seed}"], shared) for seed in embed.seeds]
         rows.append(_row(fs, spec.name, spaces, undefined))
+        curve = shared.rnx_curves(spec.name, embed.seeds)
+        if curve is not None:
+            rnx_curves[f"{fs.key}/{spec.name}"] = curve
         if len(spaces) > 1:
             stability[f"{fs.key}/{spec.name}"] = procrustes_disparity([s.coords for s in spaces])
     per_class = per_class_knn_accuracy(X, labels, n_neighbors=knn_k, graph=feature_space.graph(knn_k), device=device)
     return FeatureSetScores(
         rows=tuple(rows), embeddings=tuple(embeddings),
         per_class_knn=tuple(None if not np.isfinite(v) else float(v) for v in per_class),
-        method_params=method_params, stability=stability, notes=tuple(notes + shared.notes),
+        method_params=method_params, stability=stability, rnx_curves=rnx_curves, notes=tuple(notes + shared.notes),
         undefined_reasons=undefined)
 
 
