@@ -218,6 +218,8 @@ class CheckConfig(_Strict):
     approx: Optional[ApproxConfig] = None
     max_drop: Optional[float] = Field(None, ge=0, description="against --baseline")
     severity: Literal["fail", "warn"] = "fail"
+    on: Literal["value", "lower", "upper"] = Field(
+        "value", description="test the value, or the lower / upper end of its 95% interval")
 
     @field_validator("metric")
     @classmethod
@@ -225,6 +227,14 @@ class CheckConfig(_Strict):
         if v not in metric_names():
             raise ValueError(_unknown_message(v, metric_names()))
         return v
+
+    @model_validator(mode="after")
+    def _has_interval(self):
+        if self.on != "value" and _metrics().get(self.metric).interval is None:
+            with_interval = [m.name for m in _metrics() if m.interval is not None]
+            raise LocatedError("on", f"{self.metric!r} has no interval, so it has no {self.on} bound to test; use "
+                                     f"on: value, or a score with an interval: {', '.join(map(repr, with_interval))}")
+        return self
 
     @model_validator(mode="after")
     def _has_condition(self):

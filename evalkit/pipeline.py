@@ -137,7 +137,7 @@ def evaluate_feature_sets(feature_sets, samples: Samples, *, embed, metrics, che
         check_features(fs, len(labels))
     all_notes = list(dict.fromkeys(notes))
     rows, embeddings, per_class, method_params, stability, undefined = [], [], {}, {}, {}, {}
-    rnx_curves = {}
+    rnx_curves, per_class_interval = {}, {}
     with progress_bar(len(feature_sets), "embedding and scoring", unit="set") as bar:
         for fs in feature_sets:
             t1 = time.perf_counter()
@@ -145,6 +145,7 @@ def evaluate_feature_sets(feature_sets, samples: Samples, *, embed, metrics, che
             rows.extend(out.rows)
             embeddings.extend(out.embeddings)
             per_class[fs.key] = out.per_class_knn
+            per_class_interval[fs.key] = out.per_class_knn_interval
             method_params.update(out.method_params)
             stability.update(out.stability)
             rnx_curves.update(out.rnx_curves)
@@ -174,7 +175,8 @@ def evaluate_feature_sets(feature_sets, samples: Samples, *, embed, metrics, che
     return Result(
         name=name, labels=labels, label_names=tuple(samples.label_names), indices=samples.indices,
         feature_sets=tuple(feature_sets), embeddings=tuple(embeddings), rows=tuple(rows),
-        checks=tuple(check_results), provenance=prov, config_yaml=config_yaml, per_class_knn=per_class, cka=cka,
+        checks=tuple(check_results), provenance=prov, config_yaml=config_yaml, per_class_knn=per_class,
+        per_class_knn_interval=per_class_interval, cka=cka,
         method_params=method_params, stability=stability, rnx_curves=rnx_curves, notes=tuple(sorted(all_notes)),
         undefined_reasons=undefined, n_neighbors=metrics.n_neighbors, knn_k=metrics.knn_k or metrics.n_neighbors,
         sample_ids=samples.sample_ids, thumbnails=thumbnails)

@@ -186,6 +186,8 @@ def extras(result) -> dict:
     cka = result.cka
     return {
         "per_class_knn": dict(result.per_class_knn),
+        "per_class_knn_interval": {key: [None if b is None else list(b) for b in bounds]
+                                   for key, bounds in result.per_class_knn_interval.items()},
         "cka": {"keys": list(cka.keys), "matrix": [list(r) for r in cka.matrix]} if cka is not None else None,
         "method_params": dict(result.method_params),
         "stability": dict(result.stability),

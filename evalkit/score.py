@@ -55,6 +55,7 @@ __all__ = [
     "knn_accuracy",
     "weighted_knn_accuracy",
     "per_class_knn_accuracy",
+    "wilson_interval",
     "linear_cka",
     "neighbourhood_hit",
     "SILHOUETTE_EXACT_MAX",
@@ -474,6 +475,27 @@ def per_class_knn_accuracy(X, labels, *, n_neighbors: int = 10, graph: KNNGraph 
         return np.where(sizes > 0, hits / np.maximum(sizes, 1), np.nan)
 
 
+def wilson_interval(accuracy: float, n_samples: int, *, z: float = 1.959963984540054) -> tuple:
+    """95% Wilson score interval of a proportion (``z`` = 1.96: 95%).
+
+    For an accuracy p over n samples: (p + z^2 / 2n -+ z sqrt(p (1 - p) / n + z^2 / 4n^2)) /
+    (1 + z^2 / n) (Wilson 1927). Unlike the normal (Wald) interval it stays inside [0, 1] and
+    keeps a width at p = 0 or 1. It treats the n predictions as independent draws; leave-one-out
+    kNN predictions share neighbours, so read it as the uncertainty from which samples were
+    drawn, not from the reference set.
+
+    Returns
+    -------
+    (lo, hi) : tuple of float; (nan, nan) when n_samples < 1.
+    """
+    if n_samples < 1 or not np.isfinite(accuracy):
+        return float("nan"), float("nan")
+    p, n, z2 = float(min(max(accuracy, 0.0), 1.0)), float(n_samples), z * z
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z / (1 + z2 / n) * np.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
+    return float(max(centre - half, 0.0)), float(min(centre + half, 1.0))
+
+
 def weighted_knn_accuracy(X, labels, *, n_neighbors: int = 20, temperature: float = 0.07,
                           graph: KNNGraph | None = None, device=None) -> float:
     """Leave-one-out weighted kNN accuracy on cosine similarity (DINO's ``eval_knn``).
@@ -811,9 +833,11 @@ METRICS.register(Metric(
     "knn_accuracy", "kNN accuracy", "kNN acc.", _BOTH,
     lambda space: knn_accuracy(space.coords, space.labels, n_neighbors=space.knn_k,
                                graph=space.graph(space.knn_k)),
-    needs_classes=True, params=("knn_k",),
+    needs_classes=True, params=("knn_k",), interval=wilson_interval,
     description=("Leave-one-out kNN accuracy: each point is classified by a majority vote of its {knn_k} "
-                 "nearest neighbours in that space (itself excluded).")))
+                 "nearest neighbours in that space (itself excluded). In brackets: the 95% Wilson score "
+                 "interval over the N samples (of the mean over seeds), which checks can test with "
+                 "on: lower / on: upper.")))
 METRICS.register(Metric(
     "weighted_knn_accuracy", "weighted kNN accuracy", "w-kNN acc.", frozenset({"features"}),
     lambda space: weighted_knn_accuracy(space.coords, space.labels,

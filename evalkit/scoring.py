@@ -28,6 +28,7 @@ class FeatureSetScores:
     rows: tuple  # of ScoreRow: the raw features first, then one per method
     embeddings: tuple  # of Embedding, every method x seed
     per_class_knn: tuple  # kNN accuracy of each class on the raw features (None where undefined)
+    per_class_knn_interval: tuple  # its 95% Wilson interval per class, (lo, hi) or None
     method_params: dict  # method -> the hyperparameters it used
     stability: dict  # "model/layer/method" -> mean Procrustes disparity across seeds
     rnx_curves: dict  # "model/layer/method" -> Curve: R_NX(K), mean over seeds
@@ -182,7 +183,7 @@ def score_feature_set(fs: FeatureSet, labels, *, embed, settings, device=None, l
     """
     from evalkit.embed import create_embedder, reduce_dims, unit_scale
     from evalkit.neighbors import knn_graph
-    from evalkit.score import per_class_knn_accuracy
+    from evalkit.score import per_class_knn_accuracy, wilson_interval
 
     notes: list = []
     # Every score and embedding is the same for c * X as for X; float32 arithmetic is not. A
@@ -243,16 +244,19 @@ def score_feature_set(fs: FeatureSet, labels, *, embed, settings, device=None, l
         if len(spaces) > 1:
             stability[f"{fs.key}/{spec.name}"] = procrustes_disparity([s.coords for s in spaces])
     per_class = per_class_knn_accuracy(X, labels, n_neighbors=knn_k, graph=feature_space.graph(knn_k), device=device)
+    sizes = np.bincount(labels, minlength=len(per_class))
     return FeatureSetScores(
         rows=tuple(rows), embeddings=tuple(embeddings),
         per_class_knn=tuple(None if not np.isfinite(v) else float(v) for v in per_class),
+        per_class_knn_interval=tuple(None if not np.isfinite(v) else wilson_interval(float(v), int(size))
+                                     for v, size in zip(per_class, sizes)),
         method_params=method_params, stability=stability, rnx_curves=rnx_curves, notes=tuple(notes + shared.notes),
         undefined_reasons=undefined)
 
 
 def _row(fs: FeatureSet, method: str, spaces: list, undefined: dict, info=None) -> ScoreRow:
     """Every score that applies to ``method``, averaged over the seeds' spaces."""
-    scores, stds = {}, {}
+    scores, stds, bounds = {}, {}, {}
     first = spaces[0]
     for metric in metrics():
         if not metric.applies_to(method):
@@ -266,7 +270,9 @@ def _row(fs: FeatureSet, method: str, spaces: list, undefined: dict, info=None) 
         scores[metric.name] = mean
         if len(spaces) > 1:
             stds[metric.name] = std
-    return ScoreRow(fs.model, fs.layer, method, scores, stds, dict(info or {}))
+        if metric.interval is not None and mean is not None:
+            bounds[metric.name] = metric.interval(mean, first.n_samples)
+    return ScoreRow(fs.model, fs.layer, method, scores, stds, dict(info or {}), bounds)
 
 
 def _embedding_input(X: np.ndarray, key: str, pca_dims: int, notes: list, reduce_dims) -> np.ndarray:

@@ -703,6 +703,48 @@ def test_neighbourhood_hit_is_a_registered_embedding_score():
     assert "neighbourhood_hit" not in out.rows[0]  # not a raw-feature score
 
 
+def test_rnx_auc_and_intervals_reach_the_rows():
+    """rnx_auc comes from the shared pass (equal to rnx_curve); kNN accuracy carries its Wilson
+    interval in rows (and per class), which survive the flat metrics.json form."""
+    from evalkit.config import parse_config
+    from evalkit.results import FeatureSet, ScoreRow
+    from evalkit.scoring import score_feature_set
+
+    cfg = parse_config({"data": {"kind": "digits"}, "models": [{"name": "m", "source": "demo:cnn"}],
+                        "embed": {"methods": ["pca"], "seeds": [0, 1]}, "metrics": {"rnx_max_k": 30}})
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(3), 30)
+    X = (np.eye(3, 8)[y] * 2 + rng.normal(size=(90, 8))).astype(np.float32)
+    out = score_feature_set(FeatureSet("m", "l", X), y, embed=cfg.embed, settings=cfg.metrics)
+    features, pca = out.rows
+    Z = out.embeddings[0].coords
+    curve = score.rnx_curve(X, Z, max_k=30)
+    assert pca["rnx_auc"] == pytest.approx(curve.auc, abs=1e-12) and "rnx_auc" not in features
+    got = out.rnx_curves["m/l/pca"]
+    np.testing.assert_array_equal(got.k, score.rnx_grid(30))
+    np.testing.assert_allclose(got.r, curve.r_nx[got.k - 1], atol=1e-12)  # PCA: the same for both seeds
+    for row in (features, pca):
+        acc = row["knn_accuracy"]
+        assert (row["knn_accuracy_lo"], row["knn_accuracy_hi"]) == score.wilson_interval(acc, 90)
+        assert row["knn_accuracy_lo"] < acc < row["knn_accuracy_hi"]
+        assert "silhouette_lo" not in row
+        assert dict(ScoreRow.from_dict(dict(row))) == dict(row)
+        assert ScoreRow.from_dict(dict(row)).bounds == {"knn_accuracy": row.bounds["knn_accuracy"]}
+    per_class = score.per_class_knn_accuracy(X, y, n_neighbors=10)
+    assert out.per_class_knn_interval == tuple(score.wilson_interval(a, 30) for a in per_class)
+
+
+def test_wilson_interval_equals_scipy():
+    from scipy.stats import binomtest
+
+    for hits, n in ((820, 899), (0, 20), (20, 20), (1, 3), (449, 450), (7, 1000)):
+        ref = binomtest(hits, n).proportion_ci(confidence_level=0.95, method="wilson")
+        lo, hi = score.wilson_interval(hits / n, n)
+        assert lo == pytest.approx(ref.low, abs=1e-12) and hi == pytest.approx(ref.high, abs=1e-12)
+    lo, hi = score.wilson_interval(0.912, 899)  # the issue's example: 0.912 vs 0.905 is noise
+    assert round(lo, 3) == 0.892 and round(hi, 3) == 0.929 and lo < 0.905 < hi
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not _cuda_available(), reason="needs CUDA")
 def test_cuda_ties_equal_cpu():
