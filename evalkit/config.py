@@ -192,6 +192,11 @@ class MetricsConfig(_Strict):
         20000, ge=2, description="above this N, silhouette uses a seeded stratified sample"
     )
     rnx_max_k: int = Field(1000, ge=1, description="largest K of the R_NX curves and of rnx_auc (at most N - 2)")
+    cka: Literal["debiased", "biased"] = Field(
+        "debiased", description="HSIC estimator of linear CKA: unbiased (Song et al. 2012) or Kornblith's biased one")
+    cka_batch_size: Optional[int] = Field(
+        None, ge=4, description="minibatch CKA (Nguyen et al. 2021) with batches of this many samples; "
+                                "unset: all samples at once")
 
 
 class WhereConfig(_Strict):

@@ -127,7 +127,7 @@ def evaluate_feature_sets(feature_sets, samples: Samples, *, embed, metrics, che
     """
     from evalkit.check import evaluate_checks
     from evalkit.progress import progress_bar
-    from evalkit.score import linear_cka
+    from evalkit.score import cka_matrix
     from evalkit.scoring import score_feature_set
 
     started = datetime.now(timezone.utc)
@@ -155,7 +155,10 @@ def evaluate_feature_sets(feature_sets, samples: Samples, *, embed, metrics, che
             logger.info(f"  {fs.key}: {fs.features.shape[1]} features, embedded and scored in "
                         f"{time.perf_counter() - t1:.1f} s")
     keys = tuple(fs.key for fs in feature_sets)
-    cka = CKA(keys, tuple(tuple(linear_cka(a.features, b.features) for b in feature_sets) for a in feature_sets))
+    debiased = metrics.cka == "debiased" and len(labels) >= 4
+    matrix = cka_matrix([fs.features for fs in feature_sets], debiased=debiased, batch_size=metrics.cka_batch_size)
+    cka = CKA(keys, tuple(tuple(float(v) for v in row) for row in matrix),
+              estimator="debiased" if debiased else "biased", batch_size=metrics.cka_batch_size)
     check_results = evaluate_checks([dict(r) for r in rows], checks)
     prov = {
         "started": started.isoformat(timespec="seconds"),

@@ -633,8 +633,13 @@ def _cka_table(cka: Any) -> Table | None:
         values = list(matrix[i]) if i < len(matrix) else []
         rows.append((Cell(key, key),) + tuple(
             _heat_cell(values[j] if j < len(values) else None) for j in range(len(keys))))
+    how = ("debiased (unbiased HSIC, Song et al. 2012)" if getattr(cka, "estimator", "biased") == "debiased"
+           else "biased HSIC (Kornblith et al. 2019)")
+    batch = getattr(cka, "batch_size", None)
+    if batch:
+        how += f", minibatch CKA over batches of {batch:,} samples (Nguyen et al. 2021)"
     return Table(columns, tuple(rows),
-                 "Linear CKA between feature sets (model/layer); colour from 0 (light) to 1 (dark)")
+                 f"Linear CKA between feature sets (model/layer), {how}; colour from 0 (light) to 1 (dark)")
 
 
 def _per_class_table(per_class: Any, label_names, intervals: Any = None) -> Table | None:

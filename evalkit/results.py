@@ -163,10 +163,16 @@ class Curve:
 
 @dataclass(frozen=True)
 class CKA:
-    """Linear CKA between every pair of feature sets (``keys`` are ``model/layer``)."""
+    """Linear CKA between every pair of feature sets (``keys`` are ``model/layer``).
+
+    ``estimator`` is ``"debiased"`` (unbiased HSIC, Song et al. 2012) or ``"biased"``
+    (Kornblith et al. 2019); ``batch_size`` is set for minibatch CKA (Nguyen et al. 2021).
+    """
 
     keys: tuple
     matrix: tuple  # of tuples of float (nan where a representation is constant)
+    estimator: str = "biased"
+    batch_size: Optional[int] = None
 
 
 @dataclass(frozen=True)

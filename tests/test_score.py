@@ -597,6 +597,98 @@ def test_linear_cka_many_columns_uses_blocks():
     assert linear_cka(X, Y) == pytest.approx(_cka_direct(X, Y), abs=1e-10)
 
 
+def _unbiased_hsic_direct(K, L):
+    """Song et al. (2012)'s unbiased HSIC on N x N Gram matrices, written as in Nguyen et al.
+    (2021)'s code (diagonals zeroed; no centring)."""
+    n = len(K)
+    K, L = K.copy(), L.copy()
+    np.fill_diagonal(K, 0.0)
+    np.fill_diagonal(L, 0.0)
+    ones = np.ones(n)
+    middle = (ones @ K @ ones) * (ones @ L @ ones) / ((n - 1) * (n - 2)) - 2.0 * (ones @ K @ L @ ones) / (n - 2)
+    return (np.trace(K @ L) + middle) / (n * (n - 3))
+
+
+def _cka_debiased_direct(X, Y):
+    K, L = X @ X.T, Y @ Y.T  # uncentred: the unbiased estimator does not need centring
+    return _unbiased_hsic_direct(K, L) / np.sqrt(_unbiased_hsic_direct(K, K) * _unbiased_hsic_direct(L, L))
+
+
+@pytest.mark.parametrize("n, p, q", [(30, 5, 5), (50, 3, 12), (40, 60, 7), (8, 2, 3)])
+def test_debiased_cka_equals_direct_unbiased_hsic(n, p, q):
+    rng = np.random.default_rng(n + p + q)
+    X = rng.normal(size=(n, p)) + 5.0  # off-centre: checks the invariance the derivation uses
+    Y = X[:, :1] @ rng.normal(size=(1, q)) + rng.normal(size=(n, q))
+    ref = _cka_debiased_direct(X, Y)
+    assert linear_cka(X, Y, debiased=True) == pytest.approx(ref, abs=1e-10)
+    assert score.cka_matrix([X, Y, X], debiased=True)[0, 1] == pytest.approx(ref, abs=1e-10)
+    # one batch holding every sample is the full estimator
+    assert linear_cka(X, Y, debiased=True, batch_size=n) == pytest.approx(ref, abs=1e-10)
+
+
+def test_debiased_cka_of_independent_features_is_near_zero():
+    # the issue's numbers: biased linear CKA of independent 32-sample sets is about 0.2+
+    biased, debiased = [], []
+    for seed in range(8):
+        rng = np.random.default_rng(seed)
+        X, Y = rng.normal(size=(32, 64)), rng.normal(size=(32, 64))
+        biased.append(linear_cka(X, Y))
+        debiased.append(linear_cka(X, Y, debiased=True))
+        assert linear_cka(X, X, debiased=True) == pytest.approx(1.0, abs=1e-12)
+        assert linear_cka(X, X) == pytest.approx(1.0, abs=1e-12)
+    assert np.mean(biased) > 0.2
+    assert abs(np.mean(debiased)) < 0.05
+    assert np.isnan(linear_cka(X, np.ones((32, 3)), debiased=True))
+
+
+def test_minibatch_cka():
+    """Nguyen et al. (2021): unbiased HSIC averaged over batches, then the ratio."""
+    rng = np.random.default_rng(3)
+    n = 600
+    X = rng.normal(size=(n, 20))
+    Y = X[:, :5] @ rng.normal(size=(5, 30)) + 0.5 * rng.normal(size=(n, 30))
+    got = linear_cka(X, Y, debiased=True, batch_size=128, random_state=7)
+    order = np.random.default_rng(7).permutation(n)
+    parts = np.array_split(order, n // 128)
+    assert min(map(len, parts)) >= 128
+    xy = sum(_unbiased_hsic_direct(X[b] @ X[b].T, Y[b] @ Y[b].T) for b in parts)
+    xx = sum(_unbiased_hsic_direct(X[b] @ X[b].T, X[b] @ X[b].T) for b in parts)
+    yy = sum(_unbiased_hsic_direct(Y[b] @ Y[b].T, Y[b] @ Y[b].T) for b in parts)
+    assert got == pytest.approx(xy / np.sqrt(xx * yy), abs=1e-10)
+    full = linear_cka(X, Y, debiased=True)
+    assert abs(got - full) < 0.05  # the same quantity, estimated from smaller batches
+    # biased minibatch CKA: centred HSIC per batch
+    want = [sum(np.sum((H := np.eye(len(b)) - 1.0 / len(b)) @ A[b] @ A[b].T @ H * (H @ B[b] @ B[b].T @ H))
+                / (len(b) - 1) ** 2 for b in parts) for A, B in ((X, Y), (X, X), (Y, Y))]
+    assert linear_cka(X, Y, batch_size=128, random_state=7) == pytest.approx(want[0] / np.sqrt(want[1] * want[2]), abs=1e-10)
+    # independent features: debiased minibatch CKA near 0, biased one inflated by the batch size
+    Z = rng.normal(size=(n, 30))
+    assert abs(linear_cka(X, Z, debiased=True, batch_size=32)) < 0.05
+    assert linear_cka(X, Z, batch_size=32) > 0.2
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 4"):
+        linear_cka(X, Y, batch_size=2)
+
+
+def test_cka_in_the_pipeline_follows_metrics_cka():
+    from evalkit.config import MetricsConfig
+    from evalkit.pipeline import Samples, evaluate_feature_sets
+    from evalkit.config import EmbedConfig
+    from evalkit.results import FeatureSet
+
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(2), 16)
+    sets = [FeatureSet("a", "l", rng.normal(size=(32, 64)).astype(np.float32)),
+            FeatureSet("b", "l", rng.normal(size=(32, 64)).astype(np.float32))]
+    samples = Samples(y, ("x", "y"), np.arange(32))
+    embed = EmbedConfig(methods=("pca",))
+    for setting, expected in (("debiased", True), ("biased", False)):
+        res = evaluate_feature_sets(sets, samples, embed=embed, metrics=MetricsConfig(cka=setting, n_neighbors=5))
+        assert res.cka.estimator == setting
+        want = linear_cka(sets[0].features, sets[1].features, debiased=expected)
+        assert res.cka.matrix[0][1] == pytest.approx(want, abs=1e-12) and res.cka.matrix[1][1] == pytest.approx(1.0)
+    assert MetricsConfig().cka == "debiased"
+
+
 def test_near_ties_far_from_the_origin():
     # near-duplicates 1e-6 apart at distance 500 from the origin: ranks need float64 on
     # centred data (||x||^2 ~ 1e6 would swamp the 1e-12 squared distances otherwise)
