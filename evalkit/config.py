@@ -609,14 +609,20 @@ def parse_config(raw: Any, *, source: str = "config") -> Config:
 
 def _yaml_loader():
     """``yaml.SafeLoader`` (plain data only: no tags that build Python objects) that also
-    refuses a key given twice in one mapping, which plain YAML silently resolves to the last."""
+    refuses a key given twice in one mapping, which plain YAML silently resolves to the last,
+    and reads a plain key such as ``on`` as the string it looks like (YAML 1.1 makes ``on``,
+    ``off``, ``yes``, ``no`` booleans; a check's ``on: lower`` must stay a key named ``on``)."""
     import yaml
+
+    bool_tag = "tag:yaml.org,2002:bool"
 
     class UniqueKeySafeLoader(yaml.SafeLoader):
         def construct_mapping(self, node, deep=False):
             if isinstance(node, yaml.MappingNode):
                 seen: dict = {}
                 for key_node, _ in node.value:
+                    if key_node.tag == bool_tag and isinstance(key_node, yaml.ScalarNode) and not key_node.style:
+                        key_node.tag = "tag:yaml.org,2002:str"
                     if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
                         continue
                     key = self.construct_object(key_node, deep=True)

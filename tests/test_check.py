@@ -231,3 +231,19 @@ def test_on_a_bound_needs_a_score_with_an_interval():
     with pytest.raises(ValidationError):
         check(metric="knn_accuracy", gte=0.2, on="middle")
     assert check(metric="knn_accuracy", gte=0.2).on == "value"
+
+
+def test_on_lower_survives_yaml(tmp_path):
+    """YAML 1.1 reads a bare ``on`` as True; the config loader keeps it a key (and config.yaml
+    written back reads the same)."""
+    from evalkit.config import load_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text("models:\n  - {name: m, features: f.npz}\n"
+                    "checks:\n  - {metric: knn_accuracy, gte: 0.9, on: lower}\n"
+                    "  - metric: knn_accuracy\n    lte: 0.99\n    on: upper\n", encoding="utf-8")
+    cfg = load_config(path)
+    assert [c.on for c in cfg.checks] == ["lower", "upper"]
+    again = tmp_path / "again.yaml"
+    again.write_text(cfg.to_yaml(), encoding="utf-8")
+    assert [c.on for c in load_config(again).checks] == ["lower", "upper"]
