@@ -341,6 +341,29 @@ def test_rnx_equals_coranking_reference(numba, monkeypatch):
         assert short.auc == pytest.approx(np.sum(ref[:20] / K[:20]) / np.sum(1 / K[:20]), abs=1e-12)
 
 
+def test_rnx_large_k_paths_equal_the_reference():
+    # enough samples for the sampled selection bound and the bucket sort of the candidates
+    # (the small cases above take the exact fallbacks), with ties in both spaces
+    rng = np.random.default_rng(11)
+    X = rng.integers(0, 4, size=(400, 6)).astype(np.float64)
+    Z = rng.integers(0, 25, size=(400, 2)).astype(np.float64)
+    Zs = np.vstack([rng.normal(size=(200, 2)), rng.normal(size=(200, 2)) * 1e-3 + 50])  # skewed spreads
+    for A, B in ((X, Z), (X + rng.normal(size=X.shape) * 0.01, Zs)):
+        ref = _reference_rnx(A, B)
+        for max_k in (150, 398):
+            np.testing.assert_allclose(score.rnx_curve(A, B, max_k=max_k, block_size=64).r_nx, ref[:max_k],
+                                       rtol=0, atol=1e-12)
+
+
+def test_stable_bucket_order_equals_mergesort():
+    nk = kernels.numba_kernels()
+    rng = np.random.default_rng(0)
+    cases = [rng.random(500), rng.integers(0, 7, 300).astype(float), np.exp(rng.normal(size=700) * 4),
+             np.r_[np.zeros(100), rng.random(100) * 1e-12, 1e6], -rng.random(80), np.full(90, 3.0)]
+    for cv in cases:
+        np.testing.assert_array_equal(nk._stable_order(cv), np.argsort(cv, kind="stable"))
+
+
 def test_rnx_known_answers():
     X, Z, _ = _data(80, 2, seed=1)
     same = score.rnx_curve(X, X, max_k=40)
