@@ -64,7 +64,7 @@ class _Shared:
 
         return self.once("neighbourhood", one_pass)
 
-    def rnx_curves(self, method: str, seeds) -> Optional[Curve]:
+    def rnx_curve(self, method: str, seeds) -> Optional[Curve]:
         """R_NX of one method at log-spaced K, averaged over seeds (None before the pass ran)."""
         done = self.cache.get("neighbourhood")
         if not done:
@@ -238,7 +238,7 @@ def score_feature_set(fs: FeatureSet, labels, *, embed, settings, device=None, l
     for spec in specs:
         spaces = [Space(spec.name, seed, coords[f"{spec.name}/{seed}"], shared) for seed in embed.seeds]
         rows.append(_row(fs, spec.name, spaces, undefined))
-        curve = shared.rnx_curves(spec.name, embed.seeds)
+        curve = shared.rnx_curve(spec.name, embed.seeds)
         if curve is not None:
             rnx_curves[f"{fs.key}/{spec.name}"] = curve
         if len(spaces) > 1:
