@@ -178,3 +178,184 @@ def lowdim_count_ranks(PT, nbr, out):
                 v = vals[q]
                 acc += 1 if (v < tm or (v == tm and ids[q] < j)) else 0
             out[i, m] = acc
+
+
+@numba.njit(cache=True)
+def _select_bound(row, k):
+    """A value t with probably a little more than k entries of ``row`` <= t (at least k, or
+    +inf): the matching quantile of an evenly strided sample of 1024 entries, with a margin.
+    Only speed depends on it (a full selection over n entries costs ~10x a pass); callers
+    stay exact whatever it returns."""
+    n = row.shape[0]
+    s = min(n, 1024)
+    q = int(s * (1.25 * k / n)) + 8
+    if q >= s:
+        return np.inf
+    sample = np.empty(s)
+    for j in range(s):
+        sample[j] = row[(j * n) // s]
+    return np.partition(sample, q)[q]
+
+
+@numba.njit(cache=True)
+def _collect(row, bound, cand):
+    """Indices l (in order) with row[l] <= bound into cand; returns their count."""
+    c = 0
+    for l in range(row.shape[0]):
+        if row[l] <= bound:
+            cand[c] = l
+            c += 1
+    return c
+
+
+@numba.njit(cache=True)
+def _stable_order(cv):
+    """argsort(cv, kind="mergesort") (ties keep their order), by buckets: O(c) for the smooth
+    value spreads of candidate distances, where numba's sorts cost ~0.1 ms per 1,000 values.
+    A bucket crowded by a skewed spread falls back on mergesort for that bucket."""
+    c = cv.shape[0]
+    lo = np.inf
+    hi = -np.inf
+    for q in range(c):
+        v = cv[q]
+        lo = v if v < lo else lo
+        hi = v if v > hi else hi
+    if c < 64 or not (np.isfinite(lo) and np.isfinite(hi)) or hi == lo:
+        return np.argsort(cv, kind="mergesort")
+    nb = c
+    scale = (nb - 1) / (hi - lo)
+    key = np.empty(c, dtype=np.int64)
+    start = np.zeros(nb + 1, dtype=np.int64)
+    for q in range(c):
+        b = int((cv[q] - lo) * scale)
+        b = 0 if b < 0 else (nb - 1 if b > nb - 1 else b)
+        key[q] = b
+        start[b + 1] += 1
+    for b in range(nb):
+        start[b + 1] += start[b]
+    fill = start[:nb].copy()
+    order = np.empty(c, dtype=np.int64)
+    for q in range(c):  # in order: stable within each bucket
+        order[fill[key[q]]] = q
+        fill[key[q]] += 1
+    for b in range(nb):  # sort each bucket by value, ties in place (buckets hold ~1 value)
+        a, z = start[b], start[b + 1]
+        if z - a > 48:
+            sub = order[a:z].copy()
+            vals = np.empty(z - a)
+            for t in range(z - a):
+                vals[t] = cv[sub[t]]
+            order[a:z] = sub[np.argsort(vals, kind="mergesort")]
+        else:
+            for t in range(a + 1, z):
+                cur = order[t]
+                v = cv[cur]
+                u = t
+                while u > a and cv[order[u - 1]] > v:
+                    order[u] = order[u - 1]
+                    u -= 1
+                order[u] = cur
+    return order
+
+
+@numba.njit(parallel=True, cache=True)
+def row_topk_sorted(R, rows, X, err, idx):
+    """:func:`row_topk_exact` for large k (R_NX up to K = 1000 and beyond): selection instead
+    of an insertion buffer, so the cost is one or two passes over the row plus O(c log c),
+    c ~ k candidates.
+
+    The k-th smallest value v admits the candidates R <= v + 2 err, which are sorted by R
+    (index order among equal values); two neighbours in that order whose R differ by more
+    than 2 err are certainly in the right order, so only runs of candidates chained by gaps
+    <= 2 err are re-sorted by (sq_dist, index).
+    """
+    n_rows, n = R.shape
+    k = idx.shape[1]
+    for r in numba.prange(n_rows):
+        i = rows[r]
+        row = R[r]
+        cand = np.empty(n, dtype=np.int64)
+        bound = _select_bound(row, k)
+        c = _collect(row, bound, cand)
+        if c < k:
+            bound = np.inf
+            c = _collect(row, bound, cand)
+        cv = np.empty(c)
+        for q in range(c):
+            cv[q] = np.float64(row[cand[q]])
+        kth = np.partition(cv.copy(), k - 1)[k - 1]
+        lim = np.empty(1, dtype=R.dtype)
+        lim[0] = kth + 2.0 * err[i]
+        limit = lim[0]
+        if np.float64(limit) > bound:  # the band reaches past the first pass: collect again
+            c = _collect(row, limit, cand)
+        else:
+            kept = 0
+            for q in range(c):
+                if row[cand[q]] <= limit:
+                    cand[kept] = cand[q]
+                    kept += 1
+            c = kept
+        cv = np.empty(c)
+        for q in range(c):
+            cv[q] = np.float64(row[cand[q]])
+        order = _stable_order(cv)
+        sc = cand[:c][order]
+        sv = cv[order]
+        e2 = 2.0 * err[i]
+        s = 0
+        while s < k:
+            t = s
+            while t + 1 < c and sv[t + 1] - sv[t] <= e2:
+                t += 1
+            if t > s:  # a run whose order R cannot certify: exact distances decide
+                members = np.sort(sc[s:t + 1])
+                dd = np.empty(t + 1 - s)
+                for q in range(t + 1 - s):
+                    dd[q] = sq_dist(X, i, members[q])
+                sc[s:t + 1] = members[np.argsort(dd, kind="mergesort")]
+            s = t + 1
+        for m in range(k):
+            idx[r, m] = sc[m]
+
+
+@numba.njit(parallel=True, cache=True)
+def lowdim_coranks(PT, rows, nbr, out):
+    """For i = rows[r] and its neighbours nbr[r, p] of rank p + 1 in the other space
+    (K = nbr.shape[1] of them, in order): out[r, p] = max(p + 1, rank of nbr[r, p] in this
+    space), or K + 1 when that rank exceeds K. Ranks by (sq_dist, index), distances exact
+    and on the fly from PT = P.T (n_dims, n_samples), as :func:`lowdim_count_ranks`.
+
+    So #{p : out[r, p] <= K'} = |U_K'(i) ∩ V_K'(i)| for every K' <= K: the co-ranking
+    counts behind Q_NX and R_NX.
+    """
+    d, n = PT.shape
+    K = nbr.shape[1]
+    for r in numba.prange(rows.shape[0]):
+        i = rows[r]
+        buf = np.zeros(n)
+        for c in range(d):
+            pc = PT[c]
+            x = pc[i]
+            for l in range(n):
+                diff = x - pc[l]
+                buf[l] += diff * diff
+        buf[i] = np.inf
+        cand = np.empty(n, dtype=np.int64)
+        c = _collect(buf, _select_bound(buf, K), cand)
+        if c < K:
+            c = _collect(buf, np.inf, cand)
+        cv = np.empty(c)
+        for q in range(c):
+            cv[q] = buf[cand[q]]
+        # (distance, index) order: the candidates are in index order and mergesort is stable.
+        # Every sample closer than the K-th is a candidate, so the first K are the K nearest.
+        order = _stable_order(cv)
+        pos = np.zeros(n, dtype=np.int64)
+        for q in range(K):
+            pos[cand[order[q]]] = q + 1
+        for p in range(K):
+            rz = pos[nbr[r, p]]
+            if rz == 0:
+                rz = K + 1
+            out[r, p] = rz if rz > p + 1 else p + 1

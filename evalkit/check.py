@@ -1,8 +1,10 @@
 """Threshold checks on metrics.json rows, baseline comparison and JUnit XML.
 
 Conditions follow Evidently's names: ``gt gte lt lte eq`` and ``approx`` (relative and
-absolute tolerance), plus ``max_drop`` against a baseline run. A ``where`` selector matches
-rows by model, layer and method with glob patterns. A check of severity ``warn`` never fails
+absolute tolerance), plus ``max_drop`` against a baseline run. ``on: lower`` / ``on: upper``
+tests an end of the score's 95% interval (row keys ``<metric>_lo`` / ``<metric>_hi``)
+instead of its value, so a gate fails only when the drop is beyond sampling noise. A ``where``
+selector matches rows by model, layer and method with glob patterns. A check of severity ``warn`` never fails
 the run. Exit codes: 0 all passed (warnings allowed), 1 a failing check.
 """
 from __future__ import annotations
@@ -76,6 +78,10 @@ def _conditions(check) -> list:
     return out
 
 
+_ON_SUFFIX = {"value": "", "lower": "_lo", "upper": "_hi"}
+_ON_TEXT = {"value": "", "lower": "lower 95% bound ", "upper": "upper 95% bound "}
+
+
 def _baseline_value(baseline: Optional[dict], row: dict, metric: str):
     """The baseline's value of ``metric`` for ``row``'s feature set; a reason string when it has none."""
     if baseline is None:
@@ -121,7 +127,9 @@ def evaluate_checks(rows: Iterable[dict], checks: Iterable, *, baseline_rows: Op
         matched = [r for r in rows if str(r.get("model")) in models and str(r.get("layer")) in layers
                    and str(r.get("method")) in methods]
         conds = _conditions(check)
-        label = " and ".join(c[0] for c in conds)
+        on = getattr(check, "on", "value")
+        key = check.metric + _ON_SUFFIX[on]  # the row key tested: the value or an interval end
+        label = _ON_TEXT[on] + " and ".join(c[0] for c in conds)
         name = check.name or f"{check.metric} {label}"
         bad = "fail" if check.severity == "fail" else "warn"
         if not matched:
@@ -137,15 +145,21 @@ def evaluate_checks(rows: Iterable[dict], checks: Iterable, *, baseline_rows: Op
             results.append(CheckResult(name, check.metric, w.model, w.layer, ",".join(skipped), label, None, "skip",
                                        check.severity, f"{len(absent)} row{'s' if len(absent) > 1 else ''} skipped: "
                                        f"{check.metric} is not computed for method {', '.join(skipped)}"))
+        if on != "value" and all(key not in r for r in matched if check.metric in r):
+            raise EvalkitError(f"checks[{i}].on: no row the check selects has the {on} bound of {check.metric!r} "
+                               f"({key}); a metrics.json from an evalkit without intervals? run `evalkit report` "
+                               f"again, or use on: value")
         for r in matched:
             if check.metric not in r:
                 continue
-            v = r.get(check.metric)
-            if not _defined(v):
-                status, msg = "skip", f"skipped: {check.metric} is not defined for this row (null in metrics.json)"
+            v = r.get(key)
+            if key not in r:
+                status, msg = "skip", f"skipped: this row has no {key} (no interval for it)"
+            elif not _defined(v):
+                status, msg = "skip", f"skipped: {key} is not defined for this row (null in metrics.json)"
             else:
                 status, notes = "pass", []
-                base = _baseline_value(baseline, r, check.metric)
+                base = _baseline_value(baseline, r, key)
                 for text, test in conds:
                     ok, detail = test(float(v), base)
                     if ok is None:  # max_drop without a baseline

@@ -204,6 +204,12 @@ class MetricsConfig(_Strict):
     silhouette_max_samples: Optional[int] = Field(
         20000, ge=2, description="above this N, silhouette uses a seeded stratified sample"
     )
+    rnx_max_k: int = Field(1000, ge=1, description="largest K of the R_NX curves and of rnx_auc (at most N - 2)")
+    cka: Literal["debiased", "biased"] = Field(
+        "debiased", description="HSIC estimator of linear CKA: unbiased (Song et al. 2012) or Kornblith's biased one")
+    cka_batch_size: Optional[int] = Field(
+        None, ge=4, description="minibatch CKA (Nguyen et al. 2021) with batches of this many samples; "
+                                "unset: all samples at once")
 
 
 class ReportConfig(_Strict):
@@ -238,6 +244,8 @@ class CheckConfig(_Strict):
     approx: Optional[ApproxConfig] = None
     max_drop: Optional[float] = Field(None, ge=0, description="against --baseline")
     severity: Literal["fail", "warn"] = "fail"
+    on: Literal["value", "lower", "upper"] = Field(
+        "value", description="test the value, or the lower / upper end of its 95% interval")
 
     @field_validator("metric")
     @classmethod
@@ -245,6 +253,14 @@ class CheckConfig(_Strict):
         if v not in metric_names():
             raise ValueError(_unknown_message(v, metric_names()))
         return v
+
+    @model_validator(mode="after")
+    def _has_interval(self):
+        if self.on != "value" and _metrics().get(self.metric).interval is None:
+            with_interval = [m.name for m in _metrics() if m.interval is not None]
+            raise LocatedError("on", f"{self.metric!r} has no interval, so it has no {self.on} bound to test; use "
+                                     f"on: value, or a score with an interval: {', '.join(map(repr, with_interval))}")
+        return self
 
     @model_validator(mode="after")
     def _has_condition(self):
@@ -615,14 +631,20 @@ def parse_config(raw: Any, *, source: str = "config") -> Config:
 
 def _yaml_loader():
     """``yaml.SafeLoader`` (plain data only: no tags that build Python objects) that also
-    refuses a key given twice in one mapping, which plain YAML silently resolves to the last."""
+    refuses a key given twice in one mapping, which plain YAML silently resolves to the last,
+    and reads a plain key such as ``on`` as the string it looks like (YAML 1.1 makes ``on``,
+    ``off``, ``yes``, ``no`` booleans; a check's ``on: lower`` must stay a key named ``on``)."""
     import yaml
+
+    bool_tag = "tag:yaml.org,2002:bool"
 
     class UniqueKeySafeLoader(yaml.SafeLoader):
         def construct_mapping(self, node, deep=False):
             if isinstance(node, yaml.MappingNode):
                 seen: dict = {}
                 for key_node, _ in node.value:
+                    if key_node.tag == bool_tag and isinstance(key_node, yaml.ScalarNode) and not key_node.style:
+                        key_node.tag = "tag:yaml.org,2002:str"
                     if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
                         continue
                     key = self.construct_object(key_node, deep=True)

@@ -41,6 +41,7 @@ __all__ = [
     "Ranking",
     "Float32Ranking",
     "lowdim_rank_counts",
+    "corank_max",
     "numba_kernels",
 ]
 
@@ -49,6 +50,9 @@ _BLOCK_BYTES = 256 * 2**20
 _MAX_BLOCK = 8192
 _U64 = 2.0**-53
 _U32 = 2.0**-24
+# Above this many neighbours, :meth:`Ranking.topk` selects (O(n) per row) instead of keeping
+# an insertion buffer (O(k) per insertion, about k ln(n / k) insertions per row).
+_INSERTION_MAX_K = 32
 
 
 # --------------------------------------------------------------------------- validation
@@ -242,7 +246,8 @@ class Ranking:
         rows = np.ascontiguousarray(rows, dtype=np.int64)
         if self.use_numba:
             out = np.empty((len(rows), k), dtype=np.int64)
-            numba_kernels().row_topk_exact(R.numpy(), rows, self.points, self.err, out)
+            kernel = numba_kernels().row_topk_exact if k <= _INSERTION_MAX_K else numba_kernels().row_topk_sorted
+            kernel(R.numpy(), rows, self.points, self.err, out)
             return out
         return _topk_torch(R, rows, k, self.points, self._err())
 
@@ -297,6 +302,27 @@ def lowdim_rank_counts(P: np.ndarray, nbr: np.ndarray) -> np.ndarray | None:
     return out
 
 
+def corank_max(P: np.ndarray, rows: np.ndarray, nbr: np.ndarray, dev) -> np.ndarray:
+    """Co-ranking counts of a space of few dimensions against neighbours from another space.
+
+    ``nbr[r]`` are the K nearest neighbours of sample ``rows[r]`` in the other space, nearest
+    first (so ``nbr[r, p]`` has rank p + 1 there). Returns (len(rows), K) int64:
+    ``max(p + 1, rank of nbr[r, p] in P)``, or K + 1 when that rank exceeds K. Then
+    ``#{p : out[r, p] <= K'}`` = |U_K'(i) ∩ V_K'(i)| for every K' <= K. Ranks by
+    (dd, index), with ``dd`` computed exactly (columns in order), so ties follow the module's
+    rule. Memory O(len(rows) x n_samples).
+    """
+    rows = np.ascontiguousarray(rows, dtype=np.int64)
+    nbr = np.ascontiguousarray(nbr, dtype=np.int64)
+    P = np.asarray(P, dtype=np.float64)
+    nk = numba_kernels()
+    if dev.type == "cpu" and nk is not None:
+        out = np.empty(nbr.shape, dtype=np.int64)
+        nk.lowdim_coranks(np.ascontiguousarray(P.T), rows, nbr, out)
+        return out
+    return _corank_max_torch(P, rows, nbr, dev)
+
+
 # --------------------------------------------------------------------------- torch paths
 # What a GPU runs (and a CPU without numba): same decisions as the numba kernels.
 
@@ -346,6 +372,26 @@ def _rank_counts_torch(R, rows: np.ndarray, nbr: np.ndarray, X: np.ndarray, err_
         closer = (dl < dj) | ((dl == dj) & (l_idx < j))
         below[sel, m] += np.bincount(r_idx[closer], minlength=len(sel))
     return below
+
+
+def _corank_max_torch(P: np.ndarray, rows: np.ndarray, nbr: np.ndarray, dev) -> np.ndarray:
+    import torch
+
+    T = torch.as_tensor(P, dtype=torch.float64, device=dev)
+    rows_t = torch.as_tensor(rows, device=dev)
+    D = torch.zeros((len(rows), T.shape[0]), dtype=torch.float64, device=dev)
+    for c in range(T.shape[1]):  # the same additions in the same order as sq_dist
+        diff = T[rows_t, c][:, None] - T[None, :, c]
+        D += diff * diff
+    D[torch.arange(len(rows), device=dev), rows_t] = float("inf")
+    K = nbr.shape[1]
+    top = torch.sort(D, dim=1, stable=True).indices[:, :K]  # (dd, index) order
+    del D
+    rank = torch.full((len(rows), T.shape[0]), K + 1, dtype=torch.int64, device=dev)
+    rank.scatter_(1, top, torch.arange(1, K + 1, device=dev).expand(len(rows), K).contiguous())
+    rz = rank.gather(1, torch.as_tensor(nbr, device=dev))
+    rx = torch.arange(1, K + 1, device=dev)[None, :]
+    return torch.maximum(rz, rx).cpu().numpy()
 
 
 def _count_below_torch(D, thresholds):

@@ -128,7 +128,7 @@ def evaluate_feature_sets(feature_sets, samples: Samples, *, embed, metrics, che
     """
     from evalkit.check import evaluate_checks
     from evalkit.progress import progress_bar
-    from evalkit.score import linear_cka
+    from evalkit.score import cka_matrix
     from evalkit.scoring import score_feature_set
 
     started = datetime.now(timezone.utc)
@@ -139,6 +139,7 @@ def evaluate_feature_sets(feature_sets, samples: Samples, *, embed, metrics, che
     all_notes = list(dict.fromkeys(notes))
     rows, embeddings, per_class, method_params, stability, undefined = [], [], {}, {}, {}, {}
     predictions = {}
+    rnx_curves, per_class_interval = {}, {}
     with progress_bar(len(feature_sets), "embedding and scoring", unit="set") as bar:
         for fs in feature_sets:
             t1 = time.perf_counter()
@@ -148,8 +149,10 @@ def evaluate_feature_sets(feature_sets, samples: Samples, *, embed, metrics, che
             per_class[fs.key] = out.per_class_knn
             if out.knn_predictions is not None:
                 predictions[fs.key] = out.knn_predictions
+            per_class_interval[fs.key] = out.per_class_knn_interval
             method_params.update(out.method_params)
             stability.update(out.stability)
+            rnx_curves.update(out.rnx_curves)
             undefined.update(out.undefined_reasons)
             all_notes.extend(n for n in out.notes if n not in all_notes)
             bar.update(1)
@@ -157,7 +160,10 @@ def evaluate_feature_sets(feature_sets, samples: Samples, *, embed, metrics, che
                         f"{time.perf_counter() - t1:.1f} s")
             check_interrupted()
     keys = tuple(fs.key for fs in feature_sets)
-    cka = CKA(keys, tuple(tuple(linear_cka(a.features, b.features) for b in feature_sets) for a in feature_sets))
+    debiased = metrics.cka == "debiased" and len(labels) >= 4
+    matrix = cka_matrix([fs.features for fs in feature_sets], debiased=debiased, batch_size=metrics.cka_batch_size)
+    cka = CKA(keys, tuple(tuple(float(v) for v in row) for row in matrix),
+              estimator="debiased" if debiased else "biased", batch_size=metrics.cka_batch_size)
     check_results = evaluate_checks([dict(r) for r in rows], checks)
     prov = {
         "started": started.isoformat(timespec="seconds"),
@@ -177,8 +183,9 @@ def evaluate_feature_sets(feature_sets, samples: Samples, *, embed, metrics, che
     return Result(
         name=name, labels=labels, label_names=tuple(samples.label_names), indices=samples.indices,
         feature_sets=tuple(feature_sets), embeddings=tuple(embeddings), rows=tuple(rows),
-        checks=tuple(check_results), provenance=prov, config_yaml=config_yaml, per_class_knn=per_class, cka=cka,
-        method_params=method_params, stability=stability, notes=tuple(sorted(all_notes)),
+        checks=tuple(check_results), provenance=prov, config_yaml=config_yaml, per_class_knn=per_class,
+        per_class_knn_interval=per_class_interval, cka=cka,
+        method_params=method_params, stability=stability, rnx_curves=rnx_curves, notes=tuple(sorted(all_notes)),
         undefined_reasons=undefined, n_neighbors=metrics.n_neighbors, knn_k=metrics.knn_k or metrics.n_neighbors,
         sample_ids=samples.sample_ids, thumbnails=thumbnails, knn_predictions=predictions)
 

@@ -115,6 +115,47 @@ def scatter_png(coords: np.ndarray, labels: np.ndarray, colors: list[str], *,
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
+def curves_png(curves, *, title: str = "", xlabel: str = "K (log scale)", ylabel: str = "R_NX(K)",
+               width_px: int = 420, height_px: int = 300) -> str:
+    """Line chart of curves on a log-x axis (the R_NX charts), as a PNG ``data:`` URI.
+
+    Parameters
+    ----------
+    curves : sequence of (label, x, y)
+        One line each, in legend order; x > 0. Colours follow the order (tab10, repeating).
+    """
+    from matplotlib import colormaps
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width_px / _DPI, height_px / _DPI), dpi=_DPI)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    palette = colormaps["tab10"].colors
+    top = 1.0
+    for i, (label, x, y) in enumerate(curves):
+        x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+        ax.plot(x, y, color=palette[i % len(palette)], linewidth=1.6, label=str(label))
+        if x.size:
+            top = max(top, float(x.max()))
+    ax.set_xscale("log")
+    ax.set_xlim(1, top)
+    ax.set_ylim(min(0.0, *(float(np.nanmin(c[2])) for c in curves if len(c[2]))), 1.0)
+    ax.axhline(0, color="#999999", linewidth=0.8)
+    ax.set_xlabel(xlabel, fontsize=9)
+    ax.set_ylabel(ylabel, fontsize=9)
+    ax.tick_params(labelsize=8)
+    ax.grid(True, which="major", color="#e5e5e5", linewidth=0.6)
+    if title:
+        ax.set_title(title, fontsize=10)
+    if curves:
+        ax.legend(fontsize=7.5, frameon=False, loc="best")
+    fig.tight_layout(pad=0.4)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=_DPI, facecolor="white", metadata={"Software": None})
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
 # Sequential "Blues"-like ramp (ColorBrewer), light to dark.
 _RAMP = ("#f7fbff", "#deebf7", "#c6dbef", "#9ecae1", "#6baed6", "#4292c6", "#2171b5",
          "#08519c", "#08306b")

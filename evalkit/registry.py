@@ -87,6 +87,10 @@ class Metric:
         The ``metrics:`` config keys it reads (shown in the report's notes).
     description : str
         One or two sentences for the report's notes; ``{k}`` becomes the neighbour count.
+    interval : callable, optional
+        ``interval(value, n_samples) -> (lo, hi)``: a 95% interval of the score over the
+        samples, from its (seed-mean) value. Rows then carry ``<name>_lo`` and ``<name>_hi``,
+        and checks may test a bound (``on: lower`` / ``on: upper``).
     """
 
     name: str
@@ -98,6 +102,7 @@ class Metric:
     needs_classes: bool = False
     params: tuple = ()
     description: str = ""
+    interval: Optional[Callable[[float, int], tuple]] = None
 
     def applies_to(self, method: str) -> bool:
         return ("features" if method == FEATURES else "embedding") in self.on

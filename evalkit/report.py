@@ -171,6 +171,16 @@ class Table:
 
 
 @dataclass(frozen=True)
+class Chart:
+    """One picture of curves (the R_NX chart of one method)."""
+
+    method: str
+    title: str
+    image: str  # data: URI
+    alt: str
+
+
+@dataclass(frozen=True)
 class ProvenanceItem:
     key: str
     text: str
@@ -203,6 +213,7 @@ class ReportContext:
     per_class: Table | None
     per_class_open: bool
     stability: Table | None
+    rnx_charts: tuple  # of Chart, one per method
     metric_notes: tuple  # of (label, text)
     notes: tuple  # of str
     provenance: tuple  # of ProvenanceItem
@@ -261,10 +272,11 @@ def build_context(result: Result, *, compact: bool = False) -> ReportContext:
         seeds_note=_seeds_note(result),
         scores=_score_table(rows, metrics, best, reasons),
         cka=_cka_table(result.cka),
-        per_class=_per_class_table(result.per_class_knn, result.label_names),
+        per_class=_per_class_table(result.per_class_knn, result.label_names, result.per_class_knn_interval),
         per_class_open=n_classes <= 30,
         stability=_stability_table(result.stability),
-        metric_notes=_metric_notes(metrics, _n_neighbors(result, config), result.knn_k),
+        rnx_charts=() if compact else _rnx_charts(result, methods),
+        metric_notes=_metric_notes(metrics, _n_neighbors(result, config), result.knn_k, _rnx_max_k(result)),
         notes=tuple(str(n) for n in result.notes or ()),
         provenance=_provenance_items(result.provenance),
         config_yaml=str(result.config_yaml),
@@ -389,8 +401,9 @@ def _fmt_spread(std: float, mean_text: str) -> str:
 
 
 def _metric_cell(row: Mapping | None, metric: str, reasons: Mapping[str, str],
-                 best: bool = False) -> Cell:
-    """A metric of a row, with its spread when the row has ``<metric>_std``."""
+                 best: bool = False, interval: bool = False) -> Cell:
+    """A metric of a row, with its spread when the row has ``<metric>_std``, and its 95%
+    interval (``<metric>_lo``, ``<metric>_hi``) in the text when ``interval``, else in the title."""
     if row is None or metric not in row:
         return Cell(NOT_APPLICABLE, None, "not computed for this method")
     raw = row[metric]
@@ -405,9 +418,21 @@ def _metric_cell(row: Mapping | None, metric: str, reasons: Mapping[str, str],
     if std is not None:
         text = f"{text} \u00b1 {_fmt_spread(std, text)}"
         title = "mean \u00b1 standard deviation across seeds"
+    lo, hi = _finite(row.get(f"{metric}_lo")), _finite(row.get(f"{metric}_hi"))
+    if lo is not None and hi is not None:
+        bounds = f"[{_fmt_bound(lo)}, {_fmt_bound(hi)}]"
+        title = (title + "; " if title else "") + f"95% interval over the samples {bounds}"
+        if interval:
+            text = f"{text} {bounds}"
     if best:
         title = (title + "; " if title else "") + "best in its method"
     return Cell(text, value, title, best=best)
+
+
+def _fmt_bound(value: float) -> str:
+    """An interval end with two decimals (three near 0 or 1, where two would round to the end)."""
+    text = f"{value:.2f}"
+    return f"{value:.3f}" if text in ("0.00", "1.00") and value not in (0.0, 1.0) else text
 
 
 def _metric_keys(rows: list[dict]) -> tuple:
@@ -416,7 +441,8 @@ def _metric_keys(rows: list[dict]) -> tuple:
         for key in row:
             if key not in ID_KEYS and key not in seen:
                 seen.append(key)
-    spreads = {k for k in seen if k.endswith("_std") and k[:-4] in seen}
+    spreads = {k for k in seen if (k.endswith("_std") and k[:-4] in seen)
+               or (k.endswith(("_lo", "_hi")) and k[:-3] in seen)}
     keys = [k for k in seen if k not in spreads]
     ordered = [k for k in _metric_order() if k in keys]
     return tuple(ordered + [k for k in keys if k not in ordered])
@@ -597,18 +623,23 @@ def _score_table(rows: list[dict], metrics: tuple, best: Mapping, reasons) -> Ta
     table_rows = []
     for row in rows:
         cells = [Cell(str(row.get(k, "")), str(row.get(k, "")).lower()) for k in ID_KEYS]
-        cells += [_metric_cell(row, m, reasons, _is_best(best, row, m)) for m in metrics]
+        cells += [_metric_cell(row, m, reasons, _is_best(best, row, m), interval=True) for m in metrics]
         table_rows.append(tuple(cells))
     return Table(tuple(columns), tuple(table_rows))
 
 
-def _heat_cell(value: Any, vmin: float = 0.0, vmax: float = 1.0) -> Cell:
+def _heat_cell(value: Any, vmin: float = 0.0, vmax: float = 1.0, bounds: Any = None) -> Cell:
     from evalkit import plots
 
     number = _finite(value)
     background, color = plots.heat_color(number, vmin, vmax)
     text = _fmt(number) if number is not None else "n/a"
-    return Cell(text, number, style=f"background:{background};color:{color}",
+    title = ""
+    if number is not None and bounds is not None and len(bounds) == 2:
+        lo, hi = _finite(bounds[0]), _finite(bounds[1])
+        if lo is not None and hi is not None:
+            title = f"95% interval over the class's samples [{_fmt_bound(lo)}, {_fmt_bound(hi)}]"
+    return Cell(text, number, title=title, style=f"background:{background};color:{color}",
                 undefined=number is None)
 
 
@@ -623,15 +654,22 @@ def _cka_table(cka: Any) -> Table | None:
         values = list(matrix[i]) if i < len(matrix) else []
         rows.append((Cell(key, key),) + tuple(
             _heat_cell(values[j] if j < len(values) else None) for j in range(len(keys))))
+    how = ("debiased (unbiased HSIC, Song et al. 2012)" if getattr(cka, "estimator", "biased") == "debiased"
+           else "biased HSIC (Kornblith et al. 2019)")
+    batch = getattr(cka, "batch_size", None)
+    if batch:
+        how += f", minibatch CKA over batches of {batch:,} samples (Nguyen et al. 2021)"
     return Table(columns, tuple(rows),
-                 "Linear CKA between feature sets (model/layer); colour from 0 (light) to 1 (dark)")
+                 f"Linear CKA between feature sets (model/layer), {how}; colour from 0 (light) to 1 (dark)")
 
 
-def _per_class_table(per_class: Any, label_names) -> Table | None:
+def _per_class_table(per_class: Any, label_names, intervals: Any = None) -> Table | None:
     if not per_class:
         return None
     keys = [str(k) for k in per_class]
     values = [list(v) for v in per_class.values()]
+    intervals = intervals or {}
+    bounds = [list(intervals.get(k) or ()) for k in per_class]
     columns = (Column("class", "class", False),) + tuple(Column(k, k, True) for k in keys)
     finite = [[_finite(x) for x in v] for v in values]
     present = [x for v in finite for x in v if x is not None]
@@ -640,13 +678,16 @@ def _per_class_table(per_class: Any, label_names) -> Table | None:
     rows = []
     for c, name in enumerate(label_names):
         rows.append((Cell(str(name), str(name)),) + tuple(
-            _heat_cell(v[c] if c < len(v) else None, vmin) for v in finite))
+            _heat_cell(v[c] if c < len(v) else None, vmin, bounds=b[c] if c < len(b) else None)
+            for v, b in zip(finite, bounds)))
     means = [float(np.mean([x for x in v if x is not None])) if any(x is not None for x in v)
              else None for v in finite]
     rows.append((Cell("mean over classes", ""),) + tuple(_heat_cell(m, vmin) for m in means))
     return Table(columns, tuple(rows),
                  f"Per-class kNN accuracy (rows: classes, columns: feature sets); "
-                 f"colour from {_fmt(vmin)} (light) to 1 (dark)")
+                 f"colour from {_fmt(vmin)} (light) to 1 (dark)"
+                 + ("; hover a cell for its 95% Wilson interval over the class's samples"
+                    if any(any(x is not None for x in b) for b in bounds) else ""))
 
 
 def _stability_table(stability: Any) -> Table | None:
@@ -680,6 +721,24 @@ def _stability_table(stability: Any) -> Table | None:
     return Table(columns, tuple(rows), "Procrustes disparity across seeds (lower is more stable)")
 
 
+def _rnx_charts(result: Result, methods: tuple) -> tuple:
+    """One chart per method: R_NX(K) of each feature set, in config order."""
+    from evalkit import plots
+
+    curves = dict(result.rnx_curves or {})
+    out = []
+    for column in methods:
+        lines = [(key.rpartition("/")[0], c.k, c.r) for key, c in curves.items()
+                 if key.rpartition("/")[2] == column.name and len(c.k)]
+        if not lines:
+            continue
+        alt = (f"R_NX(K) of the {column.title} embeddings against K on a log scale, one line per feature set: "
+               + "; ".join(f"{label} from {r[0]:.2f} at K = 1 to {r[-1]:.2f} at K = {int(k[-1]):,}"
+                           for label, k, r in lines))
+        out.append(Chart(column.name, column.title, plots.curves_png(lines, title=column.title), alt))
+    return tuple(out)
+
+
 def _n_neighbors(result: Result, config: Mapping) -> Any:
     if result.n_neighbors is not None:
         return result.n_neighbors
@@ -687,14 +746,20 @@ def _n_neighbors(result: Result, config: Mapping) -> Any:
     return metrics.get("n_neighbors") if isinstance(metrics, Mapping) else None
 
 
-def _metric_notes(metrics: tuple, k: Any, knn_k: Any = None) -> tuple:
+def _rnx_max_k(result: Result) -> int | None:
+    ks = [int(c.k[-1]) for c in (result.rnx_curves or {}).values() if len(c.k)]
+    return max(ks) if ks else None
+
+
+def _metric_notes(metrics: tuple, k: Any, knn_k: Any = None, rnx_k: Any = None) -> tuple:
     """(title, explanation) of each score shown, from its registry entry."""
     kk = f"k = {k}" if k is not None else "k"
     knn = f"k = {knn_k}" if knn_k is not None else kk
     out = []
     for m in metrics:
         if m in _metrics() and _metrics().get(m).description:
-            text = _metrics().get(m).description.replace("{knn_k}", knn).replace("{k}", kk)
+            text = (_metrics().get(m).description.replace("{knn_k}", knn).replace("{k}", kk)
+                    .replace("{rnx_k}", f"{rnx_k:,}" if rnx_k is not None else "metrics.rnx_max_k"))
             out.append((_metric_title(m), text))
     return tuple(out)
 

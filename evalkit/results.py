@@ -57,8 +57,9 @@ class ScoreRow(Mapping):
     """The scores of one space of one feature set: one row of metrics.json.
 
     A read-only mapping over the flat row (``model``, ``layer``, ``method``, then one key per
-    score, ``<score>_std`` with several seeds, and descriptive keys such as ``n_features``),
-    so ``dict(row)`` is exactly what metrics.json holds.
+    score, ``<score>_std`` with several seeds, ``<score>_lo`` and ``<score>_hi`` for a score
+    with an interval, and descriptive keys such as ``n_features``), so ``dict(row)`` is
+    exactly what metrics.json holds.
 
     Attributes
     ----------
@@ -68,6 +69,9 @@ class ScoreRow(Mapping):
         Mean over seeds; None where the score is undefined for these data.
     stds : mapping of str to float or None
         Standard deviation over seeds (only with several seeds).
+    bounds : mapping of str to (float, float)
+        95% interval over the samples (``kNN accuracy``: Wilson score interval), for the
+        scores that have one and are defined.
     info : mapping of str to int
         Descriptive values shown beside the scores (``n_features``), never ranked.
     """
@@ -78,6 +82,7 @@ class ScoreRow(Mapping):
     scores: Mapping[str, Optional[float]] = field(default_factory=dict)
     stds: Mapping[str, Optional[float]] = field(default_factory=dict)
     info: Mapping[str, Any] = field(default_factory=dict)
+    bounds: Mapping[str, tuple] = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, row: Mapping) -> "ScoreRow":
@@ -85,8 +90,12 @@ class ScoreRow(Mapping):
         rest = {k: v for k, v in row.items() if k not in ID_KEYS}
         info = {k: v for k, v in rest.items() if k in INFO_KEYS}
         stds = {k[:-4]: v for k, v in rest.items() if k.endswith("_std")}
-        scores = {k: v for k, v in rest.items() if k not in info and not k.endswith("_std")}
-        return cls(str(row.get("model")), str(row.get("layer")), str(row.get("method")), scores, stds, info)
+        bounds = {k[:-3]: (v, rest[k[:-3] + "_hi"]) for k, v in rest.items()
+                  if k.endswith("_lo") and k[:-3] in rest and k[:-3] + "_hi" in rest}
+        bound_keys = {f"{name}{end}" for name in bounds for end in ("_lo", "_hi")}
+        scores = {k: v for k, v in rest.items()
+                  if k not in info and not k.endswith("_std") and k not in bound_keys}
+        return cls(str(row.get("model")), str(row.get("layer")), str(row.get("method")), scores, stds, info, bounds)
 
     @property
     def key(self) -> str:
@@ -99,6 +108,8 @@ class ScoreRow(Mapping):
             flat[name] = value
             if name in self.stds:
                 flat[f"{name}_std"] = self.stds[name]
+            if name in self.bounds:
+                flat[f"{name}_lo"], flat[f"{name}_hi"] = self.bounds[name]
         return flat
 
     def __getitem__(self, key):
@@ -135,11 +146,33 @@ class CheckResult:
 
 
 @dataclass(frozen=True)
+class Curve:
+    """R_NX(K) of one embedding method of one feature set at log-spaced K (mean over seeds).
+
+    Attributes
+    ----------
+    k : ndarray of shape (n_points,), int64
+        Neighbourhood sizes, 1 to the largest K computed.
+    r : ndarray of shape (n_points,), float64
+        R_NX at those K (0 = no better than random, 1 = every K-neighbourhood kept).
+    """
+
+    k: np.ndarray
+    r: np.ndarray
+
+
+@dataclass(frozen=True)
 class CKA:
-    """Linear CKA between every pair of feature sets (``keys`` are ``model/layer``)."""
+    """Linear CKA between every pair of feature sets (``keys`` are ``model/layer``).
+
+    ``estimator`` is ``"debiased"`` (unbiased HSIC, Song et al. 2012) or ``"biased"``
+    (Kornblith et al. 2019); ``batch_size`` is set for minibatch CKA (Nguyen et al. 2021).
+    """
 
     keys: tuple
     matrix: tuple  # of tuples of float (nan where a representation is constant)
+    estimator: str = "biased"
+    batch_size: Optional[int] = None
 
 
 @dataclass(frozen=True)
@@ -171,11 +204,15 @@ class Result:
         The fully resolved settings as YAML (loadable by ``evalkit report``).
     per_class_knn : mapping of str to tuple of float or None
         ``model/layer`` -> kNN accuracy of each class on the raw features.
+    per_class_knn_interval : mapping of str to tuple of (float, float) or None
+        ``model/layer`` -> 95% Wilson interval of each class's kNN accuracy (over its samples).
     cka : CKA or None
     method_params : mapping of str to mapping
         The hyperparameters each method used (shown in the report).
     stability : mapping of str to float or None
         ``model/layer/method`` -> mean Procrustes disparity across seeds (several seeds only).
+    rnx_curves : mapping of str to Curve
+        ``model/layer/method`` -> R_NX(K) of that embedding (mean over seeds).
     notes : tuple of str
         What the reader should know (lowered defaults, subsampling, rescaling...).
     undefined_reasons : mapping of str to str
@@ -205,9 +242,11 @@ class Result:
     provenance: dict
     config_yaml: str
     per_class_knn: Mapping = field(default_factory=dict)
+    per_class_knn_interval: Mapping = field(default_factory=dict)
     cka: Optional[CKA] = None
     method_params: Mapping = field(default_factory=dict)
     stability: Mapping = field(default_factory=dict)
+    rnx_curves: Mapping = field(default_factory=dict)
     notes: tuple = ()
     undefined_reasons: Mapping = field(default_factory=dict)
     n_neighbors: Optional[int] = None

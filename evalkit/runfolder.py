@@ -233,9 +233,14 @@ def extras(result) -> dict:
     cka = result.cka
     return {
         "per_class_knn": dict(result.per_class_knn),
-        "cka": {"keys": list(cka.keys), "matrix": [list(r) for r in cka.matrix]} if cka is not None else None,
+        "per_class_knn_interval": {key: [None if b is None else list(b) for b in bounds]
+                                   for key, bounds in result.per_class_knn_interval.items()},
+        "cka": {"keys": list(cka.keys), "matrix": [list(r) for r in cka.matrix], "estimator": cka.estimator,
+                "batch_size": cka.batch_size} if cka is not None else None,
         "method_params": dict(result.method_params),
         "stability": dict(result.stability),
+        "rnx_curves": {key: {"k": [int(k) for k in c.k], "r_nx": [float(r) for r in c.r]}
+                       for key, c in result.rnx_curves.items()},
         "notes": list(result.notes),
         "undefined_reasons": dict(result.undefined_reasons),
         "n_neighbors": result.n_neighbors,

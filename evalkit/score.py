@@ -24,6 +24,7 @@ torch (and numba, for the counting kernels on CPU) are imported inside the funct
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Mapping
 
 import numpy as np
@@ -35,6 +36,7 @@ from evalkit.kernels import (
     Ranking,
     as_float_matrix,
     check_n_neighbors,
+    corank_max,
     lowdim_rank_counts,
     pick_block_size,
     squared_distance_block,
@@ -46,12 +48,17 @@ __all__ = [
     "trustworthiness",
     "continuity",
     "neighbourhood_scores",
+    "RNXCurve",
+    "rnx_curve",
+    "rnx_grid",
     "silhouette",
     "knn_accuracy",
     "knn_predict",
     "weighted_knn_accuracy",
     "per_class_knn_accuracy",
+    "wilson_interval",
     "linear_cka",
+    "cka_matrix",
     "neighbourhood_hit",
     "SILHOUETTE_EXACT_MAX",
 ]
@@ -107,7 +114,7 @@ def trustworthiness(X, Z, *, n_neighbors: int = 10, graph_Z: KNNGraph | None = N
     k = _check_half(n_neighbors, X.shape[0])
     dev = _score_device(device)
     graph_Z = _graph_or_exact(Z, graph_Z, k, dev, block_size, "graph_Z")
-    (excess,), _ = _rank_excess(X, [graph_Z.indices[:, :k]], k, dev, block_size)
+    (excess,), _, _ = _rank_excess(X, [graph_Z.indices[:, :k]], k, dev, block_size)
     return _trust_from_excess(excess, X.shape[0], k)
 
 
@@ -143,15 +150,16 @@ def continuity(X, Z, *, n_neighbors: int = 10, graph_X: KNNGraph | None = None,
     k = _check_half(n_neighbors, X.shape[0])
     dev = _score_device(device)
     graph_X = _graph_or_exact(X, graph_X, k, dev, block_size, "graph_X")
-    (excess,), _ = _rank_excess(Z, [graph_X.indices[:, :k]], k, dev, block_size)
+    (excess,), _, _ = _rank_excess(Z, [graph_X.indices[:, :k]], k, dev, block_size)
     return _trust_from_excess(excess, X.shape[0], k)
 
 
 def neighbourhood_scores(X, embeddings: Mapping[str, np.ndarray], *, n_neighbors: int = 10,
                          graph_X: KNNGraph | None = None,
                          graphs_Z: Mapping[str, KNNGraph] | None = None,
-                         device=None, block_size: int | None = None) -> dict[str, dict[str, float]]:
-    """Trustworthiness and continuity of several embeddings of the same data, in one pass.
+                         device=None, block_size: int | None = None,
+                         rnx_max_k: int | None = None) -> dict[str, dict]:
+    """Trustworthiness and continuity (and R_NX) of several embeddings of the same data, in one pass.
 
     The expensive part, the distances in the original space, is computed once, block by
     block, and shared by all embeddings (and by the search for the neighbours in ``X`` when
@@ -170,11 +178,16 @@ def neighbourhood_scores(X, embeddings: Mapping[str, np.ndarray], *, n_neighbors
         Neighbours in some or all embeddings; the missing ones are computed exactly.
     device, block_size
         As for :func:`trustworthiness`.
+    rnx_max_k : int, optional
+        Also compute R_NX(K) for K = 1..min(rnx_max_k, n_samples - 2) in the same pass over
+        ``X`` (:func:`rnx_curve`); each entry then also has ``"rnx"`` (an :class:`RNXCurve`)
+        and ``"rnx_auc"``.
 
     Returns
     -------
     dict
-        ``{name: {"trustworthiness": t, "continuity": c}}`` in the order of ``embeddings``.
+        ``{name: {"trustworthiness": t, "continuity": c}}`` in the order of ``embeddings``
+        (plus ``"rnx"`` and ``"rnx_auc"`` with ``rnx_max_k``).
     """
     X = as_float_matrix(X, "X")
     n_samples = X.shape[0]
@@ -189,21 +202,132 @@ def neighbourhood_scores(X, embeddings: Mapping[str, np.ndarray], *, n_neighbors
         _graph_or_exact(Z, graphs_Z.get(name), k, dev, block_size, f"graphs_Z[{name!r}]").indices[:, :k]
         for name, Z in Zs.items()
     ]
-    if graph_X is None and X.shape[1] <= _LOWDIM_MAX:
+    rnx_k = _rnx_k(rnx_max_k, n_samples) if rnx_max_k is not None else 0
+    spaces = list(Zs.values()) if rnx_k else []
+    if graph_X is None and X.shape[1] <= _LOWDIM_MAX and not rnx_k:
         graph_X = knn_graph(X, n_neighbors=k, method="exact", device=dev, block_size=block_size)
     if graph_X is not None:
         nbr_X = _check_graph(graph_X, n_samples, k, "graph_X").indices[:, :k]
-        trust_excess, _ = _rank_excess(X, nbr_Z, k, dev, block_size)
+        trust_excess, _, kept = _rank_excess(X, nbr_Z, k, dev, block_size, rnx_spaces=spaces, rnx_k=rnx_k)
     else:  # the neighbours in X come from the same pass over X's distances
-        trust_excess, nbr_X = _rank_excess(X, nbr_Z, k, dev, block_size, knn=k)
+        trust_excess, nbr_X, kept = _rank_excess(X, nbr_Z, k, dev, block_size, knn=k, rnx_spaces=spaces,
+                                                 rnx_k=rnx_k)
     out = {}
-    for (name, Z), t_excess in zip(Zs.items(), trust_excess):
-        (c_excess,), _ = _rank_excess(Z, [nbr_X], k, dev, block_size)
+    for s, ((name, Z), t_excess) in enumerate(zip(Zs.items(), trust_excess)):
+        (c_excess,), _, _ = _rank_excess(Z, [nbr_X], k, dev, block_size)
         out[name] = {
             "trustworthiness": _trust_from_excess(t_excess, n_samples, k),
             "continuity": _trust_from_excess(c_excess, n_samples, k),
         }
+        if rnx_k:
+            curve = RNXCurve(n_samples, kept[s])
+            out[name].update(rnx=curve, rnx_auc=curve.auc)
     return out
+
+
+# =========================================================================== R_NX
+
+
+@dataclass(frozen=True)
+class RNXCurve:
+    """The co-ranking quality curves of one embedding for K = 1..max_k (Lee & Verleysen).
+
+    Attributes
+    ----------
+    n_samples : int
+    kept : ndarray of shape (max_k,), int64
+        ``kept[K - 1] = sum_i |U_K(i) ∩ V_K(i)|``: the K-neighbourhoods of the two spaces
+        summed over samples (ranks by (distance, index), as every score here).
+    """
+
+    n_samples: int
+    kept: np.ndarray
+
+    @property
+    def max_k(self) -> int:
+        return int(len(self.kept))
+
+    @property
+    def ks(self) -> np.ndarray:
+        """K = 1..max_k."""
+        return np.arange(1, self.max_k + 1)
+
+    @property
+    def q_nx(self) -> np.ndarray:
+        """Q_NX(K) = kept(K) / (K N): the share of K-neighbours kept."""
+        return self.kept / (self.ks * float(self.n_samples))
+
+    @property
+    def lcmc(self) -> np.ndarray:
+        """LCMC(K) = Q_NX(K) - K / (N - 1)."""
+        return self.q_nx - self.ks / (self.n_samples - 1.0)
+
+    @property
+    def r_nx(self) -> np.ndarray:
+        """R_NX(K) = ((N - 1) Q_NX(K) - K) / (N - 1 - K): 0 for a random embedding, 1 for a perfect one."""
+        n1 = self.n_samples - 1.0
+        return (n1 * self.q_nx - self.ks) / (n1 - self.ks)
+
+    @property
+    def auc(self) -> float:
+        """Area under R_NX against log K: sum_K R_NX(K) / K / sum_K 1 / K over every K = 1..max_k
+        (Lee & Verleysen 2015's AUC_logK, which is this with max_k = N - 2)."""
+        w = 1.0 / self.ks
+        return float(np.sum(self.r_nx * w) / np.sum(w))
+
+    def grid(self, n_points: int = 40) -> tuple:
+        """``(ks, r_nx)`` at about ``n_points`` log-spaced K from 1 to max_k (both ends kept)."""
+        ks = rnx_grid(self.max_k, n_points)
+        return ks, self.r_nx[ks - 1]
+
+
+def rnx_grid(max_k: int, n_points: int = 40) -> np.ndarray:
+    """About ``n_points`` distinct integers log-spaced from 1 to ``max_k`` (both included)."""
+    return np.unique(np.round(np.geomspace(1, max_k, n_points)).astype(np.int64))
+
+
+def rnx_curve(X, Z, *, max_k: int = 1000, device=None, block_size: int | None = None) -> RNXCurve:
+    """R_NX(K) of an embedding for K = 1..min(max_k, n_samples - 2), exact.
+
+    Q_NX(K) = (1 / (K N)) sum_i |U_K(i) ∩ V_K(i)| with U_K(i), V_K(i) the K nearest neighbours
+    of i in ``X`` and in ``Z`` (ranks by (distance, index): the module's tie rule), and
+    R_NX(K) = ((N - 1) Q_NX(K) - K) / (N - 1 - K) (Lee & Verleysen 2009, 2015). One blocked
+    pass over ``X``: for each block of rows, the max_k nearest neighbours in ``X`` (exactly,
+    in order) and their ranks in ``Z`` (up to max_k) give the co-ranking counts of every
+    K <= max_k at once. Memory O(block x n_samples); time O(N^2 D) for ``X`` plus
+    O(N^2 d) for ``Z``.
+
+    Parameters
+    ----------
+    X : array-like of shape (n_samples, n_features)
+    Z : array-like of shape (n_samples, n_components)
+        Usually 2-D; its distances are computed on the fly, O(n_components) per pair.
+    max_k : int
+        Largest K (lowered to n_samples - 2, where R_NX stops being defined).
+    device, block_size
+        As for :func:`trustworthiness`.
+
+    Returns
+    -------
+    RNXCurve
+        ``.r_nx``, ``.q_nx``, ``.lcmc`` for K = 1..max_k, ``.auc`` (the area under R_NX
+        against log K over those K), ``.grid()`` for a chart.
+    """
+    X = as_float_matrix(X, "X")
+    Z = _same_rows(as_float_matrix(Z, "Z"), X, "Z")
+    n_samples = X.shape[0]
+    rnx_k = _rnx_k(max_k, n_samples)
+    dev = _score_device(device)
+    _, _, (kept,) = _rank_excess(X, [], 1, dev, block_size, rnx_spaces=[Z], rnx_k=rnx_k)
+    return RNXCurve(n_samples, kept)
+
+
+def _rnx_k(max_k, n_samples: int) -> int:
+    if isinstance(max_k, bool) or not isinstance(max_k, (int, np.integer)) or max_k < 1:
+        raise InputError(f"max_k must be a positive integer; got {max_k!r}")
+    if n_samples < 3:
+        raise InputError(f"R_NX needs at least 3 samples; got {n_samples}")
+    return int(min(max_k, n_samples - 2))
 
 
 # =========================================================================== silhouette
@@ -390,6 +514,27 @@ def per_class_knn_accuracy(X, labels, *, n_neighbors: int = 10, graph: KNNGraph 
         return np.where(sizes > 0, hits / np.maximum(sizes, 1), np.nan)
 
 
+def wilson_interval(accuracy: float, n_samples: int, *, z: float = 1.959963984540054) -> tuple:
+    """95% Wilson score interval of a proportion (``z`` = 1.96: 95%).
+
+    For an accuracy p over n samples: (p + z^2 / 2n -+ z sqrt(p (1 - p) / n + z^2 / 4n^2)) /
+    (1 + z^2 / n) (Wilson 1927). Unlike the normal (Wald) interval it stays inside [0, 1] and
+    keeps a width at p = 0 or 1. It treats the n predictions as independent draws; leave-one-out
+    kNN predictions share neighbours, so read it as the uncertainty from which samples were
+    drawn, not from the reference set.
+
+    Returns
+    -------
+    (lo, hi) : tuple of float; (nan, nan) when n_samples < 1.
+    """
+    if n_samples < 1 or not np.isfinite(accuracy):
+        return float("nan"), float("nan")
+    p, n, z2 = float(min(max(accuracy, 0.0), 1.0)), float(n_samples), z * z
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z / (1 + z2 / n) * np.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
+    return float(max(centre - half, 0.0)), float(min(centre + half, 1.0))
+
+
 def weighted_knn_accuracy(X, labels, *, n_neighbors: int = 20, temperature: float = 0.07,
                           graph: KNNGraph | None = None, device=None) -> float:
     """Leave-one-out weighted kNN accuracy on cosine similarity (DINO's ``eval_knn``).
@@ -511,32 +656,143 @@ def neighbourhood_hit(Z, labels, *, n_neighbors: int = 10, graph: KNNGraph | Non
 # =========================================================================== CKA
 
 
-def linear_cka(X, Y) -> float:
+def linear_cka(X, Y, *, debiased: bool = False, batch_size: int | None = None, random_state: int = 0) -> float:
     """Linear centred kernel alignment of two representations of the same samples.
 
-    CKA = ||Y^T X||_F^2 / (||X^T X||_F ||Y^T Y||_F) with centred columns (Kornblith et al.
-    2019), computed from feature-space products (blocks of at most 2048 columns), never an
-    n_samples x n_samples matrix.
+    CKA = HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L)) for the linear kernels K = X X^T, L = Y Y^T
+    (Kornblith et al. 2019). Biased (default, Kornblith's definition): HSIC from the centred
+    Gram matrices, so CKA = ||Y^T X||_F^2 / (||X^T X||_F ||Y^T Y||_F) with centred columns;
+    it is inflated at small n (about 0.2 for independent data at n = 32). ``debiased``: the
+    unbiased HSIC estimator of Song et al. (2012), as in Nguyen et al. (2021), near 0 for
+    independent data at any n (and possibly slightly negative).
+
+    Both are computed from feature-space products, never an n_samples x n_samples matrix:
+    with centred columns, row squared norms s_x, s_y and their sums S_x, S_y,
+    n (n - 3) HSIC_u = ||Y^T X||_F^2 - n / (n - 2) s_x . s_y + S_x S_y / ((n - 1) (n - 2))
+    (Song et al.'s estimator with K = X X^T: the zeroed diagonal subtracts s_x . s_y, and
+    centred columns make K 1 = 0). Time O(n d_x d_y), memory O(d_x d_y) in blocks of 2048
+    columns.
+
+    ``batch_size``: minibatch CKA (Nguyen et al. 2021): a seeded permutation of the samples
+    in n // batch_size batches (each at least batch_size samples), HSIC averaged over batches
+    before the ratio, from batch Gram matrices: O(n batch_size (d_x + d_y)) time, O(batch_size^2)
+    memory. Cheaper than the full products when d_x d_y >> batch_size (d_x + d_y); it estimates
+    the same quantity with more variance.
 
     Parameters
     ----------
     X : array-like of shape (n_samples, n_features_x)
     Y : array-like of shape (n_samples, n_features_y)
+    debiased : bool
+        Unbiased HSIC (needs n_samples >= 4, and batches of at least 4).
+    batch_size : int, optional
+        Minibatch CKA with batches of at least this many samples; None: all samples at once.
+    random_state : int
+        Seed of the minibatch permutation.
 
     Returns
     -------
-    float in [0, 1]; nan when either representation is constant.
+    float, in [0, 1] for the biased estimator; nan when either representation is constant.
     """
-    X = as_float_matrix(X, "X").astype(np.float64)
-    Y = _same_rows(as_float_matrix(Y, "Y").astype(np.float64), X, "Y")
-    X -= X.mean(axis=0)
-    Y -= Y.mean(axis=0)
-    xy = _cross_frobenius_sq(Y, X)
-    xx = np.sqrt(_cross_frobenius_sq(X, X))
-    yy = np.sqrt(_cross_frobenius_sq(Y, Y))
-    if xx == 0 or yy == 0:
-        return float("nan")
-    return float(xy / (xx * yy))
+    X = as_float_matrix(X, "X")
+    Y = _same_rows(as_float_matrix(Y, "Y"), X, "Y")
+    return float(cka_matrix([X, Y], debiased=debiased, batch_size=batch_size, random_state=random_state)[0, 1])
+
+
+def cka_matrix(features, *, debiased: bool = False, batch_size: int | None = None,
+               random_state: int = 0) -> np.ndarray:
+    """:func:`linear_cka` between every pair of representations of the same samples.
+
+    Each representation's own HSIC is computed once; cross terms once per pair.
+
+    Parameters
+    ----------
+    features : sequence of array-like of shape (n_samples, n_features_i)
+    debiased, batch_size, random_state
+        As for :func:`linear_cka`.
+
+    Returns
+    -------
+    ndarray of shape (len(features), len(features)), symmetric; nan where a representation
+    is constant (or its own unbiased HSIC is not positive).
+    """
+    mats = [as_float_matrix(F, f"features[{i}]") for i, F in enumerate(features)]
+    n = mats[0].shape[0] if mats else 0
+    for i, F in enumerate(mats):
+        _same_rows(F, mats[0], f"features[{i}]")
+    if batch_size is not None:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 4:
+            raise InputError(f"batch_size must be an integer >= 4; got {batch_size!r}")
+    if debiased and n < 4:
+        raise InputError(f"debiased CKA needs at least 4 samples; got {n}")
+    if batch_size is None or batch_size >= n:
+        hsic = _hsic_full(mats, debiased)
+    else:
+        hsic = _hsic_minibatch(mats, debiased, int(batch_size), random_state)
+    diag = np.diag(hsic).copy()
+    with np.errstate(divide="ignore", invalid="ignore"):
+        norm = np.sqrt(np.where(diag > 0, diag, np.nan))
+        out = hsic / (norm[:, None] * norm[None, :])
+    return out
+
+
+def _centred64(F: np.ndarray) -> np.ndarray:
+    F = F.astype(np.float64)
+    F -= F.mean(axis=0)
+    return F
+
+
+def _hsic_full(mats: list, debiased: bool) -> np.ndarray:
+    """HSIC of every pair (scaled by n (n - 3) when debiased; by (n - 1)^2 when biased: the
+    ratio of CKA does not see the scale), from feature-space products."""
+    m = len(mats)
+    n = mats[0].shape[0]
+    hsic = np.zeros((m, m))
+    row_sq = []
+    for i in range(m):
+        A = _centred64(mats[i])
+        row_sq.append(np.einsum("ij,ij->i", A, A))
+        hsic[i, i] = _cross_frobenius_sq(A, A)
+        for j in range(i + 1, m):
+            B = _centred64(mats[j])
+            hsic[i, j] = hsic[j, i] = _cross_frobenius_sq(B, A)
+            del B
+        del A
+    if debiased:
+        s = np.array(row_sq)
+        totals = s.sum(axis=1)
+        hsic = hsic - n / (n - 2.0) * (s @ s.T) + np.outer(totals, totals) / ((n - 1.0) * (n - 2.0))
+    return hsic
+
+
+def _hsic_minibatch(mats: list, debiased: bool, batch_size: int, random_state: int) -> np.ndarray:
+    """Sum over batches of each pair's HSIC (Nguyen et al. 2021), from batch Gram matrices."""
+    m = len(mats)
+    n = mats[0].shape[0]
+    order = np.random.default_rng(random_state).permutation(n)
+    total = np.zeros((m, m))
+    for idx in np.array_split(order, n // batch_size):
+        b = len(idx)
+        grams, sums = [], []
+        for F in mats:
+            A = F[idx].astype(np.float64)
+            A -= A.mean(axis=0)  # centred in the batch: H K H for the biased estimator
+            G = A @ A.T
+            if debiased:
+                np.fill_diagonal(G, 0.0)
+                sums.append(G.sum(axis=1))
+            grams.append(G)
+        for i in range(m):
+            for j in range(i, m):
+                tr = float(np.einsum("ij,ij->", grams[i], grams[j]))
+                if debiased:  # Song et al. (2012): (tr + 1'K1 1'L1 / ((b-1)(b-2)) - 2 1'KL1 / (b-2)) / (b (b-3))
+                    ki, kj = sums[i].sum(), sums[j].sum()
+                    value = (tr + ki * kj / ((b - 1.0) * (b - 2.0)) - 2.0 * float(sums[i] @ sums[j]) / (b - 2.0)) \
+                        / (b * (b - 3.0))
+                else:
+                    value = tr / (b - 1.0) ** 2
+                total[i, j] = total[j, i] = total[i, j] + value
+    return total
 
 
 def _cross_frobenius_sq(A: np.ndarray, B: np.ndarray, block: int = 2048) -> float:
@@ -552,9 +808,11 @@ def _cross_frobenius_sq(A: np.ndarray, B: np.ndarray, block: int = 2048) -> floa
 # =========================================================================== rank machinery
 
 
-def _rank_excess(P: np.ndarray, neighbour_sets, k: int, dev, block_size, knn: int | None = None):
+def _rank_excess(P: np.ndarray, neighbour_sets, k: int, dev, block_size, knn: int | None = None,
+                 rnx_spaces=(), rnx_k: int = 0):
     """Sum over rows i and neighbours j of max(0, r(i, j) - k), r the rank in ``P`` (module
-    docstring: ties by index, equal distances detected exactly).
+    docstring: ties by index, equal distances detected exactly); optionally the co-ranking
+    counts of R_NX against other spaces, from the same pass.
 
     Parameters
     ----------
@@ -565,20 +823,27 @@ def _rank_excess(P: np.ndarray, neighbour_sets, k: int, dev, block_size, knn: in
     knn : int, optional
         Also return the exact ``knn`` nearest neighbours in P (found in the same pass; the
         same as :func:`evalkit.neighbors.knn_graph`).
+    rnx_spaces : list of ndarray of shape (n_samples, n_dims)
+        Spaces of few dimensions (embeddings) to compare with P by co-ranking.
+    rnx_k : int
+        Largest K of those counts (<= n_samples - 2).
 
     Returns
     -------
-    (list of int, ndarray of shape (n_samples, knn) or None)
+    (list of int, ndarray of shape (n_samples, knn) or None, list of ndarray of shape (rnx_k,))
+        The last: ``kept[K - 1] = sum_i |U_K(i) ∩ V_K(i)|`` per space of ``rnx_spaces``.
     """
     import torch
 
     n_samples = P.shape[0]
-    if P.shape[1] <= _LOWDIM_MAX and dev.type == "cpu" and knn is None:
+    rnx_spaces = [np.ascontiguousarray(Z, dtype=np.float64) for Z in rnx_spaces] if rnx_k else []
+    if P.shape[1] <= _LOWDIM_MAX and dev.type == "cpu" and knn is None and not rnx_spaces:
         counts = [lowdim_rank_counts(P, nb) for nb in neighbour_sets]
         if all(c is not None for c in counts):
-            return [_excess(c, k) for c in counts], None
+            return [_excess(c, k) for c in counts], None, []
     excess = [0] * len(neighbour_sets)
     found = np.empty((n_samples, knn), dtype=np.int64) if knn else None
+    hist = [np.zeros(rnx_k + 2, dtype=np.int64) for _ in rnx_spaces]
     block = pick_block_size(n_samples, block_size)
     with torch.no_grad():
         ranking = Ranking(P, dev, torch.float64)
@@ -586,12 +851,15 @@ def _rank_excess(P: np.ndarray, neighbour_sets, k: int, dev, block_size, knn: in
             stop = min(start + block, n_samples)
             rows = np.arange(start, stop)
             R = ranking.block(start, stop)
+            top = ranking.topk(R, rows, rnx_k) if rnx_spaces else None  # exact, nearest first
             if knn:
-                found[start:stop] = ranking.topk(R, rows, knn)
+                found[start:stop] = top[:, :knn] if top is not None and knn <= rnx_k else ranking.topk(R, rows, knn)
             for s, nb in enumerate(neighbour_sets):
                 excess[s] += _excess(ranking.rank_counts(R, rows, nb[start:stop]), k)
             del R
-    return excess, found
+            for s, Z in enumerate(rnx_spaces):
+                hist[s] += np.bincount(corank_max(Z, rows, top, dev).ravel(), minlength=rnx_k + 2)
+    return excess, found, [np.cumsum(h)[1:rnx_k + 1] for h in hist]
 
 
 def _excess(closer: np.ndarray, k: int) -> int:
@@ -699,6 +967,13 @@ METRICS.register(Metric(
     description=("The reverse: are the {k} nearest neighbours in the feature space kept near in the "
                  "picture? 1 = no neighbours torn apart.")))
 METRICS.register(Metric(
+    "rnx_auc", "R_NX area (log K)", "R_NX AUC", frozenset({"embedding"}),
+    lambda space: space.neighbourhood("rnx_auc"), params=("rnx_max_k",),
+    description=("Area under R_NX(K) against log K for K = 1 to {rnx_k} (Lee & Verleysen 2015): how much "
+                 "better than a random picture the K-neighbourhoods are kept, at every scale K, small K "
+                 "weighted most; 1 = every neighbourhood kept, 0 = no better than random. R_NX(K) = "
+                 "((N - 1) Q_NX(K) - K) / (N - 1 - K), Q_NX(K) the share of K-neighbours kept.")))
+METRICS.register(Metric(
     "silhouette", "silhouette", "silhouette", _BOTH, _silhouette_of, needs_classes=True,
     params=("silhouette_max_samples",),
     description=("Mean silhouette of the classes with euclidean distance, from -1 to 1: how much closer "
@@ -708,9 +983,11 @@ METRICS.register(Metric(
     "knn_accuracy", "kNN accuracy", "kNN acc.", _BOTH,
     lambda space: knn_accuracy(space.coords, space.labels, n_neighbors=space.knn_k,
                                graph=space.graph(space.knn_k)),
-    needs_classes=True, params=("knn_k",),
+    needs_classes=True, params=("knn_k",), interval=wilson_interval,
     description=("Leave-one-out kNN accuracy: each point is classified by a majority vote of its {knn_k} "
-                 "nearest neighbours in that space (itself excluded).")))
+                 "nearest neighbours in that space (itself excluded). In brackets: the 95% Wilson score "
+                 "interval over the N samples (of the mean over seeds), which checks can test with "
+                 "on: lower / on: upper.")))
 METRICS.register(Metric(
     "weighted_knn_accuracy", "weighted kNN accuracy", "w-kNN acc.", frozenset({"features"}),
     lambda space: weighted_knn_accuracy(space.coords, space.labels,

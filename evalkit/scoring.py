@@ -19,7 +19,7 @@ import numpy as np
 
 from evalkit.interrupt import check_interrupted
 from evalkit.registry import FEATURES, metrics, methods
-from evalkit.results import Embedding, FeatureSet, ScoreRow
+from evalkit.results import Curve, Embedding, FeatureSet, ScoreRow
 
 
 @dataclass(frozen=True)
@@ -30,8 +30,10 @@ class FeatureSetScores:
     embeddings: tuple  # of Embedding, every method x seed
     per_class_knn: tuple  # kNN accuracy of each class on the raw features (None where undefined)
     knn_predictions: Optional[np.ndarray]  # (n_samples,) leave-one-out kNN prediction on the raw features
+    per_class_knn_interval: tuple  # its 95% Wilson interval per class, (lo, hi) or None
     method_params: dict  # method -> the hyperparameters it used
     stability: dict  # "model/layer/method" -> mean Procrustes disparity across seeds
+    rnx_curves: dict  # "model/layer/method" -> Curve: R_NX(K), mean over seeds
     notes: tuple
     undefined_reasons: dict  # score -> why it is undefined for these data
 
@@ -52,6 +54,25 @@ class _Shared:
         if key not in self.cache:
             self.cache[key] = compute()
         return self.cache[key]
+
+    def neighbourhood(self, k: int) -> dict:
+        """:func:`evalkit.score.neighbourhood_scores` of every embedding, R_NX included."""
+        from evalkit.score import neighbourhood_scores
+
+        def one_pass():
+            exact = self.graph if self.graph.exact and self.graph.n_neighbors >= k else None
+            return neighbourhood_scores(self.X, self.embeddings, n_neighbors=k, graph_X=exact, device=self.device,
+                                        rnx_max_k=self.settings.rnx_max_k)
+
+        return self.once("neighbourhood", one_pass)
+
+    def rnx_curve(self, method: str, seeds) -> Optional[Curve]:
+        """R_NX of one method at log-spaced K, averaged over seeds (None before the pass ran)."""
+        done = self.cache.get("neighbourhood")
+        if not done:
+            return None
+        grids = [done[f"{method}/{seed}"]["rnx"].grid() for seed in seeds]
+        return Curve(grids[0][0], np.mean([r for _, r in grids], axis=0))
 
 
 @dataclass
@@ -139,20 +160,11 @@ class Space:
             shared.cache[("graph", self.key)] = graph
         return graph.head(n_neighbors)
 
-    def neighbourhood(self, name: str) -> float:
-        """``trustworthiness`` or ``continuity`` of this embedding, from the one pass over the
-        raw features' distances that serves every embedding and seed of the feature set."""
-        from evalkit.score import neighbourhood_scores
-
-        shared = self._shared
-        graph = shared.graph
-
-        def one_pass():
-            exact = graph if graph.exact and graph.n_neighbors >= self.k else None
-            return neighbourhood_scores(shared.X, shared.embeddings, n_neighbors=self.k, graph_X=exact,
-                                        device=self.device)
-
-        return shared.once("neighbourhood", one_pass)[self.key][name]
+    def neighbourhood(self, name: str):
+        """``trustworthiness``, ``continuity``, ``rnx_auc`` or ``rnx`` (the
+        :class:`~evalkit.score.RNXCurve`) of this embedding, from the one pass over the raw
+        features' distances that serves every embedding and seed of the feature set."""
+        return self._shared.neighbourhood(self.k)[self.key][name]
 
 
 def score_feature_set(fs: FeatureSet, labels, *, embed, settings, device=None, log=None) -> FeatureSetScores:
@@ -173,7 +185,7 @@ def score_feature_set(fs: FeatureSet, labels, *, embed, settings, device=None, l
     """
     from evalkit.embed import create_embedder, reduce_dims, unit_scale
     from evalkit.neighbors import knn_graph
-    from evalkit.score import knn_predict, per_class_knn_accuracy
+    from evalkit.score import knn_predict, per_class_knn_accuracy, wilson_interval
 
     notes: list = []
     # Every score and embedding is the same for c * X as for X; float32 arithmetic is not. A
@@ -226,27 +238,33 @@ def score_feature_set(fs: FeatureSet, labels, *, embed, settings, device=None, l
     undefined: dict = {}
     feature_space = Space(FEATURES, None, X, shared)
     rows = [_row(fs, FEATURES, [feature_space], undefined, info={"n_features": int(X.shape[1])})]
-    stability = {}
+    stability, rnx_curves = {}, {}
     for spec in specs:
         spaces = [Space(spec.name, seed, coords[f"{spec.name}/{seed}"], shared) for seed in embed.seeds]
         rows.append(_row(fs, spec.name, spaces, undefined))
+        curve = shared.rnx_curve(spec.name, embed.seeds)
+        if curve is not None:
+            rnx_curves[f"{fs.key}/{spec.name}"] = curve
         if len(spaces) > 1:
             stability[f"{fs.key}/{spec.name}"] = procrustes_disparity([s.coords for s in spaces])
         check_interrupted()
     per_class = per_class_knn_accuracy(X, labels, n_neighbors=knn_k, graph=feature_space.graph(knn_k), device=device)
     predictions = (knn_predict(X, labels, n_neighbors=knn_k, graph=feature_space.graph(knn_k))
                    if shared.n_classes > 1 else None)
+    sizes = np.bincount(labels, minlength=len(per_class))
     return FeatureSetScores(
         rows=tuple(rows), embeddings=tuple(embeddings),
         per_class_knn=tuple(None if not np.isfinite(v) else float(v) for v in per_class),
         knn_predictions=predictions,
-        method_params=method_params, stability=stability, notes=tuple(notes + shared.notes),
+        per_class_knn_interval=tuple(None if not np.isfinite(v) else wilson_interval(float(v), int(size))
+                                     for v, size in zip(per_class, sizes)),
+        method_params=method_params, stability=stability, rnx_curves=rnx_curves, notes=tuple(notes + shared.notes),
         undefined_reasons=undefined)
 
 
 def _row(fs: FeatureSet, method: str, spaces: list, undefined: dict, info=None) -> ScoreRow:
     """Every score that applies to ``method``, averaged over the seeds' spaces."""
-    scores, stds = {}, {}
+    scores, stds, bounds = {}, {}, {}
     first = spaces[0]
     for metric in metrics():
         if not metric.applies_to(method):
@@ -260,7 +278,9 @@ def _row(fs: FeatureSet, method: str, spaces: list, undefined: dict, info=None) 
         scores[metric.name] = mean
         if len(spaces) > 1:
             stds[metric.name] = std
-    return ScoreRow(fs.model, fs.layer, method, scores, stds, dict(info or {}))
+        if metric.interval is not None and mean is not None:
+            bounds[metric.name] = metric.interval(mean, first.n_samples)
+    return ScoreRow(fs.model, fs.layer, method, scores, stds, dict(info or {}), bounds)
 
 
 def _embedding_input(X: np.ndarray, key: str, pca_dims: int, notes: list, reduce_dims) -> np.ndarray:

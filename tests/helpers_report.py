@@ -6,7 +6,8 @@ import zlib
 
 import numpy as np
 
-from evalkit.results import CKA, CheckResult, Embedding, FeatureSet, Result
+from evalkit.results import CKA, CheckResult, Curve, Embedding, FeatureSet, Result
+from evalkit.score import rnx_grid, wilson_interval
 
 LAYERS = ("features", "head")
 DEFAULT_CHECKS = "default"
@@ -53,7 +54,7 @@ def make_result(n: int = 300, n_classes: int = 4, models=("a", "b"),
                 "weighted_knn_accuracy": round(0.56 + 0.43 * quality, 4),
             })
             for method in methods:
-                per_seed = {"trustworthiness": [], "continuity": [], "silhouette": [],
+                per_seed = {"trustworthiness": [], "continuity": [], "rnx_auc": [], "silhouette": [],
                             "knn_accuracy": []}
                 for seed in seeds:
                     key = f"{model}/{layer}/{method}@{seed}".encode()
@@ -69,6 +70,7 @@ def make_result(n: int = 300, n_classes: int = 4, models=("a", "b"),
                     base = 0.97 if method != "pca" else 0.85
                     per_seed["trustworthiness"].append(base * (0.85 + 0.15 * quality) + jitter[0])
                     per_seed["continuity"].append(base * (0.88 + 0.12 * quality) + jitter[1])
+                    per_seed["rnx_auc"].append(base * 0.6 * quality + jitter[1])
                     per_seed["silhouette"].append(0.5 * quality + jitter[2])
                     per_seed["knn_accuracy"].append(0.5 + 0.45 * quality + jitter[3])
                 row = {"model": model, "layer": layer, "method": method}
@@ -78,6 +80,9 @@ def make_result(n: int = 300, n_classes: int = 4, models=("a", "b"),
                     for metric, values in per_seed.items():
                         row[f"{metric}_std"] = round(float(np.std(values)), 4)
                 rows.append(row)
+    for row in rows:
+        lo, hi = wilson_interval(row["knn_accuracy"], n)
+        row["knn_accuracy_lo"], row["knn_accuracy_hi"] = round(lo, 4), round(hi, 4)
     # One undefined value, as score writes it when a metric cannot be computed.
     rows[0]["silhouette"] = float("nan")
 
@@ -109,6 +114,10 @@ def make_result(n: int = 300, n_classes: int = 4, models=("a", "b"),
                 key: [round(float(v), 4) for v in np.clip(
                     0.6 + 0.07 * i + rng.normal(scale=0.08, size=n_classes), 0, 1)]
                 for i, key in enumerate(keys)},
+            "rnx_curves": {
+                f"{key}/{m}": Curve(ks := rnx_grid(n - 2, 12),
+                                    np.round((0.4 + 0.1 * i) * np.exp(-((np.log(ks) - 2.5) / 2.5) ** 2), 4))
+                for i, key in enumerate(keys) for m in methods},
             "stability": ({f"{key}/{m}": round(float(rng.uniform(0.01, 0.2)), 4)
                            for key in keys for m in methods if m != "pca"}
                           if len(seeds) > 1 else {}),
@@ -116,6 +125,10 @@ def make_result(n: int = 300, n_classes: int = 4, models=("a", "b"),
                       "features L2-normalised before kNN"),
             "n_neighbors": 10,
         }
+        sizes = np.bincount(labels, minlength=n_classes)
+        result_extras["per_class_knn_interval"] = {
+            key: [tuple(round(b, 4) for b in wilson_interval(v, int(size))) for v, size in zip(values, sizes)]
+            for key, values in result_extras["per_class_knn"].items()}
 
     provenance = {
         "started": "2024-05-01T12:00:00+00:00",

@@ -189,3 +189,61 @@ def test_junit_path_is_checked_before_a_run(tmp_path):
         locked.mkdir(mode=0o500)
         with pytest.raises(EvalkitError, match=r"cannot write in .*locked \(not writable\)"):
             check_junit_path(locked / "checks.xml")
+
+
+# --------------------------------------------------------------------------- interval bounds
+
+BOUNDED = [  # 0.912 over 899 samples: Wilson 95% interval [0.892, 0.929]
+    {"model": "cnn", "layer": "fc", "method": "features", "knn_accuracy": 0.912,
+     "knn_accuracy_lo": 0.8921, "knn_accuracy_hi": 0.9287, "silhouette": 0.4},
+    {"model": "cnn", "layer": "conv", "method": "features", "knn_accuracy": 0.95, "silhouette": 0.3},  # an older row
+]
+
+
+def test_a_check_on_a_bound_tests_that_bound():
+    fc = {"model": "cnn", "layer": "fc"}
+    on_value = evaluate_checks(BOUNDED, [check(metric="knn_accuracy", where=fc, gte=0.9)])
+    lower = evaluate_checks(BOUNDED, [check(metric="knn_accuracy", where=fc, gte=0.9, on="lower")])
+    upper = evaluate_checks(BOUNDED, [check(metric="knn_accuracy", where=fc, gte=0.92, on="upper")])
+    assert [r.status for r in on_value] == ["pass"] and on_value[0].value == pytest.approx(0.912)
+    # the point value passes 0.9, but 0.9 is inside the interval: a gate on the lower bound fails
+    assert [r.status for r in lower] == ["fail"] and lower[0].value == pytest.approx(0.8921)
+    assert lower[0].condition == "lower 95% bound >= 0.9" and lower[0].name == "knn_accuracy lower 95% bound >= 0.9"
+    # "not clearly below 0.92": 0.912 fails gte 0.92, its upper bound passes it
+    assert [r.status for r in upper] == ["pass"] and upper[0].value == pytest.approx(0.9287)
+    # max_drop compares the same bound of the baseline
+    base = [{**BOUNDED[0], "knn_accuracy_lo": 0.91}]
+    res = evaluate_checks(BOUNDED, [check(metric="knn_accuracy", where=fc, max_drop=0.01, on="lower")], baseline_rows=base)
+    assert [r.status for r in res] == ["fail"] and "baseline 0.9100" in res[0].message
+    # a row without the bound (an older metrics.json) is skipped and says why
+    res = evaluate_checks(BOUNDED, [check(metric="knn_accuracy", where={"model": "cnn"}, gte=0.5, on="lower")])
+    assert [(r.layer, r.status) for r in res] == [("fc", "pass"), ("conv", "skip")]
+    assert "no knn_accuracy_lo" in res[1].message
+    with pytest.raises(EvalkitError, match="no row the check selects has the lower bound"):
+        evaluate_checks(BOUNDED, [check(metric="knn_accuracy", where={"layer": "conv"}, gte=0.5, on="lower")])
+
+
+def test_on_a_bound_needs_a_score_with_an_interval():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="'silhouette' has no interval.*'knn_accuracy'"):
+        check(metric="silhouette", gte=0.2, on="lower")
+    with pytest.raises(ValidationError):
+        check(metric="knn_accuracy", gte=0.2, on="middle")
+    assert check(metric="knn_accuracy", gte=0.2).on == "value"
+
+
+def test_on_lower_survives_yaml(tmp_path):
+    """YAML 1.1 reads a bare ``on`` as True; the config loader keeps it a key (and config.yaml
+    written back reads the same)."""
+    from evalkit.config import load_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text("models:\n  - {name: m, features: f.npz}\n"
+                    "checks:\n  - {metric: knn_accuracy, gte: 0.9, on: lower}\n"
+                    "  - metric: knn_accuracy\n    lte: 0.99\n    on: upper\n", encoding="utf-8")
+    cfg = load_config(path)
+    assert [c.on for c in cfg.checks] == ["lower", "upper"]
+    again = tmp_path / "again.yaml"
+    again.write_text(cfg.to_yaml(), encoding="utf-8")
+    assert [c.on for c in load_config(again).checks] == ["lower", "upper"]

@@ -295,7 +295,8 @@ def test_every_image_is_an_inline_png_that_decodes(html, result):
     from PIL import Image
 
     images = re.findall(r"<img\b[^>]*>", html)
-    assert len(images) == len({e.key for e in result.embeddings})
+    # one panel per embedding (first seed), one R_NX chart per method
+    assert len(images) == len({e.key for e in result.embeddings}) + len({e.method for e in result.embeddings})
     for tag in images:
         src = re.search(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', tag)
         assert src, tag
@@ -396,8 +397,34 @@ def test_legend_uses_the_panel_colours(html):
 def test_demo_sized_report_stays_small():
     result = make_result(n=900, n_classes=10, models=("a", "b", "c"), seeds=(0,))
     page = report.render_html(result)
-    assert page.count("<img ") == 18
+    assert page.count("<img ") == 18 + 3  # 18 panels, 3 R_NX charts
     assert len(page.encode("utf-8")) < 5 * 1024 * 1024
+
+
+def test_rnx_charts_and_intervals_are_shown(result, html, tmp_path):
+    from PIL import Image
+
+    section = html.split('<section id="rnx">', 1)[1].split("</section>", 1)[0]
+    charts = re.findall(r"<figure class=\"chart\"><img [^>]*>", section)
+    assert len(charts) == 3  # tsne, umap, pca: one line per feature set in each
+    alt = unescape(re.search(r'alt="([^"]+)"', charts[0]).group(1))
+    assert "t-SNE" in alt and all(f"{fs.key} from" in alt for fs in result.feature_sets)
+    src = re.search(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', charts[0]).group(1)
+    with Image.open(io.BytesIO(base64.b64decode(src))) as image:
+        assert image.size == (420, 300)
+    # kNN accuracy with its 95% interval in the scores table: "0.575 ± 0.005 [0.49, 0.66]"
+    row = result.rows[1]
+    lo, hi = row["knn_accuracy_lo"], row["knn_accuracy_hi"]
+    scores = html.split('<section id="scores">', 1)[1].split("</section>", 1)[0]
+    assert f"[{lo:.2f}, {hi:.2f}]" in scores
+    assert "knn_accuracy_lo" not in scores and "rnx_auc" in scores  # bounds are not columns of their own
+    assert "95% interval over the class" in html.split('<section id="per-class">', 1)[1]
+    assert "R_NX area" in html.split('<section id="notes">', 1)[1] and "K = 1 to 198" in html
+    data = json.loads((runfolder.write_run(tmp_path / "run", result) / "metrics.json").read_text())
+    assert data["rows"][1]["knn_accuracy_lo"] == lo
+    curve = data["extras"]["rnx_curves"]["a/features/tsne"]
+    assert curve["k"][0] == 1 and curve["k"][-1] == 198 and len(curve["k"]) == len(curve["r_nx"])
+    assert data["extras"]["per_class_knn_interval"]["a/features"][0] == list(result.per_class_knn_interval["a/features"][0])
 
 
 def test_large_panel_stays_reasonable():

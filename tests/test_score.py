@@ -298,6 +298,126 @@ def test_duplicates_and_ties_stay_in_range():
     assert trustworthiness(X, X, n_neighbors=5) == 1.0  # ties are ranked lowest, never penalised
 
 
+# ------------------------------------------------------------------ R_NX (co-ranking)
+
+
+def _reference_rnx(X, Z):
+    """R_NX(K), K = 1..N-2, from the full co-ranking matrix (Lee & Verleysen 2009): ranks from a
+    stable argsort of each row of exact squared distances (self first), Q[k, l] = #{(i, j) :
+    rank_X(i, j) = k, rank_Z(i, j) = l}, Q_NX(K) = sum_{k, l <= K} Q[k, l] / (K N)."""
+    def ranks(P):
+        D = _exact_sq(P) if np.allclose(P, np.round(P)) else ((P[:, None] - P[None]) ** 2).sum(2)
+        D = D.astype(np.float64)
+        np.fill_diagonal(D, -np.inf)
+        return np.argsort(np.argsort(D, axis=1, kind="stable"), axis=1, kind="stable")  # self: 0
+
+    n = len(X)
+    Q = np.zeros((n, n), dtype=np.int64)
+    np.add.at(Q, (ranks(X).ravel(), ranks(Z).ravel()), 1)
+    Q = Q[1:, 1:]  # drop the pairs (i, i)
+    K = np.arange(1, n - 1)
+    q_nx = np.array([Q[:k, :k].sum() for k in K]) / (K * n)
+    return ((n - 1) * q_nx - K) / (n - 1 - K)
+
+
+@pytest.mark.parametrize("numba", [True, False])
+def test_rnx_equals_coranking_reference(numba, monkeypatch):
+    if not numba:
+        monkeypatch.setattr(kernels, "_NUMBA_KERNELS", None)
+        monkeypatch.setattr(kernels, "_NUMBA_TRIED", True)
+    X, Z, _ = _data(90, 12, seed=5)
+    Xt, Zt = _tied_data(60, 5, seed=7)  # integer data: many equal distances in both spaces
+    for A, B in ((X, Z), (Xt, Zt), (X.astype(np.float32), Z.astype(np.float32))):
+        ref = _reference_rnx(A, B)
+        n = len(A)
+        for block in (None, 1, 13):
+            curve = score.rnx_curve(A, B, max_k=10_000, block_size=block)
+            assert curve.max_k == n - 2
+            np.testing.assert_allclose(curve.r_nx, ref, rtol=0, atol=1e-12)
+        K = np.arange(1, n - 1)
+        assert curve.auc == pytest.approx(np.sum(ref / K) / np.sum(1 / K), abs=1e-12)
+        short = score.rnx_curve(A, B, max_k=20)
+        np.testing.assert_array_equal(short.r_nx, curve.r_nx[:20])  # a prefix, not an approximation
+        assert short.auc == pytest.approx(np.sum(ref[:20] / K[:20]) / np.sum(1 / K[:20]), abs=1e-12)
+
+
+def test_rnx_large_k_paths_equal_the_reference():
+    # enough samples for the sampled selection bound and the bucket sort of the candidates
+    # (the small cases above take the exact fallbacks), with ties in both spaces
+    rng = np.random.default_rng(11)
+    X = rng.integers(0, 4, size=(400, 6)).astype(np.float64)
+    Z = rng.integers(0, 25, size=(400, 2)).astype(np.float64)
+    Zs = np.vstack([rng.normal(size=(200, 2)), rng.normal(size=(200, 2)) * 1e-3 + 50])  # skewed spreads
+    for A, B in ((X, Z), (X + rng.normal(size=X.shape) * 0.01, Zs)):
+        ref = _reference_rnx(A, B)
+        for max_k in (150, 398):
+            np.testing.assert_allclose(score.rnx_curve(A, B, max_k=max_k, block_size=64).r_nx, ref[:max_k],
+                                       rtol=0, atol=1e-12)
+
+
+def test_stable_bucket_order_equals_mergesort():
+    nk = kernels.numba_kernels()
+    rng = np.random.default_rng(0)
+    cases = [rng.random(500), rng.integers(0, 7, 300).astype(float), np.exp(rng.normal(size=700) * 4),
+             np.r_[np.zeros(100), rng.random(100) * 1e-12, 1e6], -rng.random(80), np.full(90, 3.0)]
+    for cv in cases:
+        np.testing.assert_array_equal(nk._stable_order(cv), np.argsort(cv, kind="stable"))
+
+
+def test_rnx_known_answers():
+    X, Z, _ = _data(80, 2, seed=1)
+    same = score.rnx_curve(X, X, max_k=40)
+    np.testing.assert_array_equal(same.r_nx, 1.0)
+    assert same.auc == 1.0
+    assert score.rnx_curve(X, 3 * X + 1, max_k=40).auc == 1.0  # ranks do not change
+    # an unrelated embedding keeps about K / (N - 1) of each K-neighbourhood: R_NX near 0
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(400, 10))
+    noise = score.rnx_curve(X, rng.normal(size=(400, 2)), max_k=200)
+    assert abs(noise.auc) < 0.05 and np.abs(noise.r_nx[20:]).max() < 0.05
+    # five points on a line, K = 1: Z keeps the neighbour of e only (d); Q_NX(1) = 1/5
+    line = score.rnx_curve(np.array([[0.0], [1], [3], [7], [15]]), np.array([[0.0], [10], [1], [3], [21]]), max_k=3)
+    assert line.kept[0] == 1 and line.r_nx[0] == pytest.approx((4 * 0.2 - 1) / 3)
+    ks, r = line.grid()
+    assert list(ks) == [1, 2, 3] and list(r) == list(line.r_nx)
+    assert list(score.rnx_grid(1000, 8)) == [1, 3, 7, 19, 52, 139, 373, 1000]
+    with pytest.raises(ValueError, match="max_k must be a positive integer"):
+        score.rnx_curve(X, X[:, :2], max_k=0)
+
+
+def test_rnx_in_the_neighbourhood_pass():
+    X, Z, _ = _data(120, 16, seed=2, dtype=np.float32)
+    rng = np.random.default_rng(0)
+    embeddings = {"noisy": Z, "random": rng.normal(size=(120, 2))}
+    plain = neighbourhood_scores(X, embeddings, n_neighbors=8)
+    for kwargs in ({}, {"graph_X": knn_graph(X, n_neighbors=8, method="exact")}, {"block_size": 7}):
+        got = neighbourhood_scores(X, embeddings, n_neighbors=8, rnx_max_k=50, **kwargs)
+        for name, E in embeddings.items():
+            assert {k: got[name][k] for k in ("trustworthiness", "continuity")} == plain[name]
+            np.testing.assert_array_equal(got[name]["rnx"].kept, score.rnx_curve(X, E, max_k=50).kept)
+            assert got[name]["rnx_auc"] == got[name]["rnx"].auc
+    # R_NX needs the 50 nearest in X, more than n_neighbors: the found graph's first 8 are the same
+    lowdim = neighbourhood_scores(X[:, :3], embeddings, n_neighbors=8, rnx_max_k=5)
+    assert {k: lowdim["noisy"][k] for k in ("trustworthiness", "continuity")} == \
+        neighbourhood_scores(X[:, :3], embeddings, n_neighbors=8)["noisy"]
+
+
+@pytest.mark.parametrize("numba", [True, False])
+def test_topk_many_neighbours_follows_the_tie_rule(numba, monkeypatch):
+    import torch
+
+    if not numba:
+        monkeypatch.setattr(kernels, "_NUMBA_KERNELS", None)
+        monkeypatch.setattr(kernels, "_NUMBA_TRIED", True)
+    X, _ = _tied_data(70, 6, seed=2)
+    expected = np.argsort(_ranks(_exact_sq(X)) + np.eye(70, dtype=np.int64) * 10**6, axis=1)[:, :60]
+    for scale, dtype in ((1.0, torch.float64), (0.5, torch.float64), (2.0**30, torch.float64), (0.5, torch.float32)):
+        ranking = kernels.Ranking(X * scale, torch.device("cpu"), dtype)
+        rows = np.arange(3, 40)
+        for k in (5, 40, 60):  # insertion buffer; selection (k > 32)
+            np.testing.assert_array_equal(ranking.topk(ranking.block(3, 40), rows, k), expected[3:40, :k])
+
+
 # ------------------------------------------------------------------ silhouette
 
 
@@ -500,6 +620,98 @@ def test_linear_cka_many_columns_uses_blocks():
     assert linear_cka(X, Y) == pytest.approx(_cka_direct(X, Y), abs=1e-10)
 
 
+def _unbiased_hsic_direct(K, L):
+    """Song et al. (2012)'s unbiased HSIC on N x N Gram matrices, written as in Nguyen et al.
+    (2021)'s code (diagonals zeroed; no centring)."""
+    n = len(K)
+    K, L = K.copy(), L.copy()
+    np.fill_diagonal(K, 0.0)
+    np.fill_diagonal(L, 0.0)
+    ones = np.ones(n)
+    middle = (ones @ K @ ones) * (ones @ L @ ones) / ((n - 1) * (n - 2)) - 2.0 * (ones @ K @ L @ ones) / (n - 2)
+    return (np.trace(K @ L) + middle) / (n * (n - 3))
+
+
+def _cka_debiased_direct(X, Y):
+    K, L = X @ X.T, Y @ Y.T  # uncentred: the unbiased estimator does not need centring
+    return _unbiased_hsic_direct(K, L) / np.sqrt(_unbiased_hsic_direct(K, K) * _unbiased_hsic_direct(L, L))
+
+
+@pytest.mark.parametrize("n, p, q", [(30, 5, 5), (50, 3, 12), (40, 60, 7), (8, 2, 3)])
+def test_debiased_cka_equals_direct_unbiased_hsic(n, p, q):
+    rng = np.random.default_rng(n + p + q)
+    X = rng.normal(size=(n, p)) + 5.0  # off-centre: checks the invariance the derivation uses
+    Y = X[:, :1] @ rng.normal(size=(1, q)) + rng.normal(size=(n, q))
+    ref = _cka_debiased_direct(X, Y)
+    assert linear_cka(X, Y, debiased=True) == pytest.approx(ref, abs=1e-10)
+    assert score.cka_matrix([X, Y, X], debiased=True)[0, 1] == pytest.approx(ref, abs=1e-10)
+    # one batch holding every sample is the full estimator
+    assert linear_cka(X, Y, debiased=True, batch_size=n) == pytest.approx(ref, abs=1e-10)
+
+
+def test_debiased_cka_of_independent_features_is_near_zero():
+    # the issue's numbers: biased linear CKA of independent 32-sample sets is about 0.2+
+    biased, debiased = [], []
+    for seed in range(8):
+        rng = np.random.default_rng(seed)
+        X, Y = rng.normal(size=(32, 64)), rng.normal(size=(32, 64))
+        biased.append(linear_cka(X, Y))
+        debiased.append(linear_cka(X, Y, debiased=True))
+        assert linear_cka(X, X, debiased=True) == pytest.approx(1.0, abs=1e-12)
+        assert linear_cka(X, X) == pytest.approx(1.0, abs=1e-12)
+    assert np.mean(biased) > 0.2
+    assert abs(np.mean(debiased)) < 0.05
+    assert np.isnan(linear_cka(X, np.ones((32, 3)), debiased=True))
+
+
+def test_minibatch_cka():
+    """Nguyen et al. (2021): unbiased HSIC averaged over batches, then the ratio."""
+    rng = np.random.default_rng(3)
+    n = 600
+    X = rng.normal(size=(n, 20))
+    Y = X[:, :5] @ rng.normal(size=(5, 30)) + 0.5 * rng.normal(size=(n, 30))
+    got = linear_cka(X, Y, debiased=True, batch_size=128, random_state=7)
+    order = np.random.default_rng(7).permutation(n)
+    parts = np.array_split(order, n // 128)
+    assert min(map(len, parts)) >= 128
+    xy = sum(_unbiased_hsic_direct(X[b] @ X[b].T, Y[b] @ Y[b].T) for b in parts)
+    xx = sum(_unbiased_hsic_direct(X[b] @ X[b].T, X[b] @ X[b].T) for b in parts)
+    yy = sum(_unbiased_hsic_direct(Y[b] @ Y[b].T, Y[b] @ Y[b].T) for b in parts)
+    assert got == pytest.approx(xy / np.sqrt(xx * yy), abs=1e-10)
+    full = linear_cka(X, Y, debiased=True)
+    assert abs(got - full) < 0.05  # the same quantity, estimated from smaller batches
+    # biased minibatch CKA: centred HSIC per batch
+    want = [sum(np.sum((H := np.eye(len(b)) - 1.0 / len(b)) @ A[b] @ A[b].T @ H * (H @ B[b] @ B[b].T @ H))
+                / (len(b) - 1) ** 2 for b in parts) for A, B in ((X, Y), (X, X), (Y, Y))]
+    assert linear_cka(X, Y, batch_size=128, random_state=7) == pytest.approx(want[0] / np.sqrt(want[1] * want[2]), abs=1e-10)
+    # independent features: debiased minibatch CKA near 0, biased one inflated by the batch size
+    Z = rng.normal(size=(n, 30))
+    assert abs(linear_cka(X, Z, debiased=True, batch_size=32)) < 0.05
+    assert linear_cka(X, Z, batch_size=32) > 0.2
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 4"):
+        linear_cka(X, Y, batch_size=2)
+
+
+def test_cka_in_the_pipeline_follows_metrics_cka():
+    from evalkit.config import MetricsConfig
+    from evalkit.pipeline import Samples, evaluate_feature_sets
+    from evalkit.config import EmbedConfig
+    from evalkit.results import FeatureSet
+
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(2), 16)
+    sets = [FeatureSet("a", "l", rng.normal(size=(32, 64)).astype(np.float32)),
+            FeatureSet("b", "l", rng.normal(size=(32, 64)).astype(np.float32))]
+    samples = Samples(y, ("x", "y"), np.arange(32))
+    embed = EmbedConfig(methods=("pca",))
+    for setting, expected in (("debiased", True), ("biased", False)):
+        res = evaluate_feature_sets(sets, samples, embed=embed, metrics=MetricsConfig(cka=setting, n_neighbors=5))
+        assert res.cka.estimator == setting
+        want = linear_cka(sets[0].features, sets[1].features, debiased=expected)
+        assert res.cka.matrix[0][1] == pytest.approx(want, abs=1e-12) and res.cka.matrix[1][1] == pytest.approx(1.0)
+    assert MetricsConfig().cka == "debiased"
+
+
 def test_near_ties_far_from_the_origin():
     # near-duplicates 1e-6 apart at distance 500 from the origin: ranks need float64 on
     # centred data (||x||^2 ~ 1e6 would swamp the 1e-12 squared distances otherwise)
@@ -604,6 +816,48 @@ def test_neighbourhood_hit_is_a_registered_embedding_score():
     Z = out.embeddings[0].coords
     assert pca_row["neighbourhood_hit"] == pytest.approx(score.neighbourhood_hit(Z, y, n_neighbors=10))
     assert "neighbourhood_hit" not in out.rows[0]  # not a raw-feature score
+
+
+def test_rnx_auc_and_intervals_reach_the_rows():
+    """rnx_auc comes from the shared pass (equal to rnx_curve); kNN accuracy carries its Wilson
+    interval in rows (and per class), which survive the flat metrics.json form."""
+    from evalkit.config import parse_config
+    from evalkit.results import FeatureSet, ScoreRow
+    from evalkit.scoring import score_feature_set
+
+    cfg = parse_config({"data": {"kind": "digits"}, "models": [{"name": "m", "source": "demo:cnn"}],
+                        "embed": {"methods": ["pca"], "seeds": [0, 1]}, "metrics": {"rnx_max_k": 30}})
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(3), 30)
+    X = (np.eye(3, 8)[y] * 2 + rng.normal(size=(90, 8))).astype(np.float32)
+    out = score_feature_set(FeatureSet("m", "l", X), y, embed=cfg.embed, settings=cfg.metrics)
+    features, pca = out.rows
+    Z = out.embeddings[0].coords
+    curve = score.rnx_curve(X, Z, max_k=30)
+    assert pca["rnx_auc"] == pytest.approx(curve.auc, abs=1e-12) and "rnx_auc" not in features
+    got = out.rnx_curves["m/l/pca"]
+    np.testing.assert_array_equal(got.k, score.rnx_grid(30))
+    np.testing.assert_allclose(got.r, curve.r_nx[got.k - 1], atol=1e-12)  # PCA: the same for both seeds
+    for row in (features, pca):
+        acc = row["knn_accuracy"]
+        assert (row["knn_accuracy_lo"], row["knn_accuracy_hi"]) == score.wilson_interval(acc, 90)
+        assert row["knn_accuracy_lo"] < acc < row["knn_accuracy_hi"]
+        assert "silhouette_lo" not in row
+        assert dict(ScoreRow.from_dict(dict(row))) == dict(row)
+        assert ScoreRow.from_dict(dict(row)).bounds == {"knn_accuracy": row.bounds["knn_accuracy"]}
+    per_class = score.per_class_knn_accuracy(X, y, n_neighbors=10)
+    assert out.per_class_knn_interval == tuple(score.wilson_interval(a, 30) for a in per_class)
+
+
+def test_wilson_interval_equals_scipy():
+    from scipy.stats import binomtest
+
+    for hits, n in ((820, 899), (0, 20), (20, 20), (1, 3), (449, 450), (7, 1000)):
+        ref = binomtest(hits, n).proportion_ci(confidence_level=0.95, method="wilson")
+        lo, hi = score.wilson_interval(hits / n, n)
+        assert lo == pytest.approx(ref.low, abs=1e-12) and hi == pytest.approx(ref.high, abs=1e-12)
+    lo, hi = score.wilson_interval(0.912, 899)  # the issue's example: 0.912 vs 0.905 is noise
+    assert round(lo, 3) == 0.892 and round(hi, 3) == 0.929 and lo < 0.905 < hi
 
 
 @pytest.mark.gpu
