@@ -405,8 +405,13 @@ def _number(value) -> Optional[float]:
     return float(value) if math.isfinite(value) else None
 
 
+def _is_spread(key: str, row: Mapping) -> bool:
+    """``<score>_std``, ``<score>_lo``, ``<score>_hi``: the spread of a score, not a score."""
+    return any(key.endswith(end) and key[:-len(end)] in row for end in ("_std", "_lo", "_hi"))
+
+
 def _score_keys(row: Mapping) -> list:
-    return [k for k in row if k not in ID_KEYS and k not in _NOT_SCORES and not k.endswith("_std")]
+    return [k for k in row if k not in ID_KEYS and k not in _NOT_SCORES and not _is_spread(k, row)]
 
 
 def _row_deltas(key: tuple, row_a: Mapping, row_b: Mapping) -> list:
@@ -632,7 +637,8 @@ def build_history(runs: Sequence[RunFolder], *, metrics: Sequence[str] = ()) -> 
     for run in runs:
         for row in run.rows:
             keys.extend(k for k in row if k not in ID_KEYS and k not in keys)
-    scores = [k for k in keys if k not in _NOT_SCORES and not k.endswith("_std")]
+    scores = [k for k in keys if k not in _NOT_SCORES and not k.endswith("_std")
+              and not any(k.endswith(end) and k[:-len(end)] in keys for end in ("_lo", "_hi"))]
     for name in metrics:
         if name not in scores:
             raise unknown("--metric", name, scores)

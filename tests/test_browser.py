@@ -51,7 +51,7 @@ def page(browser, run_dir):
 def test_every_image_decodes(page):
     images = page.evaluate(
         "Array.from(document.images).map(i => [i.complete, i.naturalWidth, i.naturalHeight])")
-    assert len(images) == 2 * 2 * 3
+    assert len(images) == 2 * 2 * 3 + 3  # every panel, and one R_NX chart per method
     assert all(complete and width > 0 and height > 0 for complete, width, height in images)
 
 

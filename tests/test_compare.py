@@ -243,7 +243,7 @@ def test_history_csv_equals_metrics_json(tmp_path, capsys):
                 assert float(got[key]) == value  # exactly, not approximately
         assert all(got[k] == "" for k in got if k not in row and k not in ("run", "run_name", "run_path"))
     html = (tmp_path / "hist" / "index.html").read_text()
-    assert html.count('<img src="data:image/png;base64,') == 5  # one chart per score
+    assert html.count('<img src="data:image/png;base64,') == 6  # one chart per score (the fake rows hold six)
 
 
 def test_history_chosen_metric_and_best_run(tmp_path):

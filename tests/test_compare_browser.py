@@ -43,7 +43,7 @@ def browser():
         yield b
 
 
-@pytest.mark.parametrize("which, n_images", [("compare", 2 * 2 * 2 * 3), ("history", 5)])
+@pytest.mark.parametrize("which, n_images", [("compare", 2 * 2 * 2 * 3), ("history", 6)])
 def test_page_opens_from_disk_cleanly(browser, pages, which, n_images):
     browser.events.clear()
     browser.set_viewport(1440, 900)
