@@ -138,7 +138,7 @@ def evaluate_feature_sets(feature_sets, samples: Samples, *, embed, metrics, che
         check_features(fs, len(labels))
     all_notes = list(dict.fromkeys(notes))
     rows, embeddings, per_class, method_params, stability, undefined = [], [], {}, {}, {}, {}
-    predictions = {}
+    predictions, point_scores = {}, {}
     rnx_curves, per_class_interval = {}, {}
     with progress_bar(len(feature_sets), "embedding and scoring", unit="set") as bar:
         for fs in feature_sets:
@@ -153,6 +153,7 @@ def evaluate_feature_sets(feature_sets, samples: Samples, *, embed, metrics, che
             method_params.update(out.method_params)
             stability.update(out.stability)
             rnx_curves.update(out.rnx_curves)
+            point_scores.update(out.point_scores)
             undefined.update(out.undefined_reasons)
             all_notes.extend(n for n in out.notes if n not in all_notes)
             bar.update(1)
@@ -187,7 +188,8 @@ def evaluate_feature_sets(feature_sets, samples: Samples, *, embed, metrics, che
         per_class_knn_interval=per_class_interval, cka=cka,
         method_params=method_params, stability=stability, rnx_curves=rnx_curves, notes=tuple(sorted(all_notes)),
         undefined_reasons=undefined, n_neighbors=metrics.n_neighbors, knn_k=metrics.knn_k or metrics.n_neighbors,
-        sample_ids=samples.sample_ids, thumbnails=thumbnails, knn_predictions=predictions)
+        sample_ids=samples.sample_ids, thumbnails=thumbnails, knn_predictions=predictions,
+        point_scores=point_scores)
 
 
 def run_report(config, out_dir, *, use_cache: bool = True, argv=None) -> Result:

@@ -29,6 +29,8 @@ __all__ = ["check_out_dir", "default_out_dir", "clean_stale_siblings", "write_ru
 
 
 RUN_FILES = ("index.html", "metrics.json")  # every run folder has both
+#: Every file a run may write: never carried over from an earlier run as if a user's.
+WRITTEN_FILES = frozenset({"index.html", "metrics.json", "embeddings.npz", "config.yaml", "point_scores.npz"})
 
 
 def default_out_dir(config) -> Path:
@@ -145,6 +147,10 @@ def write_run(out_dir, result) -> Path:
         "embeddings.npz": _npz_bytes(embedding_arrays(result)),
         "config.yaml": str(result.config_yaml).encode("utf-8"),
     }
+    if result.point_scores:  # each point's share of trustworthiness and continuity, as the explorer colours them
+        files["point_scores.npz"] = _npz_bytes({f"{key}/{metric}": np.asarray(values, dtype=np.float32)
+                                                for key, per in result.point_scores.items()
+                                                for metric, values in per.items()})
     check_interrupted()
     return _swap_in(out, parent, files, "run folder")
 
@@ -189,7 +195,8 @@ def _swap_in(out: Path, parent: Path, files: Mapping[str, bytes], what: str) -> 
             _write_file(tmp / name, data)
         if existed:
             # hard links only where the earlier folder goes away: a linked-to folder stays, so copies
-            _carry_user_files(out, tmp, skip=files, link=not out.is_symlink())
+            _carry_user_files(out, tmp, skip=set(files) | (WRITTEN_FILES if what == "run folder" else set()),
+                              link=not out.is_symlink())
         check_interrupted()  # the last moment a Ctrl-C stops the run: from here the swap goes through
         if existed:
             old = parent / f".{out.name}.old-{secrets.token_hex(4)}"

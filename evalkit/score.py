@@ -115,7 +115,7 @@ def trustworthiness(X, Z, *, n_neighbors: int = 10, graph_Z: KNNGraph | None = N
     dev = _score_device(device)
     graph_Z = _graph_or_exact(Z, graph_Z, k, dev, block_size, "graph_Z")
     (excess,), _, _ = _rank_excess(X, [graph_Z.indices[:, :k]], k, dev, block_size)
-    return _trust_from_excess(excess, X.shape[0], k)
+    return _trust_from_excess(int(excess.sum()), X.shape[0], k)
 
 
 def continuity(X, Z, *, n_neighbors: int = 10, graph_X: KNNGraph | None = None,
@@ -151,14 +151,14 @@ def continuity(X, Z, *, n_neighbors: int = 10, graph_X: KNNGraph | None = None,
     dev = _score_device(device)
     graph_X = _graph_or_exact(X, graph_X, k, dev, block_size, "graph_X")
     (excess,), _, _ = _rank_excess(Z, [graph_X.indices[:, :k]], k, dev, block_size)
-    return _trust_from_excess(excess, X.shape[0], k)
+    return _trust_from_excess(int(excess.sum()), X.shape[0], k)
 
 
 def neighbourhood_scores(X, embeddings: Mapping[str, np.ndarray], *, n_neighbors: int = 10,
                          graph_X: KNNGraph | None = None,
                          graphs_Z: Mapping[str, KNNGraph] | None = None,
                          device=None, block_size: int | None = None,
-                         rnx_max_k: int | None = None) -> dict[str, dict]:
+                         rnx_max_k: int | None = None, per_point: bool = False) -> dict[str, dict]:
     """Trustworthiness and continuity (and R_NX) of several embeddings of the same data, in one pass.
 
     The expensive part, the distances in the original space, is computed once, block by
@@ -182,12 +182,17 @@ def neighbourhood_scores(X, embeddings: Mapping[str, np.ndarray], *, n_neighbors
         Also compute R_NX(K) for K = 1..min(rnx_max_k, n_samples - 2) in the same pass over
         ``X`` (:func:`rnx_curve`); each entry then also has ``"rnx"`` (an :class:`RNXCurve`)
         and ``"rnx_auc"``.
+    per_point : bool
+        Also each point's share of both scores, ``"trustworthiness_points"`` and
+        ``"continuity_points"`` (ndarray (n_samples,)): t_i = 1 - c N e_i with e_i the point's
+        excess-rank sum and c the score's normaliser, so their mean is the score exactly.
 
     Returns
     -------
     dict
         ``{name: {"trustworthiness": t, "continuity": c}}`` in the order of ``embeddings``
-        (plus ``"rnx"`` and ``"rnx_auc"`` with ``rnx_max_k``).
+        (plus ``"rnx"`` and ``"rnx_auc"`` with ``rnx_max_k``, the ``_points`` arrays with
+        ``per_point``).
     """
     X = as_float_matrix(X, "X")
     n_samples = X.shape[0]
@@ -216,9 +221,12 @@ def neighbourhood_scores(X, embeddings: Mapping[str, np.ndarray], *, n_neighbors
     for s, ((name, Z), t_excess) in enumerate(zip(Zs.items(), trust_excess)):
         (c_excess,), _, _ = _rank_excess(Z, [nbr_X], k, dev, block_size)
         out[name] = {
-            "trustworthiness": _trust_from_excess(t_excess, n_samples, k),
-            "continuity": _trust_from_excess(c_excess, n_samples, k),
+            "trustworthiness": _trust_from_excess(int(t_excess.sum()), n_samples, k),
+            "continuity": _trust_from_excess(int(c_excess.sum()), n_samples, k),
         }
+        if per_point:
+            out[name]["trustworthiness_points"] = _points_from_excess(t_excess, k)
+            out[name]["continuity_points"] = _points_from_excess(c_excess, k)
         if rnx_k:
             curve = RNXCurve(n_samples, kept[s])
             out[name].update(rnx=curve, rnx_auc=curve.auc)
@@ -830,8 +838,10 @@ def _rank_excess(P: np.ndarray, neighbour_sets, k: int, dev, block_size, knn: in
 
     Returns
     -------
-    (list of int, ndarray of shape (n_samples, knn) or None, list of ndarray of shape (rnx_k,))
-        The last: ``kept[K - 1] = sum_i |U_K(i) ∩ V_K(i)|`` per space of ``rnx_spaces``.
+    (list of ndarray of shape (n_samples,), ndarray of shape (n_samples, knn) or None,
+     list of ndarray of shape (rnx_k,))
+        The first: each row's excess sum, per neighbour set (their sum is the excess). The
+        last: ``kept[K - 1] = sum_i |U_K(i) ∩ V_K(i)|`` per space of ``rnx_spaces``.
     """
     import torch
 
@@ -841,7 +851,7 @@ def _rank_excess(P: np.ndarray, neighbour_sets, k: int, dev, block_size, knn: in
         counts = [lowdim_rank_counts(P, nb) for nb in neighbour_sets]
         if all(c is not None for c in counts):
             return [_excess(c, k) for c in counts], None, []
-    excess = [0] * len(neighbour_sets)
+    excess = [np.zeros(n_samples, dtype=np.int64) for _ in neighbour_sets]
     found = np.empty((n_samples, knn), dtype=np.int64) if knn else None
     hist = [np.zeros(rnx_k + 2, dtype=np.int64) for _ in rnx_spaces]
     block = pick_block_size(n_samples, block_size)
@@ -855,16 +865,22 @@ def _rank_excess(P: np.ndarray, neighbour_sets, k: int, dev, block_size, knn: in
             if knn:
                 found[start:stop] = top[:, :knn] if top is not None and knn <= rnx_k else ranking.topk(R, rows, knn)
             for s, nb in enumerate(neighbour_sets):
-                excess[s] += _excess(ranking.rank_counts(R, rows, nb[start:stop]), k)
+                excess[s][start:stop] = _excess(ranking.rank_counts(R, rows, nb[start:stop]), k)
             del R
             for s, Z in enumerate(rnx_spaces):
                 hist[s] += np.bincount(corank_max(Z, rows, top, dev).ravel(), minlength=rnx_k + 2)
     return excess, found, [np.cumsum(h)[1:rnx_k + 1] for h in hist]
 
 
-def _excess(closer: np.ndarray, k: int) -> int:
-    """sum of max(0, rank - k) with rank = closer + 1."""
-    return int(np.maximum(closer + 1 - k, 0).sum())
+def _excess(closer: np.ndarray, k: int) -> np.ndarray:
+    """Per row: sum of max(0, rank - k) with rank = closer + 1 (``closer``: (rows, k))."""
+    return np.maximum(closer + 1 - k, 0).sum(axis=1).astype(np.int64)
+
+
+def _points_from_excess(excess: np.ndarray, k: int) -> np.ndarray:
+    """Each point's share of trustworthiness (or continuity): mean over points = the score."""
+    n = excess.shape[0]
+    return 1.0 - excess * (2.0 / (k * (2.0 * n - 3.0 * k - 1.0)))
 
 
 # =========================================================================== validation

@@ -34,6 +34,7 @@ class FeatureSetScores:
     method_params: dict  # method -> the hyperparameters it used
     stability: dict  # "model/layer/method" -> mean Procrustes disparity across seeds
     rnx_curves: dict  # "model/layer/method" -> Curve: R_NX(K), mean over seeds
+    point_scores: dict  # "model/layer/method" -> {"trustworthiness": (n,), "continuity": (n,)}, first seed
     notes: tuple
     undefined_reasons: dict  # score -> why it is undefined for these data
 
@@ -62,7 +63,7 @@ class _Shared:
         def one_pass():
             exact = self.graph if self.graph.exact and self.graph.n_neighbors >= k else None
             return neighbourhood_scores(self.X, self.embeddings, n_neighbors=k, graph_X=exact, device=self.device,
-                                        rnx_max_k=self.settings.rnx_max_k)
+                                        rnx_max_k=self.settings.rnx_max_k, per_point=True)
 
         return self.once("neighbourhood", one_pass)
 
@@ -259,7 +260,23 @@ def score_feature_set(fs: FeatureSet, labels, *, embed, settings, device=None, l
         per_class_knn_interval=tuple(None if not np.isfinite(v) else wilson_interval(float(v), int(size))
                                      for v, size in zip(per_class, sizes)),
         method_params=method_params, stability=stability, rnx_curves=rnx_curves, notes=tuple(notes + shared.notes),
+        point_scores=_point_scores(shared, fs.key, specs, embed.seeds),
         undefined_reasons=undefined)
+
+
+def _point_scores(shared: _Shared, key: str, specs, seeds) -> dict:
+    """Each point's share of trustworthiness and continuity in each method's first-seed embedding,
+    when the scoring pass ran (it did whenever those scores are registered and defined)."""
+    done = next((v for k, v in shared.cache.items() if k == "neighbourhood"), None)
+    if not done:
+        return {}
+    out = {}
+    for spec in specs:
+        entry = done.get(f"{spec.name}/{seeds[0]}") or {}
+        if "trustworthiness_points" in entry:
+            out[f"{key}/{spec.name}"] = {"trustworthiness": entry["trustworthiness_points"],
+                                         "continuity": entry["continuity_points"]}
+    return out
 
 
 def _row(fs: FeatureSet, method: str, spaces: list, undefined: dict, info=None) -> ScoreRow:

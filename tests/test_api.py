@@ -239,5 +239,13 @@ def test_thumbnails_and_predictions_reach_the_saved_report(api_result, tmp_path)
     pred = api_result.knn_predictions["cnn/penultimate"]
     assert (pred == api_result.labels).mean() == pytest.approx(
         api_result.score("knn_accuracy", model="cnn", layer="penultimate"))
-    page = (api_result.save(tmp_path / "r") / "index.html").read_text()
+    run = api_result.save(tmp_path / "r")
+    page = (run / "index.html").read_text()
     assert '"thumbnails"' in page and "explorer" in page
+    # each point's share of trustworthiness: in the result, the page and the run folder; its mean is the score
+    points = api_result.point_scores["cnn/penultimate/tsne"]["trustworthiness"]
+    assert points.mean() == pytest.approx(api_result.score("trustworthiness", model="cnn", layer="penultimate",
+                                                            method="tsne"), abs=1e-9)
+    saved = np.load(run / "point_scores.npz")
+    np.testing.assert_allclose(saved["cnn/penultimate/tsne/trustworthiness"], points, rtol=1e-6)
+    assert '"point_scores": {"cnn/penultimate/tsne"' in page.replace("\n", "") or "cnn/penultimate/tsne" in page

@@ -875,3 +875,16 @@ def test_cuda_ties_equal_cpu():
                 "trustworthiness": trustworthiness(X, Z, n_neighbors=6), "continuity": continuity(X, Z, n_neighbors=6)}
         np.testing.assert_array_equal(knn_graph(X, n_neighbors=6, method="exact", device="cuda").indices,
                                       knn_graph(X, n_neighbors=6, method="exact", device="cpu").indices)
+
+
+def test_per_point_shares_average_to_the_scores():
+    rng = np.random.default_rng(4)
+    X = rng.normal(size=(120, 6))
+    Z = X[:, :2] + rng.normal(scale=0.3, size=(120, 2))
+    out = score.neighbourhood_scores(X, {"z": Z}, n_neighbors=7, per_point=True)["z"]
+    for name in ("trustworthiness", "continuity"):
+        points = out[f"{name}_points"]
+        assert points.shape == (120,) and points.max() <= 1.0
+        assert points.mean() == pytest.approx(out[name], abs=1e-12)
+    # a point whose embedding neighbours are its true neighbours scores 1
+    assert out["trustworthiness"] == pytest.approx(sk_trustworthiness(X, Z, n_neighbors=7), abs=1e-12)
