@@ -83,7 +83,12 @@ def stratified_subsample(labels: np.ndarray, max_samples: Optional[int], *, seed
     classes, counts = np.unique(labels, return_counts=True)
     exact = counts * (max_samples / n)
     take = np.floor(exact).astype(np.int64)
-    order = np.argsort(-(exact - take), kind="stable")
+    if max_samples < classes.size:
+        # fewer samples than classes: which classes get one is a seeded draw (by share, ties at
+        # random), not the alphabetically first ones
+        order = np.lexsort((rng.permutation(classes.size), -(exact - take)))
+    else:
+        order = np.argsort(-(exact - take), kind="stable")
     for k in order[: max_samples - take.sum()]:
         take[k] += 1
     if max_samples >= classes.size:  # a class too small for its share still gets one sample

@@ -83,6 +83,8 @@ class Metric:
     higher_is_better : bool
     needs_classes : bool
         Undefined when the data have fewer than two classes.
+    needs_class_pairs : bool
+        Undefined when every class has a single sample (no neighbour can share a class).
     params : tuple of str
         The ``metrics:`` config keys it reads (shown in the report's notes).
     description : str
@@ -100,6 +102,7 @@ class Metric:
     compute: Callable[[Any], Optional[float]]
     higher_is_better: bool = True
     needs_classes: bool = False
+    needs_class_pairs: bool = False
     params: tuple = ()
     description: str = ""
     interval: Optional[Callable[[float, int], tuple]] = None

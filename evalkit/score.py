@@ -999,7 +999,7 @@ METRICS.register(Metric(
     "knn_accuracy", "kNN accuracy", "kNN acc.", _BOTH,
     lambda space: knn_accuracy(space.coords, space.labels, n_neighbors=space.knn_k,
                                graph=space.graph(space.knn_k)),
-    needs_classes=True, params=("knn_k",), interval=wilson_interval,
+    needs_classes=True, needs_class_pairs=True, params=("knn_k",), interval=wilson_interval,
     description=("Leave-one-out kNN accuracy: each point is classified by a majority vote of its {knn_k} "
                  "nearest neighbours in that space (itself excluded). In brackets: the 95% Wilson score "
                  "interval over the N samples (of the mean over seeds), which checks can test with "
@@ -1008,12 +1008,12 @@ METRICS.register(Metric(
     "weighted_knn_accuracy", "weighted kNN accuracy", "w-kNN acc.", frozenset({"features"}),
     lambda space: weighted_knn_accuracy(space.coords, space.labels,
                                         n_neighbors=min(space.settings.weighted_knn_k, space.n_samples - 1)),
-    needs_classes=True, params=("weighted_knn_k",),
+    needs_classes=True, needs_class_pairs=True, params=("weighted_knn_k",),
     description=("Weighted kNN accuracy on raw features (DINO protocol): L2-normalised features, cosine "
                  "similarity, neighbour votes weighted by exp(similarity / 0.07).")))
 METRICS.register(Metric(
     "neighbourhood_hit", "neighbourhood hit", "hit", frozenset({"embedding"}),
     lambda space: neighbourhood_hit(space.coords, space.labels, n_neighbors=space.k, graph=space.graph(space.k)),
-    needs_classes=True, params=("n_neighbors",),
+    needs_classes=True, needs_class_pairs=True, params=("n_neighbors",),
     description=("Neighbourhood hit (Paulovich et al. 2008): the share of each point's {k} nearest neighbours "
                  "in the picture that have its class, averaged over points; 1 = every neighbourhood is pure.")))

@@ -289,6 +289,9 @@ def _row(fs: FeatureSet, method: str, spaces: list, undefined: dict, info=None) 
         if metric.needs_classes and first.n_classes < 2:
             undefined.setdefault(metric.name, "not defined for a single class")
             values = [None]
+        elif metric.needs_class_pairs and first.n_classes >= first.n_samples:
+            undefined.setdefault(metric.name, "every class has a single sample: no neighbour can share its class")
+            values = [None]
         else:
             values = [metric.compute(space) for space in spaces]
         mean, std = _mean_std(values)

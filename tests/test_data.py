@@ -424,3 +424,11 @@ def test_home_in_paths_is_expanded(tmp_path, monkeypatch):
     cfg = DataConfig(kind="features", path="~/f.npz")
     assert cfg.path == str(tmp_path / "f.npz") and len(load_dataset(cfg)) == 12
     assert ModelConfig(name="m", features="~/f.npz").features == str(tmp_path / "f.npz")
+
+
+def test_fewer_samples_than_classes_draws_the_classes_by_seed():
+    labels = np.repeat(np.arange(20), 5)  # 20 equal classes, 100 samples
+    picks = {tuple(np.unique(labels[stratified_subsample(labels, 4, seed=s)])) for s in range(6)}
+    assert all(len(p) == 4 for p in picks)  # one sample from each of 4 classes
+    assert len(picks) > 1  # the seed decides which classes, not their order
+    assert np.array_equal(stratified_subsample(labels, 4, seed=3), stratified_subsample(labels, 4, seed=3))

@@ -166,3 +166,15 @@ def test_scores_do_not_depend_on_a_global_factor(factor, tmp_path, monkeypatch, 
     for method in ("tsne", "umap"):  # seeded, yet float rounding differs: the same picture
         assert got[method]["knn_accuracy"] == pytest.approx(ref[method]["knn_accuracy"], abs=0.05)
         assert got[method]["trustworthiness"] == pytest.approx(ref[method]["trustworthiness"], abs=0.05)
+
+
+def test_one_sample_per_class_leaves_the_knn_scores_undefined_with_the_reason():
+    import evalkit
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(12, 5))
+    result = evalkit.evaluate({"m": X}, np.arange(12), methods=["pca"])
+    for method, metric in (("features", "knn_accuracy"), ("features", "weighted_knn_accuracy"),
+                           ("pca", "knn_accuracy"), ("pca", "neighbourhood_hit")):
+        assert result.score(metric, model="m", layer="features", method=method) is None
+    assert "single sample" in result.undefined_reasons["knn_accuracy"]
