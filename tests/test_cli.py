@@ -49,7 +49,7 @@ def test_report_replaces_the_earlier_run_and_keeps_the_users_files(tmp_path, mon
     code, _, err = run_cli(["report", cfg, "--out", out], capsys)
     assert code == 0, err
     assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "embeddings.npz", "extra", "index.html",
-                                                     "metrics.json"]
+                                                     "metrics.json", "point_scores.npz"]
     assert (out / "index.html").read_bytes() != old_html and (out / "extra" / "note.txt").read_text() == "kept\n"
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
     assert json.loads((out / "metrics.json").read_text())["rows"]

@@ -74,7 +74,8 @@ def test_degenerate_data_gives_a_complete_report(case, tmp_path, monkeypatch, ca
 
     assert code == 0, err
     assert err == ""
-    assert {p.name for p in out.iterdir()} == {"index.html", "metrics.json", "embeddings.npz", "config.yaml", "extra"}
+    assert {p.name for p in out.iterdir()} == {"index.html", "metrics.json", "embeddings.npz", "config.yaml",
+                                               "point_scores.npz", "extra"}
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".run")] == []
     metrics = json.loads((out / "metrics.json").read_text())
     rows = {r["method"]: r for r in metrics["rows"]}

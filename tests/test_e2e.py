@@ -43,7 +43,8 @@ def run(tmp_path_factory):
 def test_exit_code_and_files(run):
     code, _, out = run
     assert code == 0  # the failing check is only a warning
-    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "embeddings.npz", "index.html", "metrics.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "embeddings.npz", "index.html", "metrics.json",
+                                                     "point_scores.npz"]
 
 
 def test_metrics_rows_cover_every_model_layer_method(run):
