@@ -92,6 +92,9 @@ def _report(args) -> int:
             check_junit_path(args.junit)  # before the run, not after it
         check_interrupted()
         result = run_report(config, out, use_cache=not args.no_cache, argv=["evalkit"] + args.argv)
+        if result is None:  # a torchrun rank other than 0: its slices are in the cache
+            print(f"evalkit: {_ranks()}: features extracted; rank 0 writes {out}")
+            return EXIT_OK
         for r in result.checks:
             if r.status != "pass":
                 print(describe(r), file=sys.stderr)
@@ -234,6 +237,16 @@ def _user_error(exc: BaseException):
     return None
 
 
+def _ranks():
+    """This process's place under torchrun (None when the environment is not torchrun's)."""
+    from evalkit.distributed import ranks_from_env
+
+    try:
+        return ranks_from_env()
+    except EvalkitError:
+        return None
+
+
 def _on_sigterm(signum, frame):
     raise _Terminated()
 
@@ -254,10 +267,13 @@ def _log_to_stdout() -> None:
             pass
 
     logger = logging.getLogger("evalkit")
-    if not any(type(h).__name__ == "StdoutHandler" for h in logger.handlers):
+    ranks = _ranks()
+    prefix = f"[rank {ranks.rank}/{ranks.world_size}] " if ranks is not None and ranks.active else ""
+    handler = next((h for h in logger.handlers if type(h).__name__ == "StdoutHandler"), None)
+    if handler is None:
         handler = StdoutHandler()
-        handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
+    handler.setFormatter(logging.Formatter(prefix.replace("%", "%%") + "%(message)s"))
     logger.setLevel(logging.INFO)
     logger.propagate = False
 
@@ -302,7 +318,14 @@ def main(argv=None) -> int:
         if argv is None:  # the evalkit program itself: a second Ctrl-C while exiting must not
             signal.signal(signal.SIGINT, signal.SIG_IGN)  # end it with a traceback instead
         what = "interrupted" if isinstance(exc, KeyboardInterrupt) else "terminated"
-        print(f"evalkit: {what}; nothing was written (an earlier run folder is left as it was)", file=sys.stderr)
+        ranks = _ranks()
+        if ranks is not None and ranks.active:  # torchrun stops every rank when one of them fails
+            print(f"evalkit: {ranks}: {what} (under torchrun, every rank stops when one fails: see that rank's "
+                  f"error); nothing was written (an earlier run folder is left as it was); slices that finished "
+                  f"are in the feature cache: rerun the same command to compute only the missing ones",
+                  file=sys.stderr)
+        else:
+            print(f"evalkit: {what}; nothing was written (an earlier run folder is left as it was)", file=sys.stderr)
         code = EXIT_INTERRUPTED if isinstance(exc, KeyboardInterrupt) else EXIT_TERMINATED
         if argv is None:
             # The run has unwound (temp folders removed in finally blocks). Leave now: seen in CI,
@@ -326,7 +349,9 @@ def main(argv=None) -> int:
         if debug:
             raise
         if message is not None:
-            print(f"evalkit: error: {message}", file=sys.stderr)
+            ranks = _ranks()
+            where = f"{ranks}: " if ranks is not None and ranks.active and not message.startswith("rank ") else ""
+            print(f"evalkit: error: {where}{message}", file=sys.stderr)
             return EXIT_BAD_INPUT
         import traceback
 
