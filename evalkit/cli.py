@@ -1,4 +1,4 @@
-"""Command line: ``evalkit report | check | compare | history | layers``. No logic lives here.
+"""Command line: ``evalkit report | extract | check | compare | history | layers``. No logic lives here.
 
 A user mistake (:class:`EvalkitError`, a wrong command line, an unreadable file) is one line
 on stderr and exit code 2; ``--debug`` shows the traceback. A failing check is exit code 1.
@@ -45,6 +45,14 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--no-cache", action="store_true", help="recompute features even when cached")
     r.add_argument("--junit", metavar="FILE", help="also write the checks as JUnit XML")
     r.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+    e = sub.add_parser("extract", help="extract features only: one file per model and layer, for 'features:'")
+    e.add_argument("config", metavar="CONFIG", help="YAML config (its embed, metrics and checks are not used)")
+    e.add_argument("--out", metavar="DIR", required=True, help="folder for MODEL/LAYER.npz files and extract.json")
+    e.add_argument("--format", choices=("npz", "npy"), default="npz",
+                   help="npz: one file per layer (default); npy: a folder per layer, features.npy memory-mappable")
+    e.add_argument("--no-cache", action="store_true", help="recompute features even when cached")
+    e.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
     c = sub.add_parser("check", help="re-evaluate the checks on an existing run folder (no recomputation)")
     c.add_argument("run_dir", metavar="DIR")
@@ -120,6 +128,28 @@ def _late_signal(out):
     what = "interrupted" if sig == signal.SIGINT else "terminated"
     print(f"evalkit: {what} after the run had finished; {out} holds the complete new run", file=sys.stderr)
     return EXIT_INTERRUPTED if sig == signal.SIGINT else EXIT_TERMINATED
+
+
+def _extract(args) -> int:
+    from pathlib import Path
+
+    from evalkit.config import load_config
+    from evalkit.export import run_extract
+    from evalkit.interrupt import recording_signals
+
+    with recording_signals():  # Ctrl-C / SIGTERM: raised at the next stage boundary, never lost
+        config = load_config(args.config)
+        out = Path(args.out)
+        manifest = run_extract(config, out, fmt=args.format, use_cache=not args.no_cache,
+                               argv=["evalkit"] + args.argv)
+        if manifest is None:  # a torchrun rank other than 0
+            print(f"evalkit: {_ranks()}: features extracted; rank 0 writes {out}")
+            return EXIT_OK
+        print(f"evalkit: wrote {len(manifest['files'])} feature files for {manifest['n_samples']:,} samples to "
+              f"{out} ({manifest['duration_s']:.1f} s); name them in a config with 'features: {out}/MODEL/LAYER"
+              f"{'.npz' if args.format == 'npz' else ''}'")
+        late = _late_signal(out)
+    return EXIT_OK if late is None else late
 
 
 def _check(args) -> int:
@@ -301,7 +331,7 @@ def main(argv=None) -> int:
         return EXIT_OK
     debug = getattr(args, "debug", False)
     args.argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
-    handler = {"report": _report, "check": _check, "compare": _compare, "history": _history,
+    handler = {"report": _report, "extract": _extract, "check": _check, "compare": _compare, "history": _history,
                "layers": _layers}[args.command]
     _log_to_stdout()
     previous = None

@@ -474,7 +474,7 @@ def _precomputed(mcfg, dataset) -> list:
         if len(pairs) != len({a for a, _ in pairs}) or len(pairs) != len({b for _, b in pairs}):
             raise EvalkitError(f"{mcfg.features}: its 'labels' disagree with the dataset's; rows must follow the "
                                f"dataset's sample order")
-    layer = mcfg.layers[0] if mcfg.layers != (PENULTIMATE,) else "features"
+    layer = mcfg.layer_names[0]
     return [FeatureSet(mcfg.name, layer, np.ascontiguousarray(feats[rows]))]
 
 
