@@ -350,8 +350,8 @@ def main(argv=None) -> int:
         what = "interrupted" if isinstance(exc, KeyboardInterrupt) else "terminated"
         ranks = _ranks()
         if ranks is not None and ranks.active:  # torchrun stops every rank when one of them fails
-            print(f"evalkit: {ranks}: {what} (under torchrun, every rank stops when one fails: see that rank's "
-                  f"error); nothing was written (an earlier run folder is left as it was); slices that finished "
+            print(f"evalkit: {ranks}: {what} (torchrun stops every rank when one fails or dies: its summary names "
+                  f"the rank); nothing was written (an earlier run folder is left as it was); slices that finished "
                   f"are in the feature cache: rerun the same command to compute only the missing ones",
                   file=sys.stderr)
         else:
@@ -378,6 +378,8 @@ def main(argv=None) -> int:
         message = _user_error(exc)
         if debug:
             raise
+        if message is not None and getattr(exc, "reported", False):  # said already (torchrun ranks)
+            return EXIT_BAD_INPUT
         if message is not None:
             ranks = _ranks()
             where = f"{ranks}: " if ranks is not None and ranks.active and not message.startswith("rank ") else ""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -144,12 +145,26 @@ class Session:
         gathered = [None] * self.ranks.world_size
         dist.all_gather_object(gathered, mine, group=self.group)
         failed = [(k, s) for k, (s, _) in enumerate(gathered) if s is not None]
-        if failed and failure is None:
-            k, text = failed[0]
-            more = f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""
-            raise EvalkitError(f"rank {k} of {self.ranks.world_size} failed{more}: {text}; slices that finished are "
+        if not failed:
+            return [p for _, p in gathered]
+        # torchrun stops every rank as soon as one exits with an error: so each rank says its line
+        # now, all wait until every line is out, and only then does any rank exit
+        k, text = failed[0]
+        more = f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""
+        exc = failure
+        if failure is None:
+            exc = EvalkitError(f"rank {k} of {self.ranks.world_size} failed{more}: {text}; slices that finished are "
                                f"in the feature cache: rerun the same command to compute only the missing ones")
-        return [p for _, p in gathered]
+            if self.ranks.main:
+                _say(f"evalkit: error: {exc}")
+            exc.reported = True
+        elif isinstance(failure, EvalkitError):
+            _say(f"evalkit: error: {self.ranks}: {_one_line(failure)}")
+            failure.reported = True
+        with contextlib.suppress(Exception):
+            self.timeout_s = min(self.timeout_s, 60.0)
+            self._barrier("reporting the failure")
+        raise exc
 
     def _barrier(self, what: str) -> None:
         import torch.distributed as dist
@@ -201,6 +216,16 @@ def session(device_name: str = "auto", *, timeout_s: float = 3600.0):
     finally:
         _current = None
         s.close()
+
+
+def _say(line: str) -> None:
+    """One line on stderr in one write, so lines from several ranks never interleave."""
+    text = line.replace("\n", " ") + "\n"
+    try:
+        sys.stderr.flush()
+        os.write(sys.stderr.fileno(), text.encode("utf-8", "replace"))
+    except (OSError, ValueError):  # a stderr without a file descriptor (captured)
+        sys.stderr.write(text)
 
 
 def _one_line(exc: BaseException) -> str:

@@ -99,6 +99,44 @@ def test_extract_folder_is_guarded_and_features_folders_are_read(tmp_path, capsy
     assert feats.shape == (3, 2) and labels.tolist() == [0, 1, 1] and names is None and ids is None
 
 
+def test_loader_workers_default(monkeypatch):
+    from evalkit.extract import loader_workers
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(8)), raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    auto = ExtractConfig(batch_size=4)
+    assert loader_workers(auto, 4) == 0  # one batch: workers cost more than they save
+    assert loader_workers(auto, 5) == 4  # min(4, cores - 1)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # 4 ranks share the 8 cores
+    assert loader_workers(auto, 5) == 1
+    assert loader_workers(ExtractConfig(num_workers=3), 5) == 3
+
+
+def test_compile_that_fails_falls_back_to_the_eager_model_with_a_note(monkeypatch):
+    import torch
+
+    from evalkit.config import PoolingConfig
+    from evalkit.extract import resolve_layers, run_layers
+    from usermodels import make_net
+
+    model, x = make_net().eval(), torch.randn(4, 3, 8, 8)
+    layer_map = resolve_layers(model, ["blocks.0", "penultimate"])
+    kw = dict(device=torch.device("cpu"), pooling=PoolingConfig())
+    want, _ = run_layers(model, [x], layer_map, **kw)
+
+    def broken(module, **_):
+        def run(_x):
+            raise RuntimeError("no compiler here")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken)
+    logged = []
+    got, _ = run_layers(model, [x, x], layer_map, compile=True, log=logged.append, **kw)
+    assert logged == ["  torch.compile failed (RuntimeError: no compiler here); running uncompiled"]
+    for layer in want:
+        np.testing.assert_array_equal(got[layer], np.concatenate([want[layer]] * 2))
+
+
 # --- torchrun, two CPU processes ----------------------------------------------------------------
 
 
@@ -139,6 +177,7 @@ def test_two_ranks_equal_one_process_fail_cleanly_resume_and_extract(folder, tmp
     code, out, err = run_cli(["report", single_cfg, "--out", tmp_path / "single"], capsys)
     assert code == 0, err
     want_rows, want = _rows(tmp_path / "single"), _cached(tmp_path / "cache-single")
+    assert json.loads((tmp_path / "single" / "metrics.json").read_text())["provenance"]["images_per_s"]["u"] > 0
 
     # rank 1 fails after its first batch: every rank fails, one line says why, the old report stays
     run = make_run_folder(tmp_path / "run")
@@ -146,8 +185,12 @@ def test_two_ranks_equal_one_process_fail_cleanly_resume_and_extract(folder, tmp
     p = _torchrun(["report", dist_cfg, "--out", run], tmp_path, {"EVALKIT_TEST_FAIL_RANK": "1"})
     assert p.returncode != 0
     ours = [line for line in p.stderr.splitlines() if line.startswith("evalkit: error:")]
-    assert any(re.fullmatch(r"evalkit: error: rank 1 of 2 failed: .*EVALKIT_TEST_FAIL_RANK: rank 1 stops after 1 "
-                            r"batches.*rerun the same command to compute only the missing ones", line)
+    why = re.escape("model 'u' (python:usermodels:make_net): EVALKIT_TEST_FAIL_RANK: rank 1 stops after 1 batches "
+                    "(a test)")
+    assert len(ours) == 2, p.stderr  # one line from the rank that failed, one from rank 0: each whole
+    assert any(re.fullmatch(f"evalkit: error: rank 1 of 2: {why}", line) for line in ours), p.stderr
+    assert any(re.fullmatch(f"evalkit: error: rank 1 of 2 failed: {why}; slices that finished are in the feature "
+                            f"cache: rerun the same command to compute only the missing ones", line)
                for line in ours), p.stderr
     assert tree_digest(run) == before
     slices = sorted(q.name.split(".", 1)[1] for q in (tmp_path / "cache-dist").iterdir())
