@@ -309,6 +309,22 @@ def _log_to_stdout() -> None:
 
 
 def main(argv=None) -> int:
+    code = _main(argv)
+    from evalkit import distributed
+
+    if argv is None and distributed.USED:
+        # Under torchrun, leave without the interpreter's finalization: gloo's worker threads can
+        # abort the process while it runs (SIGABRT, pytorch #179291), turning a finished rank into
+        # a failed one. Everything is written and the process group destroyed by now.
+        import os
+
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def _main(argv=None) -> int:
     import os
     import signal
     import warnings

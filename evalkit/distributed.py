@@ -23,6 +23,7 @@ from evalkit.errors import EvalkitError
 FAIL_ENV = "EVALKIT_TEST_FAIL_RANK"
 
 _current: Optional["Session"] = None  # the session of this process, while one is open
+USED = False  # a process group was initialised in this process (the CLI then exits without finalization)
 
 
 @dataclass(frozen=True)
@@ -201,7 +202,7 @@ class Session:
 @contextlib.contextmanager
 def session(device_name: str = "auto", *, timeout_s: float = 3600.0):
     """A :class:`Session` under torchrun (``WORLD_SIZE > 1``), else None; closed on exit."""
-    global _current
+    global _current, USED
     ranks = ranks_from_env()
     if not ranks.active:
         yield None
@@ -209,6 +210,7 @@ def session(device_name: str = "auto", *, timeout_s: float = 3600.0):
     if _current is not None:  # nested (extract inside report): the outer session serves
         yield _current
         return
+    USED = True
     s = Session(ranks, device_name, timeout_s=timeout_s)
     _current = s
     try:
