@@ -187,7 +187,8 @@ class Session:
         except EvalkitError:
             raise
         except RuntimeError as exc:  # gloo: a peer closed its connection (the rank died)
-            raise EvalkitError(f"{self.ranks}: another rank stopped before finishing {what} ({_one_line(exc)}); "
+            reason = _one_line(exc).split(" This is typically")[0]  # gloo adds advice and an emoji
+            raise EvalkitError(f"{self.ranks}: another rank stopped before finishing {what} ({reason}); "
                                f"slices that finished are in the feature cache: rerun the same command to compute "
                                f"only the missing ones") from None
 
