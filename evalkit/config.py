@@ -143,8 +143,8 @@ class ModelConfig(_Strict):
     @property
     def layer_names(self) -> tuple:
         """The layer names this entry's rows carry (a ``features`` entry: one, ``features`` by default)."""
-        if self.features:  # an explicit `layers: [NAME]` labels the features, even `penultimate`
-            return self.layers[:1] if "layers" in self.model_fields_set else ("features",)
+        if self.features:
+            return ("features",) if self.layers == ("penultimate",) else self.layers[:1]
         return self.layers
 
 
