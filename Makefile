@@ -8,7 +8,7 @@ DEMO    := configs/demo.yaml
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo-models report test bench docker clean
+.PHONY: help install demo-models report test bench bench-extract docker clean
 
 help:  ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -43,6 +43,9 @@ test: install  ## run the test suite
 
 bench: install  ## the judged speed scenarios (tiny, demo, 10k vs textbook, 70k vs openTSNE) -> bench-results/judged.json (not part of test; about 30 min)
 	$(PY) benchmarks/bench.py --judged --out bench-results/judged.json
+
+bench-extract: install  ## images/s of a ResNet-50 through evalkit's extraction (CPU; CUDA modes when present)
+	$(PY) benchmarks/extract_throughput.py
 
 docker:  ## build the CUDA image (needs a Docker engine)
 	docker build -t evalkit .

@@ -1,4 +1,4 @@
-"""Command line: ``evalkit report | check | compare | history | layers``. No logic lives here.
+"""Command line: ``evalkit report | extract | check | compare | history | layers``. No logic lives here.
 
 A user mistake (:class:`EvalkitError`, a wrong command line, an unreadable file) is one line
 on stderr and exit code 2; ``--debug`` shows the traceback. A failing check is exit code 1.
@@ -46,6 +46,14 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--junit", metavar="FILE", help="also write the checks as JUnit XML")
     r.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
+    e = sub.add_parser("extract", help="extract features only: one file per model and layer, for 'features:'")
+    e.add_argument("config", metavar="CONFIG", help="YAML config (its embed, metrics and checks are not used)")
+    e.add_argument("--out", metavar="DIR", required=True, help="folder for MODEL/LAYER.npz files and extract.json")
+    e.add_argument("--format", choices=("npz", "npy"), default="npz",
+                   help="npz: one file per layer (default); npy: a folder per layer, features.npy memory-mappable")
+    e.add_argument("--no-cache", action="store_true", help="recompute features even when cached")
+    e.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
     c = sub.add_parser("check", help="re-evaluate the checks on an existing run folder (no recomputation)")
     c.add_argument("run_dir", metavar="DIR")
     c.add_argument("--config", metavar="CONFIG", help="take the checks from this config instead of DIR/config.yaml")
@@ -92,6 +100,9 @@ def _report(args) -> int:
             check_junit_path(args.junit)  # before the run, not after it
         check_interrupted()
         result = run_report(config, out, use_cache=not args.no_cache, argv=["evalkit"] + args.argv)
+        if result is None:  # a torchrun rank other than 0: its slices are in the cache
+            print(f"evalkit: {_ranks()}: features extracted; rank 0 writes {out}")
+            return EXIT_OK
         for r in result.checks:
             if r.status != "pass":
                 print(describe(r), file=sys.stderr)
@@ -117,6 +128,28 @@ def _late_signal(out):
     what = "interrupted" if sig == signal.SIGINT else "terminated"
     print(f"evalkit: {what} after the run had finished; {out} holds the complete new run", file=sys.stderr)
     return EXIT_INTERRUPTED if sig == signal.SIGINT else EXIT_TERMINATED
+
+
+def _extract(args) -> int:
+    from pathlib import Path
+
+    from evalkit.config import load_config
+    from evalkit.export import run_extract
+    from evalkit.interrupt import recording_signals
+
+    with recording_signals():  # Ctrl-C / SIGTERM: raised at the next stage boundary, never lost
+        config = load_config(args.config)
+        out = Path(args.out)
+        manifest = run_extract(config, out, fmt=args.format, use_cache=not args.no_cache,
+                               argv=["evalkit"] + args.argv)
+        if manifest is None:  # a torchrun rank other than 0
+            print(f"evalkit: {_ranks()}: features extracted; rank 0 writes {out}")
+            return EXIT_OK
+        print(f"evalkit: wrote {len(manifest['files'])} feature files for {manifest['n_samples']:,} samples to "
+              f"{out} ({manifest['duration_s']:.1f} s); name them in a config with 'features: {out}/MODEL/LAYER"
+              f"{'.npz' if args.format == 'npz' else ''}'")
+        late = _late_signal(out)
+    return EXIT_OK if late is None else late
 
 
 def _check(args) -> int:
@@ -234,6 +267,16 @@ def _user_error(exc: BaseException):
     return None
 
 
+def _ranks():
+    """This process's place under torchrun (None when the environment is not torchrun's)."""
+    from evalkit.distributed import ranks_from_env
+
+    try:
+        return ranks_from_env()
+    except EvalkitError:
+        return None
+
+
 def _on_sigterm(signum, frame):
     raise _Terminated()
 
@@ -254,15 +297,34 @@ def _log_to_stdout() -> None:
             pass
 
     logger = logging.getLogger("evalkit")
-    if not any(type(h).__name__ == "StdoutHandler" for h in logger.handlers):
+    ranks = _ranks()
+    prefix = f"[rank {ranks.rank}/{ranks.world_size}] " if ranks is not None and ranks.active else ""
+    handler = next((h for h in logger.handlers if type(h).__name__ == "StdoutHandler"), None)
+    if handler is None:
         handler = StdoutHandler()
-        handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
+    handler.setFormatter(logging.Formatter(prefix.replace("%", "%%") + "%(message)s"))
     logger.setLevel(logging.INFO)
     logger.propagate = False
 
 
 def main(argv=None) -> int:
+    code = _main(argv)
+    from evalkit import distributed
+
+    if argv is None and distributed.USED:
+        # Under torchrun, leave without the interpreter's finalization: gloo's worker threads can
+        # abort the process while it runs (SIGABRT, pytorch #179291), turning a finished rank into
+        # a failed one. Everything is written and the process group destroyed by now.
+        import os
+
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def _main(argv=None) -> int:
     import os
     import signal
     import warnings
@@ -285,7 +347,7 @@ def main(argv=None) -> int:
         return EXIT_OK
     debug = getattr(args, "debug", False)
     args.argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
-    handler = {"report": _report, "check": _check, "compare": _compare, "history": _history,
+    handler = {"report": _report, "extract": _extract, "check": _check, "compare": _compare, "history": _history,
                "layers": _layers}[args.command]
     _log_to_stdout()
     previous = None
@@ -302,7 +364,14 @@ def main(argv=None) -> int:
         if argv is None:  # the evalkit program itself: a second Ctrl-C while exiting must not
             signal.signal(signal.SIGINT, signal.SIG_IGN)  # end it with a traceback instead
         what = "interrupted" if isinstance(exc, KeyboardInterrupt) else "terminated"
-        print(f"evalkit: {what}; nothing was written (an earlier run folder is left as it was)", file=sys.stderr)
+        ranks = _ranks()
+        if ranks is not None and ranks.active:  # torchrun stops every rank when one of them fails
+            print(f"evalkit: {ranks}: {what} (torchrun stops every rank when one fails or dies: its summary names "
+                  f"the rank); nothing was written (an earlier run folder is left as it was); slices that finished "
+                  f"are in the feature cache: rerun the same command to compute only the missing ones",
+                  file=sys.stderr)
+        else:
+            print(f"evalkit: {what}; nothing was written (an earlier run folder is left as it was)", file=sys.stderr)
         code = EXIT_INTERRUPTED if isinstance(exc, KeyboardInterrupt) else EXIT_TERMINATED
         if argv is None:
             # The run has unwound (temp folders removed in finally blocks). Leave now: seen in CI,
@@ -325,8 +394,12 @@ def main(argv=None) -> int:
         message = _user_error(exc)
         if debug:
             raise
+        if message is not None and getattr(exc, "reported", False):  # said already (torchrun ranks)
+            return EXIT_BAD_INPUT
         if message is not None:
-            print(f"evalkit: error: {message}", file=sys.stderr)
+            ranks = _ranks()
+            where = f"{ranks}: " if ranks is not None and ranks.active and not message.startswith("rank ") else ""
+            print(f"evalkit: error: {where}{message}", file=sys.stderr)
             return EXIT_BAD_INPUT
         import traceback
 

@@ -10,7 +10,7 @@ import re
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import (
     BaseModel,
@@ -151,10 +151,17 @@ class ModelConfig(_Strict):
 class ExtractConfig(_Strict):
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     batch_size: int = Field(128, ge=1)
-    num_workers: int = Field(0, ge=0)
+    num_workers: Union[Literal["auto"], Annotated[int, Field(ge=0)]] = Field(
+        "auto", description="DataLoader workers; auto: min(4, cores - 1) (cores shared among torchrun's ranks on "
+                            "a machine), none for a single batch")
     bf16: bool = False
+    channels_last: bool = Field(True, description="CUDA only: model and batches in channels_last memory format")
+    compile: bool = Field(False, description="torch.compile the model (falls back to eager with a note)")
     cache: bool = True
     cache_dir: str = ".evalkit-cache"
+    slice_size: int = Field(10000, ge=1, description="images per cached slice: a killed run resumes from the "
+                                                     "last finished slice")
+    timeout_s: float = Field(3600, gt=0, description="under torchrun, how long ranks wait for each other")
 
 
 #: numpy's RandomState (behind openTSNE, umap-learn and scikit-learn) takes seeds 0 <= seed < 2**32.

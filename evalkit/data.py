@@ -410,16 +410,29 @@ def read_feature_file(path: str | Path, *, labels_path: Optional[str] = None, wi
     """Read ``(features, labels, label_names)`` from ``.npz``, ``.npy`` (+ labels) or ``.safetensors``.
 
     ``.npz`` holds ``features`` (N, D), ``labels`` (N,) and optionally ``label_names`` and
-    the sample ids: ``ids`` (N,) or ``indices`` (N,). With ``with_ids`` the ids (or None)
-    come fourth: ``(features, labels, label_names, ids)``.
+    the sample ids: ``ids`` (N,) or ``indices`` (N,). A folder holds the same arrays as
+    ``.npy`` files (``features.npy`` is memory-mapped; ``evalkit extract --format npy``).
+    With ``with_ids`` the ids (or None) come fourth: ``(features, labels, label_names, ids)``.
     """
     ids = None
     path = Path(path)
-    if not path.is_file():
+    if path.is_dir():
+        if not (path / "features.npy").is_file():
+            raise EvalkitError(f"{path}: a folder without features.npy; expected a features file (.npz, .npy, "
+                               f".safetensors) or a folder of .npy files as `evalkit extract --format npy` writes")
+    elif not path.is_file():
         raise EvalkitError(f"{path}: feature file not found")
     suffix = path.suffix.lower()
     try:
-        if suffix == ".npz":
+        if path.is_dir():  # features.npy memory-mapped, beside labels.npy, label_names.npy, indices.npy or ids.npy
+            feats = np.load(path / "features.npy", mmap_mode="r", allow_pickle=False)
+            part = {k: np.load(path / f"{k}.npy", allow_pickle=False)
+                    for k in ("labels", "label_names", *ID_KEYS) if (path / f"{k}.npy").is_file()}
+            labels = part.get("labels")
+            names = [str(n) for n in part["label_names"]] if "label_names" in part else None
+            id_key = next((k for k in ID_KEYS if k in part), None)
+            ids = part[id_key] if with_ids and id_key else None
+        elif suffix == ".npz":
             with np.load(path, allow_pickle=False) as z:
                 missing = [k for k in ("features",) if k not in z.files]
                 if missing:
@@ -535,12 +548,18 @@ def encode_labels(labels: np.ndarray, names=None, *, source: str = "labels"):
     return codes.astype(np.int64), [str(u) for u in uniq]
 
 
+def feature_file_stat(path):
+    """``os.stat`` of a features file, or of ``features.npy`` in a features folder."""
+    p = Path(path)
+    return (p / "features.npy").stat() if p.is_dir() else p.stat()
+
+
 def _load_features_dataset(cfg) -> Dataset:
     feats, labels, names = read_feature_file(cfg.path, labels_path=cfg.labels)
     if labels is None:
         raise EvalkitError(f"{cfg.path}: no labels; add a 'labels' array to the .npz or set data.labels")
     codes, names = encode_labels(labels, names, source=str(cfg.path))
-    st = Path(cfg.path).stat()
+    st = feature_file_stat(cfg.path)
     return _select(Path(cfg.path).name, codes, names, cfg, features=feats,
                    fingerprint=f"features|{Path(cfg.path).resolve()}|{st.st_size}|{st.st_mtime_ns}")
 
@@ -641,7 +660,7 @@ def dataset_from_feature_files(model_cfgs) -> Dataset:
     ids = with_ids[0].ids if with_ids else None
     rows = np.arange(first.n, dtype=np.int64)
     indices = ids.astype(np.int64) if ids is not None and np.issubdtype(ids.dtype, np.integer) else rows
-    stats = [Path(f.path).stat() for f in files]
+    stats = [feature_file_stat(f.path) for f in files]
     shown = [Path(f.path).name for f in files]
     return Dataset(
         name=" + ".join(shown) if len(shown) <= 3 else f"{shown[0]} + {len(shown) - 1} more features files",

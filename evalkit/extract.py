@@ -9,6 +9,7 @@ pooling, preprocessing, the dataset and the selected samples, and the evalkit ve
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import time
 from pathlib import Path
@@ -208,15 +209,16 @@ class _AllCaptured(Exception):
 class _Images:
     """A torch-style dataset over ``Dataset.load_image`` with a transform."""
 
-    def __init__(self, dataset, transform):
+    def __init__(self, dataset, transform, start: int = 0, stop: Optional[int] = None):
         self.load, self.transform = dataset.load_image, transform
-        self.n = len(dataset)
+        self.start = start
+        self.n = (len(dataset) if stop is None else stop) - start
 
     def __len__(self):
         return self.n
 
     def __getitem__(self, i):
-        return self.transform(self.load(i))
+        return self.transform(self.load(self.start + i))
 
 
 def _collate(items):
@@ -251,7 +253,8 @@ def _is_oom(exc: BaseException) -> bool:
 
 
 def run_layers(model, loader, layer_map: dict, *, device, pooling, bf16: bool = False, progress: bool = False,
-               stop_early: bool = True, log=None, labels_out: Optional[list] = None):
+               stop_early: bool = True, log=None, labels_out: Optional[list] = None, channels_last: bool = False,
+               compile: bool = False):
     """Run ``model`` over ``loader`` once, capturing every layer of ``layer_map`` with hooks.
 
     Parameters
@@ -276,6 +279,12 @@ def run_layers(model, loader, layer_map: dict, *, device, pooling, bf16: bool = 
         Receives one-line notes (out-of-memory retries).
     labels_out : list, optional
         Receives each batch's labels (a 1-D array per batch) when the batches carry them.
+    channels_last : bool
+        On CUDA, the model and 4-D batches in ``torch.channels_last`` memory format (faster
+        convolutions on tensor cores; the features are the same up to rounding).
+    compile : bool
+        ``torch.compile`` the model first; if compiling or the first compiled batch fails, the
+        run continues uncompiled with a note.
 
     Returns
     -------
@@ -309,12 +318,21 @@ def run_layers(model, loader, layer_map: dict, *, device, pooling, bf16: bool = 
             hook = module.register_forward_hook(lambda _m, _i, out, layer=layer, nhwc=nhwc: keep(layer, out, nhwc))
         handles.append(hook)
 
+    runner = [model]
+
     def forward(x):
         captured.clear()
         try:
-            model(x)
+            runner[0](x)
         except _AllCaptured:
             pass
+        except Exception as exc:
+            if runner[0] is model or _is_oom(exc):
+                raise
+            runner[0] = model  # torch.compile could not run this model: the eager model gives the same features
+            if log:
+                log(f"  torch.compile failed ({exc.__class__.__name__}: {_one_line(exc)[:200]}); running uncompiled")
+            return forward(x)
         missing = [layer for layer in layer_map if layer not in captured]
         if missing:
             raise EvalkitError(f"layer {missing[0]!r} was not run by the model's forward; choose another layer")
@@ -322,6 +340,17 @@ def run_layers(model, loader, layer_map: dict, *, device, pooling, bf16: bool = 
 
     chunks = {layer: [] for layer in layer_map}
     model.eval().to(device)
+    cuda = device.type == "cuda"
+    memory_format = torch.channels_last if channels_last and cuda else None
+    if memory_format is not None:
+        model.to(memory_format=memory_format)
+    if compile:
+        try:
+            runner[0] = torch.compile(model)
+        except Exception as exc:  # no compiler backend on this machine, an unsupported Python, ...
+            if log:
+                log(f"  torch.compile unavailable ({exc.__class__.__name__}: {_one_line(exc)[:200]}); running "
+                    f"uncompiled")
     use_bf16 = bf16 and device.type == "cuda"
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
     step = getattr(loader, "batch_size", None) or 1 << 30
@@ -343,7 +372,10 @@ def run_layers(model, loader, layer_map: dict, *, device, pooling, bf16: bool = 
                 batch, batch_labels = split_batch(batch)
                 if labels_out is not None and batch_labels is not None:
                     labels_out.append(batch_labels)
-                batch = batch.to(device, non_blocking=True)
+                if memory_format is not None and batch.ndim == 4:
+                    batch = batch.to(device, non_blocking=True, memory_format=memory_format)
+                else:
+                    batch = batch.to(device, non_blocking=True)
                 pos = 0
                 while pos < batch.shape[0]:
                     part = batch[pos:pos + step]
@@ -442,11 +474,12 @@ def _precomputed(mcfg, dataset) -> list:
         if len(pairs) != len({a for a, _ in pairs}) or len(pairs) != len({b for _, b in pairs}):
             raise EvalkitError(f"{mcfg.features}: its 'labels' disagree with the dataset's; rows must follow the "
                                f"dataset's sample order")
-    layer = mcfg.layers[0] if mcfg.layers != (PENULTIMATE,) else "features"
+    layer = mcfg.layer_names[0]
     return [FeatureSet(mcfg.name, layer, np.ascontiguousarray(feats[rows]))]
 
 
-def extract_model(mcfg, dataset, ecfg, *, use_cache: bool = True, log=None, notes: Optional[list] = None) -> list:
+def extract_model(mcfg, dataset, ecfg, *, use_cache: bool = True, log=None, notes: Optional[list] = None,
+                  stats: Optional[dict] = None) -> list:
     """Features of every requested layer of one model entry.
 
     Parameters
@@ -461,6 +494,8 @@ def extract_model(mcfg, dataset, ecfg, *, use_cache: bool = True, log=None, note
     notes : list, optional
         Receives one-line notes for the run's report (a classifier width taken from the
         checkpoint); they come back with cached features too.
+    stats : dict, optional
+        Receives ``images`` computed (not from the cache) and ``seconds`` spent on them.
 
     Returns
     -------
@@ -469,83 +504,285 @@ def extract_model(mcfg, dataset, ecfg, *, use_cache: bool = True, log=None, note
     """
     if mcfg.features:
         return _precomputed(mcfg, dataset)
-    if dataset.load_image is None:
-        raise EvalkitError(f"model {mcfg.name!r}: data.kind 'features' has no images; give this model 'features: FILE'")
+    job = ModelExtraction(mcfg, dataset, ecfg, use_cache=use_cache, log=log, notes=notes)
+    out = job.features()
+    if stats is not None:
+        stats.update(job.stats())
+    return out
 
-    import torch
 
-    from evalkit.models import create_model, file_digest, load_checkpoint, read_checkpoint
+class ModelExtraction:
+    """One model entry's features, computed in slices that the feature cache keeps.
 
-    model = create_model(mcfg.source, kwargs=mcfg.kwargs)
-    spec = resolve_preprocess(model, mcfg.preprocess, source=mcfg.source)
-    example = None
-    if PENULTIMATE in mcfg.layers and len(dataset):  # one real image finds the classifier by running it
-        example = build_transform(spec)(dataset.load_image(0))[None]
-    layer_map = resolve_layers(model, mcfg.layers, source=mcfg.source, example=example)
-    digest = "random-init"
-    if mcfg.checkpoint and ecfg.cache:
-        if not Path(mcfg.checkpoint).is_file():
-            read_checkpoint(mcfg.checkpoint)  # the one-line "not found" error
-        digest = file_digest(mcfg.checkpoint, cache_dir=ecfg.cache_dir)
-        # a checkpoint loaded once under these settings loads the same again: a hit skips loading it
-        digest += f"|strict={mcfg.strict}|unsafe_pickle={mcfg.unsafe_pickle}"
-    if ecfg.cache and mcfg.source.startswith("python:"):  # the user's code and weights as created
-        from evalkit.cache import python_model_digest
+    A slice is rows ``start..stop`` of the selected samples, cached as
+    ``NAME-KEY.START-STOP.npz`` beside the whole set's ``NAME-KEY.npz`` (same content key).
+    Any range is served from whatever cached slices cover it, and only the gaps are computed,
+    in slices of at most ``extract.slice_size`` images, each written as soon as it is done:
+    so a run that was killed (one rank of a torchrun job, or a single process) resumes where
+    it stopped, and under torchrun each rank hands its slice to rank 0 through the cache.
+    """
 
-        digest += f"|code+init={python_model_digest(mcfg.source, model)}"
-    key = cache_key(mcfg, dataset, spec, digest, bf16=ecfg.bf16)
-    cache_path = Path(ecfg.cache_dir) / f"{mcfg.name}-{key}.npz"
-    found: list = []  # notes about this model, kept with its cached features
+    def __init__(self, mcfg, dataset, ecfg, *, use_cache: bool = True, log=None, notes: Optional[list] = None):
+        if dataset.load_image is None:
+            raise EvalkitError(f"model {mcfg.name!r}: data.kind 'features' has no images; give this model "
+                               f"'features: FILE'")
+        from evalkit.models import create_model, file_digest, read_checkpoint
 
-    def note(text: str) -> None:
-        found.append(text)
-        if notes is not None:
-            notes.append(text)
-        if log:
-            log(f"  note: {text}")
+        self.mcfg, self.dataset, self.ecfg, self.use_cache, self.log = mcfg, dataset, ecfg, use_cache, log
+        self.notes, self.found = notes, []  # found: notes about this model, kept with its cached features
+        self.n = len(dataset)
+        self.model = create_model(mcfg.source, kwargs=mcfg.kwargs)
+        self.spec = resolve_preprocess(self.model, mcfg.preprocess, source=mcfg.source)
+        example = None
+        if PENULTIMATE in mcfg.layers and self.n:  # one real image finds the classifier by running it
+            example = build_transform(self.spec)(dataset.load_image(0))[None]
+        self.layer_map = resolve_layers(self.model, mcfg.layers, source=mcfg.source, example=example)
+        digest = "random-init"
+        if mcfg.checkpoint and ecfg.cache:
+            if not Path(mcfg.checkpoint).is_file():
+                read_checkpoint(mcfg.checkpoint)  # the one-line "not found" error
+            digest = file_digest(mcfg.checkpoint, cache_dir=ecfg.cache_dir)
+            # a checkpoint loaded once under these settings loads the same again: a hit skips loading it
+            digest += f"|strict={mcfg.strict}|unsafe_pickle={mcfg.unsafe_pickle}"
+        if ecfg.cache and mcfg.source.startswith("python:"):  # the user's code and weights as created
+            from evalkit.cache import python_model_digest
 
-    if use_cache and ecfg.cache:
-        hit = cache_read(cache_path)
-        cached_notes = hit.pop(_NOTES_KEY, None) if hit is not None else None
-        if hit is not None and set(hit) == set(mcfg.layers) and all(a.shape[0] == len(dataset) for a in hit.values()):
-            if log:
-                log(f"  {mcfg.name}: features from cache ({cache_path.name})")
-            for text in [] if cached_notes is None else cached_notes.reshape(-1).tolist():
-                note(str(text))
-            return [FeatureSet(mcfg.name, layer, hit[layer]) for layer in mcfg.layers]
-    if mcfg.checkpoint:
-        report = load_checkpoint(model, mcfg.checkpoint, unsafe_pickle=mcfg.unsafe_pickle, strict=mcfg.strict,
-                                 source=mcfg.source, kwargs=mcfg.kwargs, name=mcfg.name)
-        if report["model"] is not model:  # built again with the checkpoint's classifier width
-            model = report["model"]
-            layer_map = resolve_layers(model, mcfg.layers, source=mcfg.source)
-        for text in report["notes"]:
-            note(text)
-        skipped = len(report["missing"]) + len(report["unexpected"]) + len(report["mismatched"])
-        if skipped and log:
-            log(f"  {mcfg.name}: loaded {report['loaded']} tensors from {mcfg.checkpoint}; skipped {skipped} "
-                f"(strict: false)")
-    device = resolve_device(ecfg.device)
-    rule = depth_rule(dataset.load_image(0)) if len(dataset) and log else None
-    if rule:
-        log(f"  {mcfg.name}: images of {rule} to 8 bits (see README, Config)")
-    if ecfg.bf16 and device.type != "cuda" and log:
-        log(f"  {mcfg.name}: extract.bf16 applies on CUDA only; running in float32 on {device.type}")
-    loader = torch.utils.data.DataLoader(
-        _Images(dataset, build_transform(spec)), batch_size=ecfg.batch_size, shuffle=False,
-        num_workers=ecfg.num_workers, pin_memory=device.type == "cuda", collate_fn=_collate,
-    )
-    feats, rate = run_layers(model, loader, layer_map, device=device, pooling=mcfg.pooling, bf16=ecfg.bf16,
-                             progress=True, log=log)
-    if log:
-        log(f"  {mcfg.name}: {len(dataset)} images on {device} at {rate:,.0f} img/s")
-    if ecfg.cache:
+            digest += f"|code+init={python_model_digest(mcfg.source, self.model)}"
+        self.key = cache_key(mcfg, dataset, self.spec, digest, bf16=ecfg.bf16)
+        self.cache_dir = Path(ecfg.cache_dir)
+        self.full_path = self.cache_dir / f"{mcfg.name}-{self.key}.npz"
+        self.images, self.seconds = 0, 0.0  # computed here, not read from the cache
+        self._ready = False
+        self._full: Optional[dict] = None
+        self._logged_files: set = set()
+
+    # --- notes and numbers ---
+
+    def note(self, text: str) -> None:
+        if text in self.found:
+            return
+        self.found.append(text)
+        if self.notes is not None and text not in self.notes:
+            self.notes.append(text)
+        if self.log:
+            self.log(f"  note: {text}")
+
+    def stats(self) -> dict:
+        """``{"images": computed here, "seconds": spent on them}``."""
+        return {"images": self.images, "seconds": round(self.seconds, 4)}
+
+    # --- the cache ---
+
+    def slice_path(self, start: int, stop: int) -> Path:
+        if (start, stop) == (0, self.n):
+            return self.full_path
+        return self.cache_dir / f"{self.mcfg.name}-{self.key}.{start}-{stop}.npz"
+
+    def cached_files(self, *, full: bool = True) -> list:
+        """``[(start, stop, path, mtime_ns)]`` of this key's cache files (not yet verified)."""
+        out = []
+        prefix = f"{self.mcfg.name}-{self.key}."
         try:
-            cache_write(cache_path, {**feats, _NOTES_KEY: np.array(found, dtype=str)} if found else feats)
+            names = os.listdir(self.cache_dir)
+        except OSError:
+            return out
+        for name in names:
+            if not (name.startswith(prefix) and name.endswith(".npz")):
+                continue
+            middle = name[len(prefix):-len(".npz")]
+            if middle == "":
+                if not full:
+                    continue
+                start, stop = 0, self.n
+            else:
+                a, sep, b = middle.partition("-")
+                if not (sep and a.isdigit() and b.isdigit()):
+                    continue
+                start, stop = int(a), int(b)
+                if not 0 <= start < stop <= self.n:
+                    continue
+            try:
+                mtime = (self.cache_dir / name).stat().st_mtime_ns
+            except OSError:
+                continue
+            out.append((start, stop, self.cache_dir / name, mtime))
+        return out
+
+    def _read(self, path: Path, start: int, stop: int) -> Optional[dict]:
+        hit = cache_read(path)
+        if hit is None:
+            return None
+        cached_notes = hit.pop(_NOTES_KEY, None)
+        if set(hit) != set(self.mcfg.layers) or any(a.shape[0] != stop - start for a in hit.values()):
+            return None
+        for text in [] if cached_notes is None else cached_notes.reshape(-1).tolist():
+            self.note(str(text))
+        return hit
+
+    def _write(self, path: Path, feats: dict) -> None:
+        try:
+            cache_write(path, {**feats, _NOTES_KEY: np.array(self.found, dtype=str)} if self.found else feats)
         except OSError as exc:  # a full disk or read-only cache folder costs a recompute, nothing more
-            if log:
-                log(f"  {mcfg.name}: cannot write the feature cache {cache_path} ({exc})")
-    return [FeatureSet(mcfg.name, layer, feats[layer]) for layer in mcfg.layers]
+            if self.log:
+                self.log(f"  {self.mcfg.name}: cannot write the feature cache {path} ({exc})")
+
+    def cached_full(self) -> Optional[dict]:
+        """The whole set from the cache (its notes re-emitted), else None."""
+        if self._full is not None or not (self.use_cache and self.ecfg.cache):
+            return self._full
+        hit = self._read(self.full_path, 0, self.n)
+        if hit is not None and self.log:
+            self.log(f"  {self.mcfg.name}: features from cache ({self.full_path.name})")
+        self._full = hit
+        return hit
+
+    # --- slices ---
+
+    def pieces(self, start: int = 0, stop: Optional[int] = None, *, compute: bool = True, reuse: Optional[bool] = None):
+        """Yield ``(start, stop, {layer: features})`` covering ``start..stop`` in order.
+
+        Cached slices (the newest first where several cover a row) are read back; the gaps are
+        computed in slices of at most ``extract.slice_size`` and cached as they finish. With
+        ``compute=False`` a gap is an error (rank 0 gathering what the other ranks wrote).
+        """
+        stop = self.n if stop is None else stop
+        reuse = (self.use_cache and self.ecfg.cache) if reuse is None else (reuse and self.ecfg.cache)
+        files = self.cached_files() if reuse else []
+        pos = start
+        while pos < stop:
+            over = [f for f in files if f[0] <= pos < f[1]]
+            if over:
+                f = max(over, key=lambda f: (f[3], f[1]))
+                s, e, path, _ = f
+                hit = self._read(path, s, e)
+                if hit is None:  # truncated or altered: never served
+                    files.remove(f)
+                    continue
+                b = min(e, stop)
+                if self.log and compute and path not in self._logged_files:
+                    self._logged_files.add(path)
+                    self.log(f"  {self.mcfg.name}: {self._rows(pos, b)} from cache ({path.name})")
+                yield pos, b, {k: v[pos - s:b - s] for k, v in hit.items()}
+                pos = b
+                continue
+            nxt = min([f[0] for f in files if pos < f[0] < stop], default=stop)
+            b = min(nxt, pos + self.ecfg.slice_size)
+            if not compute:
+                raise EvalkitError(f"model {self.mcfg.name!r}: images {pos}-{b - 1} are not in the feature cache "
+                                   f"{self.cache_dir} after every rank finished; on several machines "
+                                   f"extract.cache_dir must be a folder that every machine shares")
+            feats = self._compute(pos, b)
+            if self.ecfg.cache:
+                self._write(self.slice_path(pos, b), feats)
+            yield pos, b, feats
+            pos = b
+
+    def _rows(self, a: int, b: int) -> str:
+        return f"{self.n} images" if (a, b) == (0, self.n) else f"images {a}-{b - 1}"
+
+    def run(self, start: int, stop: int) -> None:
+        """Make sure ``start..stop`` is in the cache (a rank's part under torchrun)."""
+        for _ in self.pieces(start, stop):
+            pass
+
+    def features(self, *, compute: bool = True) -> list:
+        """The whole set as FeatureSets; cached as one file, which replaces the slices."""
+        hit = self.cached_full()
+        if hit is not None:
+            return [FeatureSet(self.mcfg.name, layer, hit[layer]) for layer in self.mcfg.layers]
+        parts = {layer: [] for layer in self.mcfg.layers}
+        ranges = []
+        # under --no-cache, rank 0 still reads what the ranks just wrote (the newest slices)
+        for a, b, feats in self.pieces(compute=compute, reuse=True if not compute else None):
+            ranges.append((a, b))
+            for layer in self.mcfg.layers:
+                parts[layer].append(feats[layer])
+        if not compute and self.log:
+            self.log(f"  {self.mcfg.name}: {len(ranges)} slice{'s' if len(ranges) != 1 else ''} read back from the "
+                     f"cache in dataset order")
+        feats = {layer: (np.concatenate(c) if len(c) > 1 else c[0]) if c else np.zeros((0, 0), np.float32)
+                 for layer, c in parts.items()}
+        if self.ecfg.cache and ranges != [(0, self.n)]:
+            self._write(self.full_path, feats)
+            for s, e, path, _ in self.cached_files(full=False):
+                with contextlib.suppress(OSError):
+                    path.unlink()
+        return [FeatureSet(self.mcfg.name, layer, np.ascontiguousarray(feats[layer], dtype=np.float32))
+                for layer in self.mcfg.layers]
+
+    # --- the forward pass ---
+
+    def _prepare(self) -> None:
+        """Load the checkpoint (once, and only when something is computed)."""
+        if self._ready:
+            return
+        from evalkit.models import load_checkpoint
+
+        mcfg, log = self.mcfg, self.log
+        if mcfg.checkpoint:
+            report = load_checkpoint(self.model, mcfg.checkpoint, unsafe_pickle=mcfg.unsafe_pickle,
+                                     strict=mcfg.strict, source=mcfg.source, kwargs=mcfg.kwargs, name=mcfg.name)
+            if report["model"] is not self.model:  # built again with the checkpoint's classifier width
+                self.model = report["model"]
+                self.layer_map = resolve_layers(self.model, mcfg.layers, source=mcfg.source)
+            for text in report["notes"]:
+                self.note(text)
+            skipped = len(report["missing"]) + len(report["unexpected"]) + len(report["mismatched"])
+            if skipped and log:
+                log(f"  {mcfg.name}: loaded {report['loaded']} tensors from {mcfg.checkpoint}; skipped {skipped} "
+                    f"(strict: false)")
+        self.device = resolve_device(self.ecfg.device)
+        from evalkit import distributed
+
+        session = distributed.current()
+        if session is not None:
+            self.device = session.map_device(self.device)
+        rule = depth_rule(self.dataset.load_image(0)) if self.n and log else None
+        if rule:
+            log(f"  {mcfg.name}: images of {rule} to 8 bits (see README, Config)")
+        if self.ecfg.bf16 and self.device.type != "cuda" and log:
+            log(f"  {mcfg.name}: extract.bf16 applies on CUDA only; running in float32 on {self.device.type}")
+        self._ready = True
+
+    def _compute(self, start: int, stop: int) -> dict:
+        import torch
+
+        from evalkit import distributed
+
+        self._prepare()
+        device = self.device
+        loader = torch.utils.data.DataLoader(
+            _Images(self.dataset, build_transform(self.spec), start, stop), batch_size=self.ecfg.batch_size,
+            shuffle=False, num_workers=loader_workers(self.ecfg, stop - start), pin_memory=device.type == "cuda",
+            collate_fn=_collate,
+        )
+        feats, rate = run_layers(self.model, distributed.maybe_fail(loader), self.layer_map, device=device,
+                                 pooling=self.mcfg.pooling, bf16=self.ecfg.bf16, progress=True, log=self.log,
+                                 channels_last=self.ecfg.channels_last, compile=self.ecfg.compile)
+        self.images += stop - start
+        self.seconds += (stop - start) / rate if rate > 0 else 0.0
+        if self.log:
+            self.log(f"  {self.mcfg.name}: {self._rows(start, stop)} on {device} at {rate:,.0f} img/s")
+        return feats
+
+
+def loader_workers(ecfg, n_images: int) -> int:
+    """DataLoader workers: ``extract.num_workers``, or for ``auto`` min(4, cores - 1).
+
+    ``auto`` counts the cores this process may use, shared among the ranks torchrun started on
+    this machine, and uses none for a single batch (starting workers would cost more than it
+    saves).
+    """
+    if ecfg.num_workers != "auto":
+        return int(ecfg.num_workers)
+    if n_images <= ecfg.batch_size:
+        return 0
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    return max(0, min(4, cores // local - 1))
 
 
 # --- listing layers -------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import logging
 import platform
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -192,15 +193,16 @@ def evaluate_feature_sets(feature_sets, samples: Samples, *, embed, metrics, che
         point_scores=point_scores)
 
 
-def run_report(config, out_dir, *, use_cache: bool = True, argv=None) -> Result:
+def run_report(config, out_dir, *, use_cache: bool = True, argv=None) -> Optional[Result]:
     """``evalkit report``: load the data, extract every model entry, evaluate, write the run folder.
 
     The folder is checked before any work and written atomically at the end. A Ctrl-C or
     SIGTERM the command line recorded is acted on at every stage boundary
-    (:func:`evalkit.interrupt.check_interrupted`).
+    (:func:`evalkit.interrupt.check_interrupted`). Under torchrun (``WORLD_SIZE > 1``) every
+    rank extracts its slice and only rank 0 evaluates and writes; the other ranks return None.
     """
-    from evalkit.data import resolve_dataset
-    from evalkit.extract import extract_model, resolve_device
+    from evalkit import distributed
+    from evalkit.extract import resolve_device
     from evalkit.runfolder import _PROCESS_START, check_out_dir, clean_stale_siblings, write_run
 
     t0 = time.perf_counter()
@@ -210,13 +212,9 @@ def run_report(config, out_dir, *, use_cache: bool = True, argv=None) -> Result:
                                f"API; a config cannot load it: name a factory (python:module:factory) and a "
                                f"checkpoint, or a features file")
     out_dir = check_out_dir(out_dir)
-    clean_stale_siblings(out_dir, older_than=_PROCESS_START)
-    try:
-        dataset = resolve_dataset(config)
-    except OSError as exc:  # an unreadable file: a user's problem, named by the OS
-        where = exc.filename or (config.data.path if config.data is not None else None)
-        key = "data.path" if config.data is not None else "models[].features"
-        raise EvalkitError(f"{key}: {where}: cannot read ({exc.strerror or exc})") from exc
+    if distributed.ranks_from_env().main:
+        clean_stale_siblings(out_dir, older_than=_PROCESS_START)
+    dataset = load_samples(config)
     check_interrupted()
     n_classes = int(np.unique(dataset.labels).size)
     embed, metrics, notes = fit_sizes(config.embed, config.metrics, len(dataset),
@@ -224,20 +222,14 @@ def run_report(config, out_dir, *, use_cache: bool = True, argv=None) -> Result:
     config = config.model_copy(update={"embed": embed, "metrics": metrics})
     logger.info(f"evalkit: {dataset.name}: {len(dataset):,} samples, {n_classes} classes")
 
+    with distributed.session(config.extract.device, timeout_s=config.extract.timeout_s) as session:
+        extracted = extract_models(config, dataset, use_cache=use_cache, notes=notes, session=session)
+        if extracted is None:  # not rank 0: its slices are in the cache
+            return None
+        feature_sets = []
+        for _mcfg, sets in extracted.items:
+            feature_sets.extend(sets)
     device = resolve_device(config.extract.device)
-    feature_sets = []
-    for mcfg in config.models:
-        try:
-            sets = extract_model(mcfg, dataset, config.extract, use_cache=use_cache, log=logger.info, notes=notes)
-        except Exception as exc:
-            err = _model_error(exc, mcfg)
-            if err is None:
-                raise
-            raise err from exc
-        for fs in sets:
-            check_features(fs, len(dataset))
-        feature_sets.extend(sets)
-        check_interrupted()
     t_extract = time.perf_counter() - t0
     samples = Samples(dataset.labels, tuple(dataset.label_names), dataset.indices, name=dataset.name,
                       n_total=getattr(dataset, "n_total", None), sample_ids=dataset.sample_ids,
@@ -251,11 +243,125 @@ def run_report(config, out_dir, *, use_cache: bool = True, argv=None) -> Result:
     result = evaluate_feature_sets(
         feature_sets, samples, embed=embed, metrics=metrics, checks=config.checks, device=device,
         config_yaml=config.to_yaml(), name=config.name, notes=notes, thumbnails=thumbnails,
-        provenance={"command": " ".join(argv) if argv else "evalkit report", "extract_s": round(t_extract, 2)})
+        provenance={"command": " ".join(argv) if argv else "evalkit report", "extract_s": round(t_extract, 2),
+                    **extracted.provenance()})
     result.provenance["duration_s"] = round(time.perf_counter() - t0, 2)
     check_interrupted()
     write_run(Path(out_dir), result)
     return result
+
+
+def load_samples(config):
+    """The dataset of a run (``data:`` or the features files), with OS errors as user errors."""
+    from evalkit.data import resolve_dataset
+
+    try:
+        return resolve_dataset(config)
+    except OSError as exc:  # an unreadable file: a user's problem, named by the OS
+        where = exc.filename or (config.data.path if config.data is not None else None)
+        key = "data.path" if config.data is not None else "models[].features"
+        raise EvalkitError(f"{key}: {where}: cannot read ({exc.strerror or exc})") from exc
+
+
+@dataclass
+class Extracted:
+    """What :func:`extract_models` hands on: per model entry, its feature sets or its pieces.
+
+    ``items``: ``[(ModelConfig, list of FeatureSet)]`` (``streamed=False``), or
+    ``[(ModelConfig, ModelExtraction or list of FeatureSet)]`` (``streamed=True``: read the
+    slices with ``job.pieces(compute=...)``). ``stats``: model name -> ``(images computed,
+    seconds)`` summed over ranks (seconds: the slowest rank's).
+    """
+
+    items: list
+    stats: dict
+    world_size: int = 1
+    compute: bool = True  # False: rank 0 after a torchrun job reads slices, never computes
+
+    def provenance(self) -> dict:
+        rates = {name: round(images / seconds, 1) for name, (images, seconds) in self.stats.items()
+                 if images and seconds > 0}
+        out = {"images_per_s": rates}
+        if self.world_size > 1:
+            out["extract_ranks"] = self.world_size
+        return out
+
+
+def extract_models(config, dataset, *, use_cache: bool = True, notes: Optional[list] = None, session=None,
+                   streamed: bool = False) -> Optional[Extracted]:
+    """Every model entry's features; under torchrun each rank extracts its slice first.
+
+    Single process: each entry is extracted (reusing cached slices). Under torchrun
+    (``session``), every rank extracts its contiguous, unpadded slice of every entry into the
+    feature cache, all ranks wait for each other (a failure on any rank fails every rank),
+    then rank 0 reads the slices back in dataset order; other ranks get None.
+    """
+    from evalkit.distributed import slice_ranges
+    from evalkit.extract import ModelExtraction, extract_model
+
+    ecfg = config.extract
+    if session is not None and not ecfg.cache and any(not m.features for m in config.models):
+        raise EvalkitError("extract.cache: false cannot run under torchrun: the ranks hand their slices to rank 0 "
+                           "through extract.cache_dir; set extract.cache: true")
+    jobs, failure = [], None
+    try:
+        for mcfg in config.models:
+            if mcfg.features:
+                if session is None or session.ranks.main:
+                    jobs.append((mcfg, extract_model(mcfg, dataset, ecfg)))
+                continue
+            with _named(mcfg):
+                job = ModelExtraction(mcfg, dataset, ecfg, use_cache=use_cache, log=logger.info, notes=notes)
+                if session is not None and job.cached_full() is None:
+                    start, stop = slice_ranges(len(dataset), session.ranks.world_size)[session.ranks.rank]
+                    logger.info(f"  {mcfg.name}: {session.ranks}: images {start}-{stop - 1} of {len(dataset)}")
+                    job.run(start, stop)
+            jobs.append((mcfg, job))
+            check_interrupted()
+    except Exception as exc:
+        if session is None:
+            raise
+        failure = exc
+    stats = {}
+    if session is not None:
+        mine = {mcfg.name: job.stats() for mcfg, job in jobs if not isinstance(job, list)}
+        everyone = session.agree(failure, mine)
+        if failure is not None:
+            raise failure
+        if not session.ranks.main:
+            return None
+        for per_rank in everyone:
+            for name, s in per_rank.items():
+                images, seconds = stats.get(name, (0, 0.0))
+                stats[name] = (images + s["images"], max(seconds, s["seconds"]))
+    compute = session is None
+    items = []
+    for mcfg, job in jobs:
+        if isinstance(job, list) or streamed:
+            items.append((mcfg, job))
+            continue
+        with _named(mcfg):
+            items.append((mcfg, job.features(compute=compute)))
+        check_interrupted()
+        if compute:
+            s = job.stats()
+            stats[mcfg.name] = (s["images"], s["seconds"])
+    for _mcfg, sets in items:
+        for fs in [] if streamed else sets:
+            check_features(fs, len(dataset))
+    return Extracted(items, stats, session.ranks.world_size if session is not None else 1, compute)
+
+
+@contextmanager
+def _named(mcfg):
+    """Errors from one model entry's extraction name the entry (a bug stays a bug)."""
+    try:
+        yield
+    except Exception as exc:
+        err = _model_error(exc, mcfg)
+        if err is None:
+            raise
+        raise err from exc
 
 
 def _device_text(device) -> str:

@@ -24,7 +24,7 @@ import numpy as np
 from evalkit.errors import EvalkitError
 from evalkit.interrupt import check_interrupted
 
-__all__ = ["check_out_dir", "default_out_dir", "clean_stale_siblings", "write_run", "write_folder",
+__all__ = ["check_out_dir", "default_out_dir", "clean_stale_siblings", "write_run", "write_folder", "fill_folder",
            "metrics_payload", "embedding_arrays", "RUN_FILES"]
 
 
@@ -183,9 +183,19 @@ def _prepare_parent(out_dir, what: str) -> tuple[Path, Path]:
     return out, parent
 
 
-def _swap_in(out: Path, parent: Path, files: Mapping[str, bytes], what: str) -> Path:
-    """Write ``files`` into a hidden sibling of ``out``, then swap it into place; files a user
-    added to an earlier folder are carried over."""
+def fill_folder(out_dir, fill, *, what: str = "output folder") -> Path:
+    """Like :func:`write_folder`, but ``fill(tmp)`` writes the files (streamed, not in memory).
+
+    ``evalkit extract`` streams features files into the temporary folder this way; the swap,
+    and what an earlier folder keeps, are :func:`write_folder`'s.
+    """
+    out, parent = _prepare_parent(out_dir, what)
+    return _swap_in(out, parent, {}, what, fill=fill)
+
+
+def _swap_in(out: Path, parent: Path, files: Mapping[str, bytes], what: str, fill=None) -> Path:
+    """Write ``files`` (and whatever ``fill(tmp)`` writes) into a hidden sibling of ``out``, then
+    swap it into place; files a user added to an earlier folder are carried over."""
     tmp = _make_sibling(parent, f".{out.name}.tmp-")
     old: Path | None = None
     existed = out.exists()
@@ -193,10 +203,12 @@ def _swap_in(out: Path, parent: Path, files: Mapping[str, bytes], what: str) -> 
     try:
         for name, data in files.items():
             _write_file(tmp / name, data)
+        if fill is not None:
+            fill(tmp)
         if existed:
             # hard links only where the earlier folder goes away: a linked-to folder stays, so copies
-            _carry_user_files(out, tmp, skip=set(files) | (WRITTEN_FILES if what == "run folder" else set()),
-                              link=not out.is_symlink())
+            _carry_user_files(out, tmp, skip=set(files) | set(os.listdir(tmp))
+                              | (WRITTEN_FILES if what == "run folder" else set()), link=not out.is_symlink())
         check_interrupted()  # the last moment a Ctrl-C stops the run: from here the swap goes through
         if existed:
             old = parent / f".{out.name}.old-{secrets.token_hex(4)}"
