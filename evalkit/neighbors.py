@@ -7,13 +7,15 @@ The graph is computed once and shared by t-SNE, UMAP and the neighbourhood metri
   (2-D embeddings); otherwise blocked distances (:mod:`evalkit.kernels`), memory
   O(block x n_samples): a float32 matmul plus a numba kernel on CPU
   (:class:`~evalkit.kernels.Float32Ranking`), float64 and ``torch.topk`` on a GPU.
+- ``"annoy"``: approximate, random projection trees (Annoy, as openTSNE ships it); the
+  ``"auto"`` choice above the exact limit.
 - ``"pynndescent"``: approximate nearest-neighbour descent.
 
 Ties: every exact backend returns the same neighbours, ordered by (distance, index): among
 samples at exactly the same distance the lower index comes first, with distances computed
 exactly as :func:`evalkit.kernels.exact_sq_distances` defines them (so the k neighbours
 are well defined on integer data and duplicates). The sample itself is always excluded by
-index, so duplicates cannot displace it. pynndescent's rows are re-sorted the same way.
+index, so duplicates cannot displace it. Annoy's and pynndescent's rows are re-sorted the same way.
 
 torch, scipy, numba and pynndescent are imported inside the functions so ``import evalkit``
 stays light.
@@ -47,7 +49,8 @@ __all__ = [
     "InputError",
 ]
 
-#: ``method="auto"`` is exact up to this many samples on CPU, pynndescent beyond.
+#: ``method="auto"`` is exact up to this many samples on CPU, Annoy beyond (pynndescent until
+#: the speed issue: at 70,000 x 256 and k = 90 its graph took 146 s, compile included).
 #: Measured on this project's 2-core Xeon (busy: about one core free), 256 features, k=10,
 #: 10-cluster Gaussian mixture, pynndescent warm (n_jobs=-1):
 #:   n       exact    pynndescent   pynndescent recall@10
@@ -66,7 +69,7 @@ EXACT_MAX_SAMPLES_CUDA = 200_000
 #: from a k-d tree (scipy's cKDTree): well under a second at 70,000 points.
 KDTREE_MAX_FEATURES = 8
 #: Backends :func:`knn_graph` accepts.
-METHODS = ("auto", "exact", "pynndescent")
+METHODS = ("auto", "exact", "annoy", "pynndescent")
 
 
 @dataclass(frozen=True)
@@ -83,7 +86,7 @@ class KNNGraph:
     exact : bool
         True when the neighbours are the exact ones (up to ties at equal distance).
     method : str
-        ``"exact"`` or ``"pynndescent"``.
+        ``"exact"``, ``"annoy"`` or ``"pynndescent"``.
     """
 
     indices: np.ndarray
@@ -126,13 +129,13 @@ def knn_graph(
     X : array-like of shape (n_samples, n_features)
     n_neighbors : int
         Neighbours per sample, 1 <= n_neighbors < n_samples.
-    method : {"auto", "exact", "pynndescent"}
+    method : {"auto", "exact", "annoy", "pynndescent"}
         ``"auto"`` is exact on CUDA up to :data:`EXACT_MAX_SAMPLES_CUDA` samples and
-        elsewhere up to :data:`EXACT_MAX_SAMPLES`, pynndescent beyond.
+        elsewhere up to :data:`EXACT_MAX_SAMPLES`, Annoy beyond.
     device : None, str or torch.device
         Where the exact search runs; see :func:`evalkit.device.resolve_device`.
     random_state : int
-        Seed of pynndescent.
+        Seed of Annoy and pynndescent.
     block_size : int, optional
         Rows per block of the exact search; by default chosen so one block of distances
         takes about 256 MB.
@@ -145,7 +148,7 @@ def knn_graph(
     -----
     Among samples at exactly the same distance (duplicates, integer data) the lower index
     comes first, on every exact backend and device. The sample itself is removed by index,
-    never by distance, so duplicates cannot displace it. If pynndescent cannot fill
+    never by distance, so duplicates cannot displace it. If Annoy or pynndescent cannot fill
     every row (tiny inputs), the exact graph is returned instead (``method == "exact"``).
     On MPS, which has no float64, the exact search ranks in float32.
     """
@@ -161,7 +164,11 @@ def knn_graph(
     dev = resolve_device(device)
     if method == "auto":
         limit = EXACT_MAX_SAMPLES_CUDA if dev.type == "cuda" else EXACT_MAX_SAMPLES
-        method = "exact" if n_samples <= limit else "pynndescent"
+        method = "exact" if n_samples <= limit else "annoy"
+    if method == "annoy":
+        graph = _annoy_graph(X, n_neighbors, random_state)
+        if graph is not None:
+            return graph
     if method == "pynndescent":
         graph = _pynndescent_graph(X, n_neighbors, random_state)
         if graph is not None:
@@ -265,6 +272,31 @@ def _drop_self(idx: np.ndarray, dist: np.ndarray, n_neighbors: int):
     drop[~is_self.any(axis=1), -1] = True
     keep = ~drop
     return idx[keep].reshape(n_samples, n_neighbors), dist[keep].reshape(n_samples, n_neighbors)
+
+
+def _annoy_graph(X: np.ndarray, n_neighbors: int, random_state: int) -> KNNGraph | None:
+    """Approximate graph from Annoy (random projection trees; the index openTSNE itself uses
+    for t-SNE's neighbours), on every core, seeded. At 70,000 x 256 and k = 90 it took a
+    fraction of pynndescent's time, which also compiles 45-75 s of numba code per process."""
+    import os
+
+    from openTSNE.nearest_neighbors import Annoy
+
+    n_samples = X.shape[0]
+    if n_neighbors + 1 >= n_samples:
+        return None
+    try:
+        jobs = max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        jobs = max(1, os.cpu_count() or 1)
+    idx, dist = Annoy(np.ascontiguousarray(X, dtype=np.float32), n_neighbors + 1, metric="euclidean",
+                      n_jobs=jobs, random_state=random_state).build()
+    idx = np.asarray(idx, dtype=np.int64)
+    if idx.shape != (n_samples, n_neighbors + 1) or (idx < 0).any():
+        return None
+    indices, _ = _drop_self(idx, np.asarray(dist), n_neighbors)  # duplicates may come before the point itself
+    indices, distances = sort_neighbours(np.ascontiguousarray(X, dtype=np.float64), indices)
+    return KNNGraph(indices, distances, False, "annoy")
 
 
 def _pynndescent_graph(X: np.ndarray, n_neighbors: int, random_state: int) -> KNNGraph | None:
