@@ -158,7 +158,8 @@ def neighbourhood_scores(X, embeddings: Mapping[str, np.ndarray], *, n_neighbors
                          graph_X: KNNGraph | None = None,
                          graphs_Z: Mapping[str, KNNGraph] | None = None,
                          device=None, block_size: int | None = None,
-                         rnx_max_k: int | None = None, per_point: bool = False) -> dict[str, dict]:
+                         rnx_max_k: int | None = None, per_point: bool = False,
+                         knn_out: list | None = None) -> dict[str, dict]:
     """Trustworthiness and continuity (and R_NX) of several embeddings of the same data, in one pass.
 
     The expensive part, the distances in the original space, is computed once, block by
@@ -186,6 +187,9 @@ def neighbourhood_scores(X, embeddings: Mapping[str, np.ndarray], *, n_neighbors
         Also each point's share of both scores, ``"trustworthiness_points"`` and
         ``"continuity_points"`` (ndarray (n_samples,)): t_i = 1 - c N e_i with e_i the point's
         excess-rank sum and c the score's normaliser, so their mean is the score exactly.
+    knn_out : list, optional
+        Receives the exact ``n_neighbors`` nearest neighbours in ``X`` (a :class:`KNNGraph`),
+        found in the same pass when ``graph_X`` is omitted.
 
     Returns
     -------
@@ -217,6 +221,11 @@ def neighbourhood_scores(X, embeddings: Mapping[str, np.ndarray], *, n_neighbors
     else:  # the neighbours in X come from the same pass over X's distances
         trust_excess, nbr_X, kept = _rank_excess(X, nbr_Z, k, dev, block_size, knn=k, rnx_spaces=spaces,
                                                  rnx_k=rnx_k)
+        if knn_out is not None:
+            from evalkit.kernels import sort_neighbours
+
+            knn_out.append(KNNGraph(*sort_neighbours(np.ascontiguousarray(X, dtype=np.float64), nbr_X), True,
+                                    "exact"))
     out = {}
     for s, ((name, Z), t_excess) in enumerate(zip(Zs.items(), trust_excess)):
         (c_excess,), _, _ = _rank_excess(Z, [nbr_X], k, dev, block_size)

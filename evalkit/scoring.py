@@ -62,8 +62,12 @@ class _Shared:
 
         def one_pass():
             exact = self.graph if self.graph.exact and self.graph.n_neighbors >= k else None
-            return neighbourhood_scores(self.X, self.embeddings, n_neighbors=k, graph_X=exact, device=self.device,
-                                        rnx_max_k=self.settings.rnx_max_k, per_point=True)
+            found: list = []
+            out = neighbourhood_scores(self.X, self.embeddings, n_neighbors=k, graph_X=exact, device=self.device,
+                                       rnx_max_k=self.settings.rnx_max_k, per_point=True, knn_out=found)
+            if found:  # the exact neighbours of the raw features, from the same pass
+                self.cache["exact_X"] = found[0]
+            return out
 
         return self.once("neighbourhood", one_pass)
 
@@ -153,8 +157,14 @@ class Space:
         from evalkit.neighbors import knn_graph
 
         shared = self._shared
-        if self.method == FEATURES and shared.graph.n_neighbors >= n_neighbors:
-            return shared.graph.head(n_neighbors)
+        if self.method == FEATURES:
+            if shared.graph.exact and shared.graph.n_neighbors >= n_neighbors:
+                return shared.graph.head(n_neighbors)
+            # the shared graph is approximate (large N): the scores take exact neighbours, those the
+            # neighbourhood pass found when it ran, else a search of their own
+            found = shared.cache.get("exact_X")
+            if found is not None and found.n_neighbors >= n_neighbors:
+                return found.head(n_neighbors)
         graph = shared.cache.get(("graph", self.key))
         if graph is None or graph.n_neighbors < n_neighbors:
             graph = knn_graph(self.coords, n_neighbors=n_neighbors, method="exact", device=self.device)
@@ -238,7 +248,7 @@ def score_feature_set(fs: FeatureSet, labels, *, embed, settings, device=None, l
     shared = _Shared(X, labels, settings, device, graph, coords)
     undefined: dict = {}
     feature_space = Space(FEATURES, None, X, shared)
-    rows = [_row(fs, FEATURES, [feature_space], undefined, info={"n_features": int(X.shape[1])})]
+    rows = []  # the embeddings first: their neighbourhood pass also finds X's exact neighbours
     stability, rnx_curves = {}, {}
     for spec in specs:
         spaces = [Space(spec.name, seed, coords[f"{spec.name}/{seed}"], shared) for seed in embed.seeds]
@@ -249,6 +259,7 @@ def score_feature_set(fs: FeatureSet, labels, *, embed, settings, device=None, l
         if len(spaces) > 1:
             stability[f"{fs.key}/{spec.name}"] = procrustes_disparity([s.coords for s in spaces])
         check_interrupted()
+    rows.insert(0, _row(fs, FEATURES, [feature_space], undefined, info={"n_features": int(X.shape[1])}))
     per_class = per_class_knn_accuracy(X, labels, n_neighbors=knn_k, graph=feature_space.graph(knn_k), device=device)
     predictions = (knn_predict(X, labels, n_neighbors=knn_k, graph=feature_space.graph(knn_k))
                    if shared.n_classes > 1 else None)

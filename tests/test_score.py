@@ -888,3 +888,22 @@ def test_per_point_shares_average_to_the_scores():
         assert points.mean() == pytest.approx(out[name], abs=1e-12)
     # a point whose embedding neighbours are its true neighbours scores 1
     assert out["trustworthiness"] == pytest.approx(sk_trustworthiness(X, Z, n_neighbors=7), abs=1e-12)
+
+
+def test_raw_feature_scores_use_exact_neighbours_when_the_shared_graph_is_approximate(monkeypatch):
+    """Above the exact limit t-SNE and UMAP get an approximate graph; kNN accuracy on the raw
+    features still uses the exact neighbours (found by the neighbourhood pass)."""
+    from evalkit import neighbors as nb
+    from evalkit.config import EmbedConfig, MetricsConfig
+    from evalkit.results import FeatureSet
+    from evalkit.scoring import score_feature_set
+
+    rng = np.random.default_rng(5)
+    y = np.repeat(np.arange(4), 60)
+    X = (np.eye(4, 12)[y] * 1.5 + rng.normal(size=(240, 12))).astype(np.float32)
+    monkeypatch.setattr(nb, "EXACT_MAX_SAMPLES", 100)
+    out = score_feature_set(FeatureSet("m", "l", X), y, embed=EmbedConfig(methods=["pca"]), settings=MetricsConfig())
+    assert out.method_params["pca"] == {"n_components": 2}
+    features = out.rows[0]
+    assert features["method"] == "features"
+    assert features["knn_accuracy"] == pytest.approx(score.knn_accuracy(X, y, n_neighbors=10))  # exact graph
