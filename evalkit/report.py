@@ -151,6 +151,8 @@ class CheckSummary:
     errored: int
     failing: tuple  # names of failed or errored checks
     warning: tuple  # names of warned checks
+    skipped: int = 0  # not evaluated (a max_drop without --baseline, an undefined value)
+    skipping: tuple = ()  # their names
 
 
 @dataclass(frozen=True)
@@ -303,9 +305,11 @@ def render_notebook(result: Result) -> str:
     n_sets = len(result.feature_sets)
     failed = sum(c.status in ("fail", "error") for c in result.checks)
     n_checks = len(result.checks)
+    skipped = sum(c.status == "skip" for c in result.checks)
     verdict = ("no checks" if not n_checks else
-               ("the check passed" if n_checks == 1 else f"all {n_checks} checks passed") if not failed else
-               f"{failed} of {plural(n_checks, 'check')} failed")
+               f"{failed} of {plural(n_checks, 'check')} failed" if failed else
+               f"none failed, {skipped} of {plural(n_checks, 'check')} skipped" if skipped else
+               "the check passed" if n_checks == 1 else f"all {n_checks} checks passed")
     # the compact page is about 650 px of header, summary and checks, then ~450 px per grid row
     height = 650 + 450 * n_sets + 45 * n_checks
     return (f'<div class="evalkit-result"><p><strong>evalkit</strong> {html.escape(str(result.name))}: '
@@ -599,7 +603,8 @@ def _check_summary(checks) -> CheckSummary | None:
         total=len(checks), passed=status.count("pass"), failed=status.count("fail"),
         warned=status.count("warn"), errored=status.count("error"),
         failing=tuple(c.name for c in checks if c.status in ("fail", "error")),
-        warning=tuple(c.name for c in checks if c.status == "warn"))
+        warning=tuple(c.name for c in checks if c.status == "warn"),
+        skipped=status.count("skip"), skipping=tuple(dict.fromkeys(c.name for c in checks if c.status == "skip")))
 
 
 def _check_row(check) -> CheckRow:

@@ -519,3 +519,16 @@ def test_golden_report():
                                                  "golden", "rendered"))[:80])
         pytest.fail("rendered report differs from tests/golden/report.html; if the change is "
                     f"intended, rerun with EVALKIT_UPDATE_GOLDEN=1\n{diff}")
+
+
+def test_a_skipped_check_shows_as_skipped_not_passed():
+    from evalkit.results import CheckResult
+
+    checks = (CheckResult("no drop", "knn_accuracy", "a", "head", "features", "drop <= 0.02 vs baseline", 0.8,
+                          "skip", "fail", "drop <= 0.02 vs baseline: skipped (no baseline value; pass --baseline DIR)"),)
+    result = make_result(n=60, n_classes=3, models=("a",), methods=("pca",), checks=checks)
+    page = report.render_html(result)
+    assert "checks passed" not in page and "The check passed" not in page
+    assert "No check failed; 1 of 1 skipped, not evaluated:</strong> no drop" in page
+    assert 'class="status status-skip">skip<' in page
+    assert "skipped" in report.render_notebook(result)
