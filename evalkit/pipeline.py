@@ -23,6 +23,8 @@ from evalkit.interrupt import check_interrupted
 from evalkit.results import CKA, Result
 
 logger = logging.getLogger("evalkit")
+#: From this many samples each stage of a feature set (graph, each method, scores) logs a line.
+STAGE_LINES_FROM = 5_000
 
 
 @dataclass(frozen=True)
@@ -144,7 +146,9 @@ def evaluate_feature_sets(feature_sets, samples: Samples, *, embed, metrics, che
     with progress_bar(len(feature_sets), "embedding and scoring", unit="set") as bar:
         for fs in feature_sets:
             t1 = time.perf_counter()
-            out = score_feature_set(fs, labels, embed=embed, settings=metrics, device=device, log=logger.debug)
+            # a line per stage where a stage takes a while (CI logs show where the time goes)
+            stage_log = logger.info if len(labels) >= STAGE_LINES_FROM else logger.debug
+            out = score_feature_set(fs, labels, embed=embed, settings=metrics, device=device, log=stage_log)
             rows.extend(out.rows)
             embeddings.extend(out.embeddings)
             per_class[fs.key] = out.per_class_knn

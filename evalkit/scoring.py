@@ -213,7 +213,10 @@ def score_feature_set(fs: FeatureSet, labels, *, embed, settings, device=None, l
     # One graph of the raw features serves the scores, t-SNE (3 x perplexity neighbours) and UMAP
     # (n_neighbors - 1 besides the point itself): neither searches its own.
     graph_k = min(n - 1, max(k, knn_k, settings.weighted_knn_k, *(e.graph_neighbors(n) for e in embedders.values())))
+    t_graph = time.perf_counter()
     graph = knn_graph(X, n_neighbors=graph_k, device=device)
+    if log:
+        log(f"    {fs.key}: neighbour graph (k = {graph_k}, {graph.method}) in {time.perf_counter() - t_graph:.1f} s")
     check_interrupted()
     Xr = _embedding_input(X, fs.key, embed.pca_dims, notes, reduce_dims)
     constant = bool(n and np.ptp(X, axis=0).max() == 0)
@@ -248,6 +251,7 @@ def score_feature_set(fs: FeatureSet, labels, *, embed, settings, device=None, l
     shared = _Shared(X, labels, settings, device, graph, coords)
     undefined: dict = {}
     feature_space = Space(FEATURES, None, X, shared)
+    t_scores = time.perf_counter()
     rows = []  # the embeddings first: their neighbourhood pass also finds X's exact neighbours
     stability, rnx_curves = {}, {}
     for spec in specs:
@@ -260,6 +264,8 @@ def score_feature_set(fs: FeatureSet, labels, *, embed, settings, device=None, l
             stability[f"{fs.key}/{spec.name}"] = procrustes_disparity([s.coords for s in spaces])
         check_interrupted()
     rows.insert(0, _row(fs, FEATURES, [feature_space], undefined, info={"n_features": int(X.shape[1])}))
+    if log:
+        log(f"    {fs.key}: scores in {time.perf_counter() - t_scores:.1f} s")
     per_class = per_class_knn_accuracy(X, labels, n_neighbors=knn_k, graph=feature_space.graph(knn_k), device=device)
     predictions = (knn_predict(X, labels, n_neighbors=knn_k, graph=feature_space.graph(knn_k))
                    if shared.n_classes > 1 else None)
