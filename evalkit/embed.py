@@ -40,7 +40,8 @@ OPENTSNE_FFT_MIN_SAMPLES = 10_000
 #: work to share. Measured on a busy 2-core machine (openTSNE, PCA-50 input, 750 iterations):
 #: 1,000 points 4-6 s on one thread vs 16-17 s on two; 10,000 points 45 s vs 50 s. Two
 #: threads idling in OpenMP's spin-wait steal the cores they wait for
-#: (``OMP_WAIT_POLICY=PASSIVE`` removes that penalty: 3.7 s on either).
+#: (``OMP_WAIT_POLICY=PASSIVE`` removes that penalty: 3.7 s on either). With PASSIVE (which
+#: the command line sets) two threads win on a quiet machine: 899 points, 2.6 s vs 3.15 s.
 TSNE_SERIAL_BELOW = 2_000
 #: scikit-learn runs its early-exaggeration phase for this many iterations, always.
 SKLEARN_EARLY_ITER = 250
@@ -227,7 +228,9 @@ class TSNEEmbedder:
     def _n_jobs(self, n_samples: Optional[int] = None) -> int:
         if self.cfg.n_jobs != -1:
             return max(1, int(self.cfg.n_jobs))
-        return 1 if n_samples is not None and n_samples < TSNE_SERIAL_BELOW else n_jobs()
+        small = n_samples is not None and n_samples < TSNE_SERIAL_BELOW
+        passive = os.environ.get("OMP_WAIT_POLICY", "").strip().upper() == "PASSIVE"
+        return 1 if small and not passive else n_jobs()
 
     def params(self, n_samples: Optional[int] = None, graph=None) -> dict:
         c = self.cfg

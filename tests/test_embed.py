@@ -157,11 +157,16 @@ def test_opentsne_affinities_come_from_the_graph():
     assert knn_accuracy(Z, Y, n_neighbors=5) < 0.5
 
 
-def test_learning_rate_auto_is_resolved():
+def test_learning_rate_auto_is_resolved(monkeypatch):
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
     n = 1200
     ot = create_embedder("tsne", EmbedConfig()).params(n)
     assert ot["learning_rate_early"] == pytest.approx(n / 12) and ot["learning_rate"] == n
-    assert ot["gradient"] == "bh" and ot["n_jobs"] == 1  # small data: one thread
+    assert ot["gradient"] == "bh" and ot["n_jobs"] == 1  # small data: one thread (spinning OpenMP waits)
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")  # as the command line sets it: idle threads sleep
+    from evalkit.embed import n_jobs
+
+    assert create_embedder("tsne", EmbedConfig()).params(n)["n_jobs"] == n_jobs()
     assert create_embedder("tsne", EmbedConfig()).params(20_000)["gradient"] == "fft"
     sk = create_embedder("tsne", EmbedConfig(tsne=TSNEConfig(backend="sklearn"))).params(n)
     assert sk["learning_rate"] == pytest.approx(max(n / 12 / 4, 50))
