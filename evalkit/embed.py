@@ -563,18 +563,25 @@ def _tsne_sizes(cfg: TSNEConfig, n_samples: int):
     return cfg.model_copy(update={"perplexity": p_max}), [note]
 
 
-def _umap_sizes(cfg: UMAPConfig, n_samples: int):
-    """Each sample has n_samples - 1 neighbours: lower a default, refuse an explicit value."""
-    k_max = n_samples - 1
-    if cfg.n_neighbors <= k_max:
-        return cfg, []
-    if "n_neighbors" in cfg.model_fields_set:
-        raise EvalkitError(f"embed.umap.n_neighbors: {cfg.n_neighbors} is too large for {n_samples} samples "
-                           f"(each sample has n_samples - 1 neighbours); expected at most {k_max}: lower "
-                           f"embed.umap.n_neighbors or use more data")
-    note = (f"embed.umap.n_neighbors lowered from its default {cfg.n_neighbors} to {k_max}: only {n_samples} "
-            f"samples (each sample has n_samples - 1 neighbours)")
-    return cfg.model_copy(update={"n_neighbors": k_max}), [note]
+def _neighbours_fit(method: str):
+    """``fit_sizes`` for a method whose ``n_neighbors`` must leave n_samples - 1: a default is
+    lowered with a note, an explicit value that does not fit is refused."""
+    def fit(cfg, n_samples: int):
+        k_max = n_samples - 1
+        if cfg.n_neighbors <= k_max:
+            return cfg, []
+        key = f"embed.{method}.n_neighbors"
+        if "n_neighbors" in cfg.model_fields_set:
+            raise EvalkitError(f"{key}: {cfg.n_neighbors} is too large for {n_samples} samples (each sample has "
+                               f"n_samples - 1 neighbours); expected at most {k_max}: lower {key} or use more data")
+        note = (f"{key} lowered from its default {cfg.n_neighbors} to {k_max}: only {n_samples} samples (each "
+                f"sample has n_samples - 1 neighbours)")
+        return cfg.model_copy(update={"n_neighbors": k_max}), [note]
+
+    return fit
+
+
+_umap_sizes = _neighbours_fit("umap")
 
 
 METHODS.register(Method("tsne", "t-SNE", TSNEConfig, TSNEEmbedder, input="reduced", fit_sizes=_tsne_sizes))
@@ -589,16 +596,7 @@ class PaCMAPConfig(StrictModel):
     lr: float = Field(1.0, gt=0)
 
 
-def _pacmap_sizes(cfg: PaCMAPConfig, n_samples: int):
-    """Each sample has n_samples - 1 neighbours: lower a default, refuse an explicit value."""
-    k_max = n_samples - 1
-    if cfg.n_neighbors <= k_max:
-        return cfg, []
-    if "n_neighbors" in cfg.model_fields_set:
-        raise EvalkitError(f"embed.pacmap.n_neighbors: {cfg.n_neighbors} is too large for {n_samples} samples; "
-                           f"expected at most {k_max}")
-    return cfg.model_copy(update={"n_neighbors": k_max}), [
-        f"embed.pacmap.n_neighbors lowered from its default {cfg.n_neighbors} to {k_max}: only {n_samples} samples"]
+_pacmap_sizes = _neighbours_fit("pacmap")
 
 
 METHODS.register(Method("pacmap", "PaCMAP", PaCMAPConfig, PaCMAPEmbedder, input="reduced", fit_sizes=_pacmap_sizes,

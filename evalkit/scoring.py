@@ -284,7 +284,7 @@ def score_feature_set(fs: FeatureSet, labels, *, embed, settings, device=None, l
 def _point_scores(shared: _Shared, key: str, specs, seeds) -> dict:
     """Each point's share of trustworthiness and continuity in each method's first-seed embedding,
     when the scoring pass ran (it did whenever those scores are registered and defined)."""
-    done = next((v for k, v in shared.cache.items() if k == "neighbourhood"), None)
+    done = shared.cache.get("neighbourhood")
     if not done:
         return {}
     out = {}

@@ -248,4 +248,8 @@ def test_thumbnails_and_predictions_reach_the_saved_report(api_result, tmp_path)
                                                             method="tsne"), abs=1e-9)
     saved = np.load(run / "point_scores.npz")
     np.testing.assert_allclose(saved["cnn/penultimate/tsne/trustworthiness"], points, rtol=1e-6)
-    assert '"point_scores": {"cnn/penultimate/tsne"' in page.replace("\n", "") or "cnn/penultimate/tsne" in page
+    import re
+
+    data = json.loads(re.search(r'<script type="application/json" id="explorer-data">(.*?)</script>', page,
+                                re.S).group(1))
+    assert "trustworthiness" in data["point_scores"]["cnn/penultimate/tsne"]
