@@ -29,6 +29,7 @@ from typing import Literal, Union
 from pydantic import Field, field_validator
 
 from evalkit.errors import EvalkitError
+from evalkit.progress import inner_loop, step
 from evalkit.registry import METHODS, Method, StrictModel
 
 __all__ = ["create_embedder", "reduce_dims", "unit_scale", "TSNE_BACKENDS", "n_jobs", "PCAConfig", "TSNEConfig",
@@ -46,6 +47,8 @@ TSNE_SERIAL_BELOW = 2_000
 #: scikit-learn runs its early-exaggeration phase for this many iterations, always.
 SKLEARN_EARLY_ITER = 250
 TSNE_BACKENDS = ("opentsne", "sklearn")
+#: openTSNE calls back (progress, Ctrl-C) every this many iterations.
+TSNE_CALLBACK_EVERY = 25
 
 
 def n_jobs() -> int:
@@ -184,6 +187,9 @@ class PCAEmbedder:
     def params(self, n_samples: Optional[int] = None, graph=None) -> dict:
         return {"n_components": 2}
 
+    def prepare(self) -> None:
+        _import("sklearn.decomposition")
+
     def fit_transform(self, X, *, random_state: int = 0, graph=None) -> np.ndarray:
         from sklearn.decomposition import PCA
 
@@ -262,6 +268,12 @@ class TSNEEmbedder:
         out["n_jobs"] = self._n_jobs(n_samples)
         return out
 
+    def prepare(self) -> None:
+        if self.cfg.backend == "sklearn":
+            _import("sklearn.manifold", "threadpoolctl", "scipy.sparse")
+        else:
+            _import("openTSNE", "openTSNE.affinity", "openTSNE.nearest_neighbors", "sklearn.decomposition")
+
     def fit_transform(self, X, *, random_state: int = 0, graph=None) -> np.ndarray:
         X = _as_input(X, "t-SNE")
         if self.cfg.backend == "sklearn":
@@ -285,10 +297,11 @@ class TSNEEmbedder:
             early_exaggeration=c.early_exaggeration, early_exaggeration_iter=early,
             n_iter=c.n_iter - early, initialization="pca", random_state=random_state,
             n_jobs=jobs, negative_gradient_method="auto", verbose=False,
-            callbacks=_stop_if_interrupted, callbacks_every_iters=25,  # Ctrl-C stays responsive
+            callbacks=_stop_if_interrupted, callbacks_every_iters=TSNE_CALLBACK_EVERY,  # Ctrl-C stays responsive
         )
         # X still feeds the PCA start when the affinities come from the graph
-        return np.asarray(model.fit(X, affinities=affinities))
+        with inner_loop(c.n_iter, "t-SNE", unit="it"):
+            return np.asarray(model.fit(X, affinities=affinities))
 
     def _fit_sklearn(self, X, random_state, graph):
         import scipy.sparse as sp
@@ -320,11 +333,20 @@ class TSNEEmbedder:
             return TSNE(metric="precomputed", **kw).fit_transform(D)
 
 
-def _stop_if_interrupted(iteration, error, embedding):
-    """openTSNE callback: a Ctrl-C the command line recorded ends t-SNE within 25 iterations."""
-    from evalkit.interrupt import check_interrupted
+def _import(*modules: str) -> None:
+    """Import these now, in this thread: an embedder's ``prepare()``, called before methods run
+    side by side, because two threads importing one package at once can see it half made
+    ("cannot import name ... from partially initialized module")."""
+    import importlib
 
-    check_interrupted()
+    for module in modules:
+        importlib.import_module(module)
+
+
+def _stop_if_interrupted(iteration, error, embedding):
+    """openTSNE callback every 25 iterations: the progress bar moves, and a Ctrl-C the command
+    line recorded ends t-SNE there."""
+    step(TSNE_CALLBACK_EVERY)
     return False
 
 
@@ -362,6 +384,15 @@ class UMAPEmbedder:
                 "metric": "euclidean", "neighbors": _graph_name(graph) if shared else "evalkit kNN graph",
                 "init": "spectral" if n_samples > k + 2 else "random", "n_jobs": 1}
 
+    def prepare(self) -> None:
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # import-time numba notices
+            _import("umap", "umap.umap_", "umap.spectral", "umap.layouts", "scipy.sparse.csgraph",
+                    "sklearn.decomposition", "evalkit.neighbors")
+        cache_umap_kernels()
+
     def fit_transform(self, X, *, random_state: int = 0, graph=None) -> np.ndarray:
         import warnings
 
@@ -380,12 +411,66 @@ class UMAPEmbedder:
             warnings.simplefilter("ignore")  # import-time numba notices, "n_jobs overridden", ...
             import umap
 
+            cache_umap_kernels()
             # a spectral start needs more points than neighbours; tiny data starts at random
             init = _umap_init(X, knn_idx, knn_dist, self._epochs(n), random_state) if n > k + 2 else "random"
             model = umap.UMAP(n_neighbors=k, min_dist=self.cfg.min_dist, n_epochs=self.cfg.n_epochs,
                               random_state=random_state, init=init,
                               precomputed_knn=(knn_idx.copy(), knn_dist.copy(), None))
-            return _finite(model.fit_transform(X), self.name)
+            with inner_loop(self._epochs(n), "UMAP", unit="epoch"):
+                return _finite(model.fit_transform(X), self.name)
+
+
+#: umap-learn's numba kernels that a run from a precomputed graph compiles: (module, name).
+UMAP_KERNELS = (("umap.umap_", "smooth_knn_dist"), ("umap.umap_", "compute_membership_strengths"),
+                ("umap.layouts", "_nb_optimize_layout_euclidean_single_epoch"))
+_UMAP_KERNELS_CACHED = False
+
+
+def cache_umap_kernels() -> None:
+    """Compile umap-learn's kernels once per machine instead of once per process.
+
+    umap-learn declares these three without numba's ``cache=True``, so every fresh process
+    compiled them again: about 9 s of a cold UMAP on this 2-core machine (1,000 points: 12 s
+    in all). They are rebuilt here from umap-learn's own Python functions with the same
+    options plus ``cache=True`` (the compiled code is kept beside umap-learn's sources, or in
+    numba's user cache if that is read-only) and ``nogil=True`` (the epoch loop no longer holds
+    Python's lock, so a t-SNE in another thread runs beside it). A umap-learn without these
+    names keeps its own. Idempotent.
+    """
+    global _UMAP_KERNELS_CACHED
+    if _UMAP_KERNELS_CACHED:
+        return
+    import importlib
+
+    import numba
+    from numba.core.registry import CPUDispatcher
+
+    for module_name, name in UMAP_KERNELS:
+        module = importlib.import_module(module_name)
+        kernel = getattr(module, name, None)
+        if not isinstance(kernel, CPUDispatcher):
+            continue
+        cached = numba.njit(kernel.py_func, cache=True, nogil=True, locals=dict(kernel.locals), **kernel.targetoptions)
+        if name == UMAP_EPOCH_KERNEL:
+            cached = _counting_epochs(cached)
+        setattr(module, name, cached)
+    _UMAP_KERNELS_CACHED = True
+
+
+#: umap-learn calls this once per epoch (through a module lookup, so a wrapper is seen).
+UMAP_EPOCH_KERNEL = "_nb_optimize_layout_euclidean_single_epoch"
+
+
+def _counting_epochs(kernel):
+    """The epoch kernel, then one step of this thread's progress bar (and a Ctrl-C check)."""
+    def epoch(*args, **kwargs):
+        out = kernel(*args, **kwargs)
+        step(1)
+        return out
+
+    epoch.kernel = kernel
+    return epoch
 
 
 def _umap_init(X, knn_idx, knn_dist, n_epochs: int, random_state: int) -> np.ndarray:

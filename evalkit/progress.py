@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import threading
 
 #: Bars below this many steps are noise.
 MIN_STEPS = 2
@@ -26,9 +27,19 @@ def in_notebook() -> bool:
     return ip is not None and type(ip).__name__ == "ZMQInteractiveShell"
 
 
+#: Bars of the inner loops (t-SNE iterations, UMAP epochs, blocks of the scoring pass) appear
+#: only once their loop has run this long, so a quick step never flickers a bar.
+INNER_DELAY_S = 2.0
+
+_local = threading.local()  # the bar of this thread's current inner loop
+
+
 @contextlib.contextmanager
-def progress_bar(total: int, desc: str, *, unit: str = "it", min_total: int = MIN_STEPS):
-    """A tqdm bar (or a silent stand-in) for ``total`` steps; use ``bar.update(n)``."""
+def progress_bar(total: int, desc: str, *, unit: str = "it", min_total: int = MIN_STEPS, delay: float = 0.0):
+    """A tqdm bar (or a silent stand-in) for ``total`` steps; use ``bar.update(n)``.
+
+    ``delay``: seconds before the bar appears (tqdm's ``delay``); a loop done sooner shows none.
+    """
     show = total >= min_total and (in_notebook() or sys.stderr.isatty())
     if not show:
         yield _Silent()
@@ -42,7 +53,7 @@ def progress_bar(total: int, desc: str, *, unit: str = "it", min_total: int = MI
             return
     else:
         from tqdm import tqdm
-    bar = tqdm(total=total, desc=desc, unit=unit, leave=False, file=sys.stderr, dynamic_ncols=True)
+    bar = tqdm(total=total, desc=desc, unit=unit, leave=False, file=sys.stderr, dynamic_ncols=True, delay=delay)
     try:
         yield bar
     finally:
@@ -52,3 +63,28 @@ def progress_bar(total: int, desc: str, *, unit: str = "it", min_total: int = MI
 class _Silent:
     def update(self, n: int = 1) -> None:
         pass
+
+
+@contextlib.contextmanager
+def inner_loop(total: int, desc: str, *, unit: str = "it"):
+    """A bar for a library's loop that reports through :func:`step` (an openTSNE callback,
+    umap-learn's epoch kernel), for the thread that runs it: two embeddings side by side
+    each get their own."""
+    with progress_bar(total, desc, unit=unit, delay=INNER_DELAY_S) as bar:
+        previous = getattr(_local, "bar", None)
+        _local.bar = bar
+        try:
+            yield bar
+        finally:
+            _local.bar = previous
+
+
+def step(n: int = 1) -> None:
+    """``n`` steps of this thread's :func:`inner_loop` done; raises there if a Ctrl-C or
+    SIGTERM was recorded (:func:`evalkit.interrupt.check_interrupted`)."""
+    from evalkit.interrupt import check_interrupted
+
+    check_interrupted()
+    bar = getattr(_local, "bar", None)
+    if bar is not None:
+        bar.update(n)

@@ -247,3 +247,150 @@ def test_unit_scale_and_pca_do_not_depend_on_a_global_factor(factor):
     Z = Z * (np.abs(ref).max() / np.abs(Z).max())
     for j in range(2):
         assert min(np.abs(Z[:, j] - ref[:, j]).max(), np.abs(Z[:, j] + ref[:, j]).max()) < 1e-3 * np.abs(ref).max()
+
+
+# --------------------------------------------------------------------------- speed plumbing (issue 12)
+
+
+def _two_seed_config(**embed):
+    from evalkit.config import Config
+
+    return Config.model_validate({
+        "name": "t", "data": {"kind": "digits"}, "models": [{"name": "m", "features": "x.npz"}],
+        "embed": {"methods": ["tsne", "umap", "pca"], "seeds": [0, 1], "tsne": {"n_iter": 150},
+                  "umap": {"n_epochs": 40}, "pca_dims": 8, **embed},
+    })
+
+
+def test_methods_side_by_side_give_the_coordinates_of_one_after_the_other(monkeypatch):
+    """The pool of threads changes when each job runs, never what it computes."""
+    import evalkit.embed
+    from evalkit.results import FeatureSet
+    from evalkit.scoring import score_feature_set
+
+    cfg = _two_seed_config()
+    outs = {}
+    for cores in (1, 2):
+        monkeypatch.setattr(evalkit.embed, "n_jobs", lambda cores=cores: cores)
+        lines = []
+        outs[cores] = score_feature_set(FeatureSet("m", "l", X), Y, embed=cfg.embed, settings=cfg.metrics,
+                                        log=lines.append)
+        # one line per method once all its seeds are done, whatever the order they finish in
+        methods = [line.split(": ")[1].split(" in ")[0] for line in lines]
+        assert sorted(m for m in methods if m in ("PCA", "UMAP", "t-SNE")) == ["PCA", "UMAP", "t-SNE"]
+    serial, pooled = outs[1], outs[2]
+    assert [(e.method, e.seed) for e in pooled.embeddings] == [(e.method, e.seed) for e in serial.embeddings] == [
+        ("tsne", 0), ("tsne", 1), ("umap", 0), ("umap", 1), ("pca", 0), ("pca", 1)]
+    for a, b in zip(serial.embeddings, pooled.embeddings):
+        np.testing.assert_array_equal(a.coords, b.coords)
+    assert [dict(r) for r in serial.rows] == [dict(r) for r in pooled.rows]
+
+
+def test_a_failing_method_in_the_pool_raises_its_own_error(monkeypatch):
+    import evalkit.embed
+    from evalkit.results import FeatureSet
+    from evalkit.scoring import score_feature_set
+
+    monkeypatch.setattr(evalkit.embed, "n_jobs", lambda: 2)
+
+    def broken(self, X, *, random_state=0, graph=None):
+        raise EvalkitError("umap broke")
+
+    monkeypatch.setattr(evalkit.embed.UMAPEmbedder, "fit_transform", broken)
+    cfg = _two_seed_config()
+    with pytest.raises(EvalkitError, match="umap broke"):
+        score_feature_set(FeatureSet("m", "l", X), Y, embed=cfg.embed, settings=cfg.metrics)
+
+
+class _Bar:
+    def __init__(self, total, desc, unit):
+        self.total, self.desc, self.unit, self.n = total, desc, unit, 0
+
+    def update(self, n=1):
+        self.n += n
+
+
+@pytest.fixture
+def bars(monkeypatch):
+    """Every inner progress bar opened, as a _Bar counting its steps."""
+    import contextlib
+
+    import evalkit.progress
+
+    made = []
+
+    @contextlib.contextmanager
+    def fake(total, desc, *, unit="it", min_total=2, delay=0.0):
+        made.append(_Bar(total, desc, unit))
+        yield made[-1]
+
+    monkeypatch.setattr(evalkit.progress, "progress_bar", fake)
+    return made
+
+
+def test_tsne_iterations_and_umap_epochs_move_their_own_bars(bars):
+    """Each loop reports to the bar of the thread running it, however many run side by side."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    graph = knn_graph(X, n_neighbors=90)
+    tsne = create_embedder("tsne", EmbedConfig(tsne=TSNEConfig(n_iter=150)))
+    umap_ = create_embedder("umap", EmbedConfig(umap=UMAPConfig(n_epochs=40)))
+    umap_.prepare()
+    tsne.prepare()
+    with ThreadPoolExecutor(2) as pool:
+        jobs = [pool.submit(e.fit_transform, X, graph=graph) for e in (tsne, umap_, tsne, umap_)]
+        for job in jobs:
+            job.result()
+    assert sorted((b.desc, b.unit, b.total, b.n) for b in bars) == [
+        ("UMAP", "epoch", 40, 40), ("UMAP", "epoch", 40, 40), ("t-SNE", "it", 150, 150), ("t-SNE", "it", 150, 150)]
+
+
+@pytest.mark.parametrize("method", ["tsne", "umap"])
+def test_a_recorded_ctrl_c_stops_tsne_and_umap_inside_their_loops(method, bars, monkeypatch):
+    """The progress step is also where a recorded signal is raised: no waiting for a long UMAP."""
+    import signal
+
+    import evalkit.interrupt
+
+    e = create_embedder(method, EmbedConfig(tsne=TSNEConfig(n_iter=150), umap=UMAPConfig(n_epochs=40)))
+    e.prepare()
+    monkeypatch.setattr(evalkit.interrupt, "_pending", signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        e.fit_transform(X, graph=knn_graph(X, n_neighbors=90))
+    assert [b.n for b in bars] == [0]  # stopped at the first step: 25 iterations or one epoch
+
+
+def test_umap_kernels_compile_once_per_machine(tmp_path):
+    """umap-learn's kernels, re-declared with numba's cache=True, load from the cache in a new
+    process: the second process compiles none of them (umap-learn alone compiled ~9 s each time)."""
+    import json
+    import subprocess
+    import sys
+
+    script = tmp_path / "umap_compiles.py"
+    script.write_text(
+        "import json, sys\n"
+        "import numpy as np\n"
+        "from numba.core import event\n"
+        "from evalkit.config import EmbedConfig, UMAPConfig\n"
+        "from evalkit.embed import create_embedder\n"
+        "compiled = []\n"
+        "class Listener(event.Listener):\n"
+        "    def on_start(self, ev): pass\n"
+        "    def on_end(self, ev):\n"
+        "        f = ev.data['dispatcher'].py_func\n"
+        "        compiled.append(f.__module__ + '.' + f.__qualname__)\n"
+        "X = np.random.default_rng(0).normal(size=(120, 5)).astype(np.float32)\n"
+        "with event.install_listener('numba:compile', Listener()):\n"
+        "    create_embedder('umap', EmbedConfig(umap=UMAPConfig(n_epochs=20))).fit_transform(X)\n"
+        "print(json.dumps(sorted(set(c for c in compiled if c.startswith('umap.')))))\n")
+    runs = []
+    for _ in range(2):
+        proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    from evalkit.embed import UMAP_KERNELS
+
+    kernels = {f"{module}.{name}" for module, name in UMAP_KERNELS} - {"umap.layouts._nb_optimize_layout_euclidean_single_epoch"}
+    kernels.add("umap.layouts._optimize_layout_euclidean_single_epoch")
+    assert not kernels & set(runs[1]), runs[1]
