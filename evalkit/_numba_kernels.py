@@ -320,7 +320,7 @@ def row_topk_sorted(R, rows, X, err, idx):
 
 
 @numba.njit(parallel=True, cache=True)
-def lowdim_coranks(PT, rows, nbr, out):
+def lowdim_coranks(PT, rows, nbr, out, closer):
     """For i = rows[r] and its neighbours nbr[r, p] of rank p + 1 in the other space
     (K = nbr.shape[1] of them, in order): out[r, p] = max(p + 1, rank of nbr[r, p] in this
     space), or K + 1 when that rank exceeds K. Ranks by (sq_dist, index), distances exact
@@ -328,9 +328,16 @@ def lowdim_coranks(PT, rows, nbr, out):
 
     So #{p : out[r, p] <= K'} = |U_K'(i) ∩ V_K'(i)| for every K' <= K: the co-ranking
     counts behind Q_NX and R_NX.
+
+    Also, for the first kc = closer.shape[1] neighbours (kc = 0: none), what
+    :func:`lowdim_count_ranks` gives: closer[r, m] = #{l != i : (sq_dist(i, l), l) <
+    (sq_dist(i, j), j)}, j = nbr[r, m], read from the ranks above (one more pass over the
+    row only for a j beyond the K nearest). With nbr the K nearest in the original space,
+    these are the counts behind continuity, at no extra pass over the data.
     """
     d, n = PT.shape
     K = nbr.shape[1]
+    kc = closer.shape[1]
     for r in numba.prange(rows.shape[0]):
         i = rows[r]
         buf = np.zeros(n)
@@ -359,3 +366,53 @@ def lowdim_coranks(PT, rows, nbr, out):
             if rz == 0:
                 rz = K + 1
             out[r, p] = rz if rz > p + 1 else p + 1
+        top = -1.0  # the farthest of the neighbours beyond the K nearest (none: -1)
+        for m in range(kc):
+            j = nbr[r, m]
+            if pos[j] > 0:  # among the K nearest: pos - 1 samples come before it
+                closer[r, m] = pos[j] - 1
+            elif buf[j] > top:
+                top = buf[j]
+        if top < 0.0:
+            continue
+        # the others are counted as lowdim_count_ranks does: one pass keeps the entries up to
+        # the largest of their distances, then one count per neighbour over those
+        vals = np.empty(n)
+        ids = np.empty(n, dtype=np.int64)
+        kept = 0
+        for l in range(n):
+            v = buf[l]
+            vals[kept] = v
+            ids[kept] = l
+            kept += 1 if v <= top else 0
+        for m in range(kc):
+            j = nbr[r, m]
+            if pos[j] > 0:
+                continue
+            t = buf[j]
+            acc = 0
+            for q in range(kept):
+                v = vals[q]
+                acc += 1 if (v < t or (v == t and ids[q] < j)) else 0
+            closer[r, m] = acc
+
+
+@numba.njit(parallel=True, cache=True)
+def positions_in_top(top, nbr, out):
+    """out[r, m] = p where top[r, p] == nbr[r, m], or -1 when nbr[r, m] is not in top[r].
+
+    With top[r] a sample's nearest neighbours in (sq_dist, index) order (itself excluded),
+    p is the number of samples closer than nbr[r, m]: what :func:`count_ranks` counts, found
+    without a pass over the row.
+    """
+    K = top.shape[1]
+    k = nbr.shape[1]
+    for r in numba.prange(top.shape[0]):
+        for m in range(k):
+            j = nbr[r, m]
+            found = -1
+            for p in range(K):
+                if top[r, p] == j:
+                    found = p
+                    break
+            out[r, m] = found

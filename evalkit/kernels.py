@@ -42,6 +42,7 @@ __all__ = [
     "Float32Ranking",
     "lowdim_rank_counts",
     "corank_max",
+    "positions_in_top",
     "numba_kernels",
 ]
 
@@ -302,7 +303,7 @@ def lowdim_rank_counts(P: np.ndarray, nbr: np.ndarray) -> np.ndarray | None:
     return out
 
 
-def corank_max(P: np.ndarray, rows: np.ndarray, nbr: np.ndarray, dev) -> np.ndarray:
+def corank_max(P: np.ndarray, rows: np.ndarray, nbr: np.ndarray, dev, *, closer_k: int = 0):
     """Co-ranking counts of a space of few dimensions against neighbours from another space.
 
     ``nbr[r]`` are the K nearest neighbours of sample ``rows[r]`` in the other space, nearest
@@ -311,6 +312,10 @@ def corank_max(P: np.ndarray, rows: np.ndarray, nbr: np.ndarray, dev) -> np.ndar
     ``#{p : out[r, p] <= K'}`` = |U_K'(i) ∩ V_K'(i)| for every K' <= K. Ranks by
     (dd, index), with ``dd`` computed exactly (columns in order), so ties follow the module's
     rule. Memory O(len(rows) x n_samples).
+
+    With ``closer_k``, returns ``(out, closer)``: closer[r, m] = #{l != i : (dd(i, l), l) <
+    (dd(i, j), j)} for j = nbr[r, m], m < closer_k (:meth:`Ranking.rank_counts` in P, read
+    from the same ranks), or ``(out, None)`` where only the torch path runs.
     """
     rows = np.ascontiguousarray(rows, dtype=np.int64)
     nbr = np.ascontiguousarray(nbr, dtype=np.int64)
@@ -318,9 +323,23 @@ def corank_max(P: np.ndarray, rows: np.ndarray, nbr: np.ndarray, dev) -> np.ndar
     nk = numba_kernels()
     if dev.type == "cpu" and nk is not None:
         out = np.empty(nbr.shape, dtype=np.int64)
-        nk.lowdim_coranks(np.ascontiguousarray(P.T), rows, nbr, out)
-        return out
-    return _corank_max_torch(P, rows, nbr, dev)
+        closer = np.empty((len(rows), min(closer_k, nbr.shape[1])), dtype=np.int64)
+        nk.lowdim_coranks(np.ascontiguousarray(P.T), rows, nbr, out, closer)
+        return (out, closer) if closer_k else out
+    out = _corank_max_torch(P, rows, nbr, dev)
+    return (out, None) if closer_k else out
+
+
+def positions_in_top(top: np.ndarray, nbr: np.ndarray) -> np.ndarray | None:
+    """(rows, m) int64: the position of nbr[r, m] in top[r] (the count of samples closer than
+    it, when top[r] lists the nearest neighbours in (dd, index) order), -1 where it is not
+    there; None without numba."""
+    nk = numba_kernels()
+    if nk is None:
+        return None
+    out = np.empty(nbr.shape, dtype=np.int64)
+    nk.positions_in_top(np.ascontiguousarray(top, dtype=np.int64), np.ascontiguousarray(nbr, dtype=np.int64), out)
+    return out
 
 
 # --------------------------------------------------------------------------- torch paths

@@ -61,8 +61,11 @@ __all__ = [
 #:   70,000  47 s     -
 #: Warm, exact stops being cheaper near 10,000. But pynndescent's first call in a process
 #: compiles 45-75 s of numba code (most of it is not cached), which exact never pays, and
-#: exact is exact; 20,000 (4 s exact) is where we switch.
-EXACT_MAX_SAMPLES = 20_000
+#: exact is exact. Annoy (which replaced pynndescent) was no better at 256 features: 70,000
+#: points, k = 90, in one busy run: exact 40.9 s, Annoy 145.5 s with recall@90 0.69
+#: (``knn_graph(X, n_neighbors=90, method=...)`` on ``benchmarks/bench.py``'s data). Exact
+#: grows as N^2, Annoy about as N log N: Annoy takes over at 100,000 (about 80 s exact here).
+EXACT_MAX_SAMPLES = 100_000
 #: On CUDA the exact search is a few seconds even at this size.
 EXACT_MAX_SAMPLES_CUDA = 200_000
 #: On CPU, exact neighbours of data with at most this many features (2-D embeddings) come

@@ -39,10 +39,12 @@ from evalkit.kernels import (
     corank_max,
     lowdim_rank_counts,
     pick_block_size,
+    positions_in_top,
     squared_distance_block,
     to_centered_tensor,
 )
 from evalkit.neighbors import KNNGraph, knn_graph
+from evalkit.progress import inner_loop, step
 
 __all__ = [
     "trustworthiness",
@@ -215,12 +217,17 @@ def neighbourhood_scores(X, embeddings: Mapping[str, np.ndarray], *, n_neighbors
     spaces = list(Zs.values()) if rnx_k else []
     if graph_X is None and X.shape[1] <= _LOWDIM_MAX and not rnx_k:
         graph_X = knn_graph(X, n_neighbors=k, method="exact", device=dev, block_size=block_size)
+    closer: list = []  # continuity's counts per embedding, when the co-ranking pass gives them
     if graph_X is not None:
         nbr_X = _check_graph(graph_X, n_samples, k, "graph_X").indices[:, :k]
-        trust_excess, _, kept = _rank_excess(X, nbr_Z, k, dev, block_size, rnx_spaces=spaces, rnx_k=rnx_k)
+        trust_excess, own, kept = _rank_excess(X, nbr_Z, k, dev, block_size, knn=k if rnx_k else None,
+                                               rnx_spaces=spaces, rnx_k=rnx_k, closer_out=closer)
+        if own is None or not np.array_equal(own, nbr_X):
+            closer = []  # the pass counted continuity for its own neighbours in X, not graph_X's
+
     else:  # the neighbours in X come from the same pass over X's distances
         trust_excess, nbr_X, kept = _rank_excess(X, nbr_Z, k, dev, block_size, knn=k, rnx_spaces=spaces,
-                                                 rnx_k=rnx_k)
+                                                 rnx_k=rnx_k, closer_out=closer)
         if knn_out is not None:
             from evalkit.kernels import sort_neighbours
 
@@ -228,7 +235,10 @@ def neighbourhood_scores(X, embeddings: Mapping[str, np.ndarray], *, n_neighbors
                                     "exact"))
     out = {}
     for s, ((name, Z), t_excess) in enumerate(zip(Zs.items(), trust_excess)):
-        (c_excess,), _, _ = _rank_excess(Z, [nbr_X], k, dev, block_size)
+        if closer:  # continuity's counts came with the co-ranking pass
+            c_excess = _excess(closer[s], k)
+        else:
+            (c_excess,), _, _ = _rank_excess(Z, [nbr_X], k, dev, block_size)
         out[name] = {
             "trustworthiness": _trust_from_excess(int(t_excess.sum()), n_samples, k),
             "continuity": _trust_from_excess(int(c_excess.sum()), n_samples, k),
@@ -826,7 +836,7 @@ def _cross_frobenius_sq(A: np.ndarray, B: np.ndarray, block: int = 2048) -> floa
 
 
 def _rank_excess(P: np.ndarray, neighbour_sets, k: int, dev, block_size, knn: int | None = None,
-                 rnx_spaces=(), rnx_k: int = 0):
+                 rnx_spaces=(), rnx_k: int = 0, closer_out: list | None = None):
     """Sum over rows i and neighbours j of max(0, r(i, j) - k), r the rank in ``P`` (module
     docstring: ties by index, equal distances detected exactly); optionally the co-ranking
     counts of R_NX against other spaces, from the same pass.
@@ -844,6 +854,16 @@ def _rank_excess(P: np.ndarray, neighbour_sets, k: int, dev, block_size, knn: in
         Spaces of few dimensions (embeddings) to compare with P by co-ranking.
     rnx_k : int
         Largest K of those counts (<= n_samples - 2).
+    closer_out : list, optional
+        With ``rnx_spaces``, receives per space the (n_samples, k) counts of
+        :meth:`~evalkit.kernels.Ranking.rank_counts` in that space for the k nearest
+        neighbours in P (the excess behind continuity), read from the co-ranking pass; left
+        empty where that pass cannot give them (the torch path).
+
+    With ``rnx_spaces`` the K nearest neighbours in P of every row are known in order, so the
+    rank of a neighbour from ``neighbour_sets`` is its position there; only rows with a
+    neighbour beyond the K-th count against the whole row. One pass over P's distances
+    serves trustworthiness, continuity and R_NX of every space.
 
     Returns
     -------
@@ -863,10 +883,13 @@ def _rank_excess(P: np.ndarray, neighbour_sets, k: int, dev, block_size, knn: in
     excess = [np.zeros(n_samples, dtype=np.int64) for _ in neighbour_sets]
     found = np.empty((n_samples, knn), dtype=np.int64) if knn else None
     hist = [np.zeros(rnx_k + 2, dtype=np.int64) for _ in rnx_spaces]
+    closer = ([np.empty((n_samples, k), dtype=np.int64) for _ in rnx_spaces]
+              if closer_out is not None and k <= rnx_k else [])  # from the K nearest: k of them at most
     block = pick_block_size(n_samples, block_size)
-    with torch.no_grad():
+    with torch.no_grad(), inner_loop(-(-n_samples // block), "scoring pass", unit="block"):
         ranking = Ranking(P, dev, torch.float64)
         for start in range(0, n_samples, block):
+            step(1)  # the bar moves; a recorded Ctrl-C ends the pass here
             stop = min(start + block, n_samples)
             rows = np.arange(start, stop)
             R = ranking.block(start, stop)
@@ -874,11 +897,35 @@ def _rank_excess(P: np.ndarray, neighbour_sets, k: int, dev, block_size, knn: in
             if knn:
                 found[start:stop] = top[:, :knn] if top is not None and knn <= rnx_k else ranking.topk(R, rows, knn)
             for s, nb in enumerate(neighbour_sets):
-                excess[s][start:stop] = _excess(ranking.rank_counts(R, rows, nb[start:stop]), k)
+                excess[s][start:stop] = _excess(_closer_counts(ranking, R, rows, nb[start:stop], top), k)
             del R
             for s, Z in enumerate(rnx_spaces):
-                hist[s] += np.bincount(corank_max(Z, rows, top, dev).ravel(), minlength=rnx_k + 2)
+                if closer:
+                    co, counted = corank_max(Z, rows, top, dev, closer_k=k)
+                    if counted is None:
+                        closer = []
+                    else:
+                        closer[s][start:stop] = counted
+                else:
+                    co = corank_max(Z, rows, top, dev)
+                hist[s] += np.bincount(co.ravel(), minlength=rnx_k + 2)
+    if closer_out is not None:
+        closer_out.extend(closer)
     return excess, found, [np.cumsum(h)[1:rnx_k + 1] for h in hist]
+
+
+def _closer_counts(ranking, R, rows: np.ndarray, nbr: np.ndarray, top) -> np.ndarray:
+    """:meth:`Ranking.rank_counts` of a block, read from the block's ordered nearest
+    neighbours ``top`` where they reach (numba on CPU), counted on the row elsewhere."""
+    found = positions_in_top(top, nbr) if top is not None and ranking.use_numba else None
+    if found is None:
+        return ranking.rank_counts(R, rows, nbr)
+    missing = np.flatnonzero((found < 0).any(axis=1))
+    if missing.size:
+        import torch
+
+        found[missing] = ranking.rank_counts(R[torch.as_tensor(missing)], rows[missing], nbr[missing])
+    return found
 
 
 def _excess(closer: np.ndarray, k: int) -> np.ndarray:

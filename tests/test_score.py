@@ -402,6 +402,28 @@ def test_rnx_in_the_neighbourhood_pass():
         neighbourhood_scores(X[:, :3], embeddings, n_neighbors=8)["noisy"]
 
 
+@pytest.mark.parametrize("rnx_max_k", [6, 30, 200])  # most neighbours beyond K; some; none
+def test_one_pass_gives_trustworthiness_and_continuity_with_ties(rnx_max_k):
+    """With R_NX on, both scores are read from the co-ranking pass (a neighbour's rank is its
+    position among the K nearest; only those beyond the K-th are counted on the row). On tied
+    integer data they equal the brute-force reference, with or without the graph in X, and an
+    approximate graph_X (not the exact neighbours) gets its own continuity, not the pass's."""
+    X, Z = _tied_data(90, 12, seed=5)
+    k = 5
+    trust, cont = _reference_scores(X, Z, k)
+    for kwargs in ({}, {"graph_X": knn_graph(X, n_neighbors=k, method="exact")}, {"block_size": 11}):
+        got = neighbourhood_scores(X, {"z": Z}, n_neighbors=k, rnx_max_k=rnx_max_k, per_point=True, **kwargs)["z"]
+        assert (got["trustworthiness"], got["continuity"]) == pytest.approx((trust, cont), abs=1e-12)
+        assert got["continuity_points"].mean() == pytest.approx(cont, abs=1e-12)
+    exact = knn_graph(X, n_neighbors=k, method="exact")
+    shuffled = KNNGraph(exact.indices[:, ::-1].copy(), exact.distances[:, ::-1].copy(), False, "approximate")
+    wider = knn_graph(X, n_neighbors=2 * k, method="exact")
+    other = KNNGraph(wider.indices[:, k:].copy(), wider.distances[:, k:].copy(), False, "approximate")
+    for graph in (shuffled, other):
+        got = neighbourhood_scores(X, {"z": Z}, n_neighbors=k, rnx_max_k=rnx_max_k, graph_X=graph)["z"]
+        assert got["continuity"] == neighbourhood_scores(X, {"z": Z}, n_neighbors=k, graph_X=graph)["z"]["continuity"]
+
+
 @pytest.mark.parametrize("numba", [True, False])
 def test_topk_many_neighbours_follows_the_tie_rule(numba, monkeypatch):
     import torch
