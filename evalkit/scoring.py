@@ -225,10 +225,21 @@ def score_feature_set(fs: FeatureSet, labels, *, embed, settings, device=None, l
         notes.append(f"{fs.key}: all {n} samples have identical features, so every embedding places them at one "
                      f"point (t-SNE and UMAP are not defined for such data)")
 
-    embeddings, coords, method_params = _embed_all(fs, specs, embedders, embed, X, Xr, graph, constant, log)
+    coords: dict = {}
     shared = _Shared(X, labels, settings, device, graph, coords)
     undefined: dict = {}
     feature_space = Space(FEATURES, None, X, shared)
+
+    def feature_row():
+        return _row(fs, FEATURES, [feature_space], undefined, info={"n_features": int(X.shape[1])})
+
+    # The raw features' scores need no embedding: with an exact shared graph they run in the pool
+    # beside t-SNE and UMAP (on the core t-SNE leaves idle); with an approximate one they wait
+    # for the neighbourhood pass, which finds the exact neighbours they need.
+    side = {FEATURES: feature_row} if graph.exact else {}
+    embeddings, found, method_params, side_done = _embed_all(fs, specs, embedders, embed, X, Xr, graph, constant,
+                                                             log, side)
+    coords.update(found)
     t_scores = time.perf_counter()
     rows = []  # the embeddings first: their neighbourhood pass also finds X's exact neighbours
     stability, rnx_curves = {}, {}
@@ -241,7 +252,7 @@ def score_feature_set(fs: FeatureSet, labels, *, embed, settings, device=None, l
         if len(spaces) > 1:
             stability[f"{fs.key}/{spec.name}"] = procrustes_disparity([s.coords for s in spaces])
         check_interrupted()
-    rows.insert(0, _row(fs, FEATURES, [feature_space], undefined, info={"n_features": int(X.shape[1])}))
+    rows.insert(0, side_done[FEATURES] if FEATURES in side_done else feature_row())
     if log:
         log(f"    {fs.key}: scores in {time.perf_counter() - t_scores:.1f} s")
     per_class = per_class_knn_accuracy(X, labels, n_neighbors=knn_k, graph=feature_space.graph(knn_k), device=device)
@@ -259,7 +270,7 @@ def score_feature_set(fs: FeatureSet, labels, *, embed, settings, device=None, l
         undefined_reasons=undefined)
 
 
-def _embed_all(fs: FeatureSet, specs, embedders: dict, embed, X, Xr, graph, constant: bool, log):
+def _embed_all(fs: FeatureSet, specs, embedders: dict, embed, X, Xr, graph, constant: bool, log, side=None):
     """Every method x seed of one feature set, run side by side on a pool of threads.
 
     Why threads: openTSNE's FFT gradient keeps about one core busy whatever its ``n_jobs``
@@ -268,9 +279,11 @@ def _embed_all(fs: FeatureSet, specs, embedders: dict, embed, X, Xr, graph, cons
     kernels through :func:`evalkit.embed.cache_umap_kernels`). Side by side they took 18.7 s
     where one after the other took 30.4 s, with identical coordinates. The longest jobs
     start first (t-SNE, then UMAP, then the rest, in the registry's order). A method that
-    ignores the seed runs once.
+    ignores the seed runs once. ``side`` ({name: callable}) are other jobs for the same pool,
+    started after the embeddings.
 
-    Returns (list of Embedding in method, seed order; {"method/seed": coords}; {method: params}).
+    Returns (list of Embedding in method, seed order; {"method/seed": coords}; {method: params};
+    {side job name: its result}).
     """
     from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 
@@ -294,11 +307,14 @@ def _embed_all(fs: FeatureSet, specs, embedders: dict, embed, X, Xr, graph, cons
         return Z, time.perf_counter() - t0
 
     done: dict = {}  # (method, seed) -> (Z, seconds)
-    if len(jobs) == 1 or n_jobs() == 1:
+    side = dict(side or {})
+    side_done: dict = {}
+    if len(jobs) + len(side) == 1 or n_jobs() == 1:
         for spec, seed in jobs:
             done[spec.name, seed] = run(spec, seed)
             check_interrupted()  # between seeds and methods: a recorded Ctrl-C ends the run here
             _log_method_done(fs, spec, embed, done, log)
+        side_done = {name: job() for name, job in side.items()}
     else:
         for spec in specs:  # imports first, here: two threads importing one package can see it half made
             for module in spec.requires:
@@ -309,11 +325,15 @@ def _embed_all(fs: FeatureSet, specs, embedders: dict, embed, X, Xr, graph, cons
         order = sorted(jobs, key=lambda job: _EXPECTED_COST.get(job[0].name, 0), reverse=True)
         with ThreadPoolExecutor(max_workers=min(n_jobs(), len(jobs)), thread_name_prefix="evalkit-embed") as pool:
             futures = {pool.submit(run, spec, seed): (spec, seed) for spec, seed in order}
+            futures.update({pool.submit(job): name for name, job in side.items()})
             pending = set(futures)
             try:
                 while pending:
                     finished, pending = wait(pending, timeout=0.5, return_when=FIRST_EXCEPTION)
                     for future in finished:
+                        if isinstance(futures[future], str):
+                            side_done[futures[future]] = future.result()
+                            continue
                         spec, seed = futures[future]
                         done[spec.name, seed] = future.result()  # a job's error is raised here
                         _log_method_done(fs, spec, embed, done, log)
@@ -328,7 +348,7 @@ def _embed_all(fs: FeatureSet, specs, embedders: dict, embed, X, Xr, graph, cons
             Z, seconds = done.get((spec.name, seed)) or done[spec.name, embed.seeds[0]]
             embeddings.append(Embedding(fs.model, fs.layer, spec.name, seed, Z, method_params[spec.name], seconds))
             coords[f"{spec.name}/{seed}"] = Z
-    return embeddings, coords, method_params
+    return embeddings, coords, method_params, side_done
 
 
 #: Which embedding jobs start first when they run side by side (the longest first).
