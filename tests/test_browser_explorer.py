@@ -391,6 +391,56 @@ def test_a_panel_opens_large_with_the_same_interactions(page, result, shots):
     assert page.errors() == []
 
 
+BIG = 10_500  # above the explorer's MOVING_POINTS (10,000): a moving view draws a sample
+
+
+@pytest.fixture(scope="module")
+def big_run(tmp_path_factory):
+    big = make_result(n=BIG, n_classes=3, models=("a",), layers=("features",),
+                      methods=("pca", "umap"))
+    return big, runfolder.write_run(tmp_path_factory.mktemp("explorer-big") / "run", big)
+
+
+def test_a_moving_view_draws_a_sample_and_every_point_again_at_rest(browser, big_run):
+    big, run = big_run
+    browser.events.clear()
+    browser.open(run / "index.html")
+    assert browser.evaluate(f"{API}.whenDrawn()") is True
+    key, other = browser.evaluate(f"{API}.panels")
+    drawn = f"{API}.drawnPoints({json.dumps(key)})"
+    sample = browser.evaluate(f"{API}.movingPoints")
+    assert 9_990 <= sample <= 10_010 and browser.evaluate(drawn) == BIG
+    chosen = list(range(0, BIG, 7))  # points in the sample and out of it
+    assert browser.evaluate(f"{API}.select({json.dumps(chosen)})") == chosen
+    show_panel(browser, key)
+    rect = canvas_rect(browser, key)
+    x, y = rect["x"] + rect["w"] / 2, rect["y"] + rect["h"] / 2
+    mouse(browser, "mouseMoved", x, y)
+    mouse(browser, "mousePressed", x, y, button="left", buttons=1, clickCount=1)
+    seen = []
+    for step in range(1, 80):  # pan until a frame shows the sample (one frame may lag)
+        mouse(browser, "mouseMoved", x + step % 40, y + step % 40 / 2, button="left", buttons=1)
+        seen.append(browser.evaluate(drawn))
+        if seen[-1] == sample:
+            break
+    moving = browser.evaluate(f"{API}.plot({json.dumps(key)}).get('filteredPoints')")
+    mouse(browser, "mouseReleased", x + 30, y + 15, button="left", buttons=0, clickCount=1)
+    assert seen[-1] == sample, seen
+    # The sample: each class in proportion, the same sample whichever panel moves.
+    counts, parts = np.bincount(big.labels, minlength=3), np.bincount(big.labels[moving], minlength=3)
+    assert len(set(moving)) == sample
+    np.testing.assert_array_equal(parts, np.maximum(1, np.round(counts * 10_000 / BIG)))
+    assert browser.evaluate(f"{API}.drawnPoints({json.dumps(other)})") == BIG  # it did not move
+    # At rest (REST_MS after the last move): every point again, and the whole selection.
+    deadline = time.monotonic() + 10
+    while browser.evaluate(drawn) != BIG and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert browser.evaluate(drawn) == BIG
+    assert browser.evaluate(f"{API}.selected({json.dumps(key)})") == chosen
+    assert browser.evaluate(f"{API}.selection()") == chosen
+    assert browser.errors() == []
+
+
 def test_without_webgl_the_png_panels_stay(run_dir, result, shots):
     with Browser(CHROMIUM, width=1440, height=900, flags=NO_WEBGL_FLAGS) as b:
         b.open(run_dir / "index.html")

@@ -13,11 +13,18 @@
   if (!source || typeof createScatterplot === "undefined") { api.error = "no data"; return; }
 
   var GREY = "#c3c7cd", WRONG = "#d62728", DISAGREE = "#e6550d";
+  // While a view moves (pan, zoom), it draws a fixed sample of about MOVING_POINTS points,
+  // and all of them again once it has rested REST_MS. A frame costs per point drawn (in the
+  // vertex stage: SwiftShader, Chromium's software WebGL, pays about a microsecond a point),
+  // so 70,000 points panned at 5-10 frames a second on two busy cores, 10,000 at about 20.
+  var MOVING_POINTS = 10000, REST_MS = 180;
   // A light-to-dark sequential ramp (low scores dark, so they stand out on white).
   var RAMP = ["#2d0a4e", "#6a1c6e", "#a8325e", "#de5a3a", "#f8944b", "#fcd38a", "#fdf3c7"];
   var CSS = [
+    // No overflow:hidden here: clipping the canvases to rounded corners costs the compositor
+    // an extra pass over each on every frame (about 10 ms a frame on SwiftShader).
     ".explorer-view{position:relative;width:280px;height:280px;background:#fff;border:1px solid #d8dde3;",
-    "border-radius:4px;overflow:hidden}",
+    "border-radius:4px}",
     "@media (max-width:1180px){.explorer-view{width:236px;height:236px}}",
     ".explorer-view canvas{display:block;width:100%;height:100%;cursor:grab}",
     "td.explorer-on figure>img{display:none}",
@@ -133,6 +140,16 @@
     return Array.from(order);
   }
 
+  // A fixed sample of about k of the points: each class in proportion (at least one point of
+  // each), taken in the shuffled order so that it covers the whole panel. Sorted indices.
+  function stratified(labels, order, k) {
+    var n = order.length, counts = {}, quota = {}, out = [];
+    for (var i = 0; i < n; i++) { counts[labels[i]] = (counts[labels[i]] || 0) + 1; }
+    Object.keys(counts).forEach(function (c) { quota[c] = Math.max(1, Math.round(counts[c] * k / n)); });
+    order.forEach(function (j) { if (quota[labels[j]] > 0) { quota[labels[j]]--; out.push(j); } });
+    return out.sort(function (u, v) { return u - v; });
+  }
+
   function el(tag, cls, text) {
     var e = document.createElement(tag);
     if (cls) { e.className = cls; }
@@ -151,6 +168,8 @@
     var names = data.label_names, colors = data.colors;
     var style = markerStyle(n);
     var baseOrder = shuffled(n);
+    var movingSample = n > MOVING_POINTS ? stratified(labels, baseOrder, MOVING_POINTS) : null;
+    var movingStyle = movingSample && markerStyle(movingSample.length);
     var predictions = {};
     (data.knn.feature_sets || []).forEach(function (fs) {
       predictions[fs.key] = { fs: fs, labels: ints(fs.predicted, labels.BYTES_PER_ELEMENT) };
@@ -244,7 +263,14 @@
         deselectOnEscape: false, deselectOnDblClick: true
       });
       var view = { panel: panel, plot: plot, canvas: canvas, points: points, index: null,
-                   drawn: null };
+                   drawn: null, settled: false, moving: false, restTimer: null,
+                   movingPoints: movingSample && points.valid
+                     ? intersect(movingSample, points.valid) : movingSample };
+      // A redraw with another camera than the last one: the view moves (by mouse, wheel or
+      // code; the "view" event misses the last).
+      plot.subscribe("draw", function (e) { if (cameraMoved(view, e && e.view)) { move(view); } });
+      plot.subscribe("lassoStart", function () { rest(view); });  // select from every point
+      canvas.addEventListener("mousedown", function () { rest(view); }, true);  // a click, too
       plot.subscribe("select", function (e) { setSelection(e.points, view); });
       plot.subscribe("deselect", function () { setSelection([], view); });
       plot.subscribe("pointover", function (i) { hover(i, view); });
@@ -264,6 +290,8 @@
 
     function paint(view) {
       var enc = encoding(view.panel), plot = view.plot;
+      view.settled = false; view.moving = false;  // draw() below drops any filter
+      clearTimeout(view.restTimer);
       view.encoding = enc;
       plot.set({ pointColor: enc.colors, pointColorActive: enc.colors, colorBy: "valueA" });
       var options = { zDataType: enc.categorical ? "categorical" : "continuous" };
@@ -274,7 +302,43 @@
         plot.set({ pointOrder: enc.order });  // after draw: a first draw resets the order
         if (pts.valid) { plot.filter(pts.valid, { preventEvent: true }); }
         showSelection(view);
+        view.settled = true;
       });
+    }
+
+    // The view moves: draw the sample (with the marker size and opacity of its own count, so
+    // the panel looks the same, only sparser) until it has not moved for REST_MS.
+    function move(view) {
+      if (!view.movingPoints || !view.settled) { return; }
+      clearTimeout(view.restTimer);
+      view.restTimer = setTimeout(function () { rest(view); }, REST_MS);
+      if (view.moving) { return; }
+      view.moving = true;
+      view.plot.set({ pointSize: movingStyle.size, opacity: movingStyle.opacity });
+      view.plot.filter(view.movingPoints, { preventEvent: true });
+    }
+    // ... and at rest every point again, and the whole selection (a filter keeps only the
+    // selected points it shows). Hover, clicks and lasso only ever see a view at rest.
+    function rest(view) {
+      clearTimeout(view.restTimer);
+      if (!view.moving || view.plot.get("isDestroyed")) { return; }
+      view.moving = false;
+      view.plot.set({ pointSize: style.size, opacity: style.opacity });
+      if (view.points.valid) { view.plot.filter(view.points.valid, { preventEvent: true }); }
+      else { view.plot.unfilter({ preventEvent: true }); }
+      showSelection(view);
+    }
+    function cameraMoved(view, matrix) {
+      if (!matrix) { return false; }
+      var last = view.lastCamera, moved = false;
+      for (var i = 0; last && i < 16 && !moved; i++) { moved = last[i] !== matrix[i]; }
+      view.lastCamera = Float32Array.from(matrix);
+      return moved;
+    }
+    function intersect(sorted, other) {
+      var keep = new Uint8Array(n);
+      other.forEach(function (i) { keep[i] = 1; });
+      return sorted.filter(function (i) { return keep[i]; });
     }
 
     function showSelection(view) {
@@ -643,6 +707,11 @@
       });
     };
     api.mode = function () { return state.mode; };
+    api.drawnPoints = function (panelKey) {  // how many points the view draws now
+      var plot = panelKey === "large" ? large.plot : find(panelKey).plot;
+      return plot.get("isPointsFiltered") ? plot.get("filteredPoints").length : n;
+    };
+    api.movingPoints = movingSample ? movingSample.length : n;
     api.plot = function (panelKey) { return panelKey === "large" ? large && large.plot : find(panelKey).plot; };
     api.setDrag = setDrag;
     api.exportText = exportText;
