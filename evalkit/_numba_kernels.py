@@ -81,7 +81,7 @@ def row_topk_exact(R, rows, X, err, idx):
 
 
 @numba.njit(parallel=True, cache=True)
-def count_ranks(R, rows, nbr, X, err, out):
+def count_ranks(R, rows, nbr, X, err, out, n_chunks):
     """out[r, m] = #{l != i : (sq_dist(i, l), l) < (sq_dist(i, j), j)}, i = rows[r],
     j = nbr[r, m].
 
@@ -90,51 +90,59 @@ def count_ranks(R, rows, nbr, X, err, out):
     decided by their exact distance (or, where err = 0 and the values are exact, by index
     alone). Per row, one pass keeps the entries up to the largest
     threshold (branch-free compaction), then one counting pass per threshold over those.
+    Rows are shared out in ``n_chunks`` chunks (a few per thread), each with its own buffers.
     """
     n_rows, n = R.shape
     k = nbr.shape[1]
-    for r in numba.prange(n_rows):
-        i = rows[r]
-        row = R[r]
-        e2 = 2.0 * err[i]
-        t = np.empty(k)
-        for m in range(k):
-            t[m] = row[nbr[r, m]]
-        top = t.max() + e2
+    for ch in numba.prange(n_chunks):
+        # buffers once per chunk of rows: a fresh (n,) array per row costs page faults
         vals = np.empty(n)
         ids = np.empty(n, dtype=np.int64)
-        kept = 0
-        for l in range(n):
-            v = row[l]
-            vals[kept] = v
-            ids[kept] = l
-            kept += 1 if v <= top else 0
-        for m in range(k):
-            lo = t[m] - e2
-            hi = t[m] + e2
-            below = 0
-            upto = 0
+        t = np.empty(k)
+        for r in range((ch * n_rows) // n_chunks, ((ch + 1) * n_rows) // n_chunks):
+            _count_row(R[r], rows[r], nbr[r], X, 2.0 * err[rows[r]], t, vals, ids, out[r])
+
+
+@numba.njit(cache=True)
+def _count_row(row, i, nbr_r, X, e2, t, vals, ids, out_r):
+    """:func:`count_ranks` of one row, with caller-provided buffers."""
+    n = row.shape[0]
+    k = nbr_r.shape[0]
+    for m in range(k):
+        t[m] = row[nbr_r[m]]
+    top = t.max() + e2
+    kept = 0
+    for l in range(n):
+        v = row[l]
+        vals[kept] = v
+        ids[kept] = l
+        kept += 1 if v <= top else 0
+    for m in range(k):
+        lo = t[m] - e2
+        hi = t[m] + e2
+        below = 0
+        upto = 0
+        for q in range(kept):
+            v = vals[q]
+            below += 1 if v < lo else 0
+            upto += 1 if v <= hi else 0
+        if upto - below > 1 and e2 == 0.0:  # exact values: ties go by index alone
+            j = nbr_r[m]
+            for q in range(kept):
+                if vals[q] == t[m] and ids[q] < j:
+                    below += 1
+        elif upto - below > 1:  # more than j itself in the band
+            j = nbr_r[m]
+            dj = sq_dist(X, i, j)
             for q in range(kept):
                 v = vals[q]
-                below += 1 if v < lo else 0
-                upto += 1 if v <= hi else 0
-            if upto - below > 1 and e2 == 0.0:  # exact values: ties go by index alone
-                j = nbr[r, m]
-                for q in range(kept):
-                    if vals[q] == t[m] and ids[q] < j:
-                        below += 1
-            elif upto - below > 1:  # more than j itself in the band
-                j = nbr[r, m]
-                dj = sq_dist(X, i, j)
-                for q in range(kept):
-                    v = vals[q]
-                    if v >= lo and v <= hi:
-                        l = ids[q]
-                        if l != j:
-                            dl = sq_dist(X, i, l)
-                            if dl < dj or (dl == dj and l < j):
-                                below += 1
-            out[r, m] = below
+                if v >= lo and v <= hi:
+                    l = ids[q]
+                    if l != j:
+                        dl = sq_dist(X, i, l)
+                        if dl < dj or (dl == dj and l < j):
+                            below += 1
+        out_r[m] = below
 
 
 @numba.njit(parallel=True, cache=True)
@@ -259,7 +267,7 @@ def _stable_order(cv):
 
 
 @numba.njit(parallel=True, cache=True)
-def row_topk_sorted(R, rows, X, err, idx):
+def row_topk_sorted(R, rows, X, err, idx, n_chunks):
     """:func:`row_topk_exact` for large k (R_NX up to K = 1000 and beyond): selection instead
     of an insertion buffer, so the cost is one or two passes over the row plus O(c log c),
     c ~ k candidates.
@@ -271,56 +279,62 @@ def row_topk_sorted(R, rows, X, err, idx):
     """
     n_rows, n = R.shape
     k = idx.shape[1]
-    for r in numba.prange(n_rows):
-        i = rows[r]
-        row = R[r]
-        cand = np.empty(n, dtype=np.int64)
-        bound = _select_bound(row, k)
+    for ch in numba.prange(n_chunks):
+        cand = np.empty(n, dtype=np.int64)  # once per chunk of rows (see count_ranks)
+        for r in range((ch * n_rows) // n_chunks, ((ch + 1) * n_rows) // n_chunks):
+            _topk_row(R[r], rows[r], X, err[rows[r]], cand, idx[r])
+
+
+@numba.njit(cache=True)
+def _topk_row(row, i, X, err_i, cand, idx_r):
+    """:func:`row_topk_sorted` of one row, with a caller-provided buffer."""
+    k = idx_r.shape[0]
+    bound = _select_bound(row, k)
+    c = _collect(row, bound, cand)
+    if c < k:
+        bound = np.inf
         c = _collect(row, bound, cand)
-        if c < k:
-            bound = np.inf
-            c = _collect(row, bound, cand)
-        cv = np.empty(c)
+    cv = np.empty(c)
+    for q in range(c):
+        cv[q] = np.float64(row[cand[q]])
+    kth = np.partition(cv.copy(), k - 1)[k - 1]
+    lim = np.empty(1, dtype=row.dtype)
+    lim[0] = kth + 2.0 * err_i
+    limit = lim[0]
+    if np.float64(limit) > bound:  # the band reaches past the first pass: collect again
+        c = _collect(row, limit, cand)
+    else:
+        kept = 0
         for q in range(c):
-            cv[q] = np.float64(row[cand[q]])
-        kth = np.partition(cv.copy(), k - 1)[k - 1]
-        lim = np.empty(1, dtype=R.dtype)
-        lim[0] = kth + 2.0 * err[i]
-        limit = lim[0]
-        if np.float64(limit) > bound:  # the band reaches past the first pass: collect again
-            c = _collect(row, limit, cand)
-        else:
-            kept = 0
-            for q in range(c):
-                if row[cand[q]] <= limit:
-                    cand[kept] = cand[q]
-                    kept += 1
-            c = kept
-        cv = np.empty(c)
-        for q in range(c):
-            cv[q] = np.float64(row[cand[q]])
-        order = _stable_order(cv)
-        sc = cand[:c][order]
-        sv = cv[order]
-        e2 = 2.0 * err[i]
-        s = 0
-        while s < k:
-            t = s
-            while t + 1 < c and sv[t + 1] - sv[t] <= e2:
-                t += 1
-            if t > s:  # a run whose order R cannot certify: exact distances decide
-                members = np.sort(sc[s:t + 1])
-                dd = np.empty(t + 1 - s)
-                for q in range(t + 1 - s):
-                    dd[q] = sq_dist(X, i, members[q])
-                sc[s:t + 1] = members[np.argsort(dd, kind="mergesort")]
-            s = t + 1
-        for m in range(k):
-            idx[r, m] = sc[m]
+            if row[cand[q]] <= limit:
+                cand[kept] = cand[q]
+                kept += 1
+        c = kept
+    cv = np.empty(c)
+    for q in range(c):
+        cv[q] = np.float64(row[cand[q]])
+    order = _stable_order(cv)
+    sc = cand[:c][order]
+    sv = cv[order]
+    e2 = 2.0 * err_i
+    s = 0
+    while s < k:
+        t = s
+        while t + 1 < c and sv[t + 1] - sv[t] <= e2:
+            t += 1
+        if t > s:  # a run whose order R cannot certify: exact distances decide
+            members = np.sort(sc[s:t + 1])
+            dd = np.empty(t + 1 - s)
+            for q in range(t + 1 - s):
+                dd[q] = sq_dist(X, i, members[q])
+            sc[s:t + 1] = members[np.argsort(dd, kind="mergesort")]
+        s = t + 1
+    for m in range(k):
+        idx_r[m] = sc[m]
 
 
 @numba.njit(parallel=True, cache=True)
-def lowdim_coranks(PT, rows, nbr, out, closer):
+def lowdim_coranks(PT, rows, nbr, out, closer, n_chunks):
     """For i = rows[r] and its neighbours nbr[r, p] of rank p + 1 in the other space
     (K = nbr.shape[1] of them, in order): out[r, p] = max(p + 1, rank of nbr[r, p] in this
     space), or K + 1 when that rank exceeds K. Ranks by (sq_dist, index), distances exact
@@ -333,52 +347,65 @@ def lowdim_coranks(PT, rows, nbr, out, closer):
     :func:`lowdim_count_ranks` gives: closer[r, m] = #{l != i : (sq_dist(i, l), l) <
     (sq_dist(i, j), j)}, j = nbr[r, m], read from the ranks above (one more pass over the
     row only for a j beyond the K nearest). With nbr the K nearest in the original space,
-    these are the counts behind continuity, at no extra pass over the data.
+    these are the counts behind continuity, at no extra pass over the data. Rows go in
+    ``n_chunks`` chunks, each with its own buffers (see :func:`count_ranks`).
     """
     d, n = PT.shape
-    K = nbr.shape[1]
-    kc = closer.shape[1]
-    for r in numba.prange(rows.shape[0]):
-        i = rows[r]
-        buf = np.zeros(n)
-        for c in range(d):
-            pc = PT[c]
-            x = pc[i]
-            for l in range(n):
-                diff = x - pc[l]
-                buf[l] += diff * diff
-        buf[i] = np.inf
+    n_rows = rows.shape[0]
+    for ch in numba.prange(n_chunks):
+        buf = np.empty(n)
         cand = np.empty(n, dtype=np.int64)
-        c = _collect(buf, _select_bound(buf, K), cand)
-        if c < K:
-            c = _collect(buf, np.inf, cand)
-        cv = np.empty(c)
-        for q in range(c):
-            cv[q] = buf[cand[q]]
-        # (distance, index) order: the candidates are in index order and mergesort is stable.
-        # Every sample closer than the K-th is a candidate, so the first K are the K nearest.
-        order = _stable_order(cv)
-        pos = np.zeros(n, dtype=np.int64)
-        for q in range(K):
-            pos[cand[order[q]]] = q + 1
-        for p in range(K):
-            rz = pos[nbr[r, p]]
-            if rz == 0:
-                rz = K + 1
-            out[r, p] = rz if rz > p + 1 else p + 1
-        top = -1.0  # the farthest of the neighbours beyond the K nearest (none: -1)
-        for m in range(kc):
-            j = nbr[r, m]
-            if pos[j] > 0:  # among the K nearest: pos - 1 samples come before it
-                closer[r, m] = pos[j] - 1
-            elif buf[j] > top:
-                top = buf[j]
-        if top < 0.0:
-            continue
-        # the others are counted as lowdim_count_ranks does: one pass keeps the entries up to
-        # the largest of their distances, then one count per neighbour over those
+        pos = np.zeros(n, dtype=np.int64)  # zero between rows: each row resets what it set
         vals = np.empty(n)
         ids = np.empty(n, dtype=np.int64)
+        for r in range((ch * n_rows) // n_chunks, ((ch + 1) * n_rows) // n_chunks):
+            _coranks_row(PT, rows[r], nbr[r], out[r], closer[r], buf, cand, pos, vals, ids)
+
+
+@numba.njit(cache=True)
+def _coranks_row(PT, i, nbr_r, out_r, closer_r, buf, cand, pos, vals, ids):
+    """:func:`lowdim_coranks` of one row, with caller-provided buffers (``pos`` all zero)."""
+    d, n = PT.shape
+    K = nbr_r.shape[0]
+    kc = closer_r.shape[0]
+    pc = PT[0]
+    x = pc[i]
+    for l in range(n):
+        diff = x - pc[l]
+        buf[l] = diff * diff
+    for c in range(1, d):
+        pc = PT[c]
+        x = pc[i]
+        for l in range(n):
+            diff = x - pc[l]
+            buf[l] += diff * diff
+    buf[i] = np.inf
+    c = _collect(buf, _select_bound(buf, K), cand)
+    if c < K:
+        c = _collect(buf, np.inf, cand)
+    cv = np.empty(c)
+    for q in range(c):
+        cv[q] = buf[cand[q]]
+    # (distance, index) order: the candidates are in index order and mergesort is stable.
+    # Every sample closer than the K-th is a candidate, so the first K are the K nearest.
+    order = _stable_order(cv)
+    for q in range(K):
+        pos[cand[order[q]]] = q + 1
+    for p in range(K):
+        rz = pos[nbr_r[p]]
+        if rz == 0:
+            rz = K + 1
+        out_r[p] = rz if rz > p + 1 else p + 1
+    top = -1.0  # the farthest of the neighbours beyond the K nearest (none: -1)
+    for m in range(kc):
+        j = nbr_r[m]
+        if pos[j] > 0:  # among the K nearest: pos - 1 samples come before it
+            closer_r[m] = pos[j] - 1
+        elif buf[j] > top:
+            top = buf[j]
+    if top >= 0.0:
+        # the others are counted as lowdim_count_ranks does: one pass keeps the entries up to
+        # the largest of their distances, then one count per neighbour over those
         kept = 0
         for l in range(n):
             v = buf[l]
@@ -386,7 +413,7 @@ def lowdim_coranks(PT, rows, nbr, out, closer):
             ids[kept] = l
             kept += 1 if v <= top else 0
         for m in range(kc):
-            j = nbr[r, m]
+            j = nbr_r[m]
             if pos[j] > 0:
                 continue
             t = buf[j]
@@ -394,7 +421,9 @@ def lowdim_coranks(PT, rows, nbr, out, closer):
             for q in range(kept):
                 v = vals[q]
                 acc += 1 if (v < t or (v == t and ids[q] < j)) else 0
-            closer[r, m] = acc
+            closer_r[m] = acc
+    for q in range(K):
+        pos[cand[order[q]]] = 0
 
 
 @numba.njit(parallel=True, cache=True)
