@@ -212,6 +212,9 @@ class MetricsConfig(_Strict):
         20000, ge=2, description="above this N, silhouette uses a seeded stratified sample"
     )
     rnx_max_k: int = Field(1000, ge=1, description="largest K of the R_NX curves and of rnx_auc (at most N - 2)")
+    rnx_max_samples: Optional[int] = Field(
+        10000, ge=2, description="above this N, R_NX averages its co-ranking counts over a seeded uniform sample "
+                                 "of this many points (ranks still against all N); unset: every point")
     cka: Literal["debiased", "biased"] = Field(
         "debiased", description="HSIC estimator of linear CKA: unbiased (Song et al. 2012) or Kornblith's biased one")
     cka_batch_size: Optional[int] = Field(

@@ -161,7 +161,7 @@ def neighbourhood_scores(X, embeddings: Mapping[str, np.ndarray], *, n_neighbors
                          graphs_Z: Mapping[str, KNNGraph] | None = None,
                          device=None, block_size: int | None = None,
                          rnx_max_k: int | None = None, per_point: bool = False,
-                         knn_out: list | None = None) -> dict[str, dict]:
+                         knn_out: list | None = None, rnx_rows: np.ndarray | None = None) -> dict[str, dict]:
     """Trustworthiness and continuity (and R_NX) of several embeddings of the same data, in one pass.
 
     The expensive part, the distances in the original space, is computed once, block by
@@ -192,6 +192,10 @@ def neighbourhood_scores(X, embeddings: Mapping[str, np.ndarray], *, n_neighbors
     knn_out : list, optional
         Receives the exact ``n_neighbors`` nearest neighbours in ``X`` (a :class:`KNNGraph`),
         found in the same pass when ``graph_X`` is omitted.
+    rnx_rows : int ndarray, optional
+        Sum R_NX's co-ranking counts over these samples only, each still ranked against all
+        samples: an unbiased estimate of Q_NX(K) at a fraction of the cost (see
+        :func:`rnx_sample`). Trustworthiness and continuity always use every sample.
 
     Returns
     -------
@@ -215,19 +219,26 @@ def neighbourhood_scores(X, embeddings: Mapping[str, np.ndarray], *, n_neighbors
     ]
     rnx_k = _rnx_k(rnx_max_k, n_samples) if rnx_max_k is not None else 0
     spaces = list(Zs.values()) if rnx_k else []
+    if rnx_rows is not None:
+        rnx_rows = np.unique(np.asarray(rnx_rows, dtype=np.int64))
+        if rnx_rows.size == 0 or rnx_rows[0] < 0 or rnx_rows[-1] >= n_samples:
+            raise InputError(f"rnx_rows must be sample indices in [0, {n_samples}); got {rnx_rows.size} of them")
+        if rnx_rows.size == n_samples:
+            rnx_rows = None
     if graph_X is None and X.shape[1] <= _LOWDIM_MAX and not rnx_k:
         graph_X = knn_graph(X, n_neighbors=k, method="exact", device=dev, block_size=block_size)
     closer: list = []  # continuity's counts per embedding, when the co-ranking pass gives them
     if graph_X is not None:
         nbr_X = _check_graph(graph_X, n_samples, k, "graph_X").indices[:, :k]
         trust_excess, own, kept = _rank_excess(X, nbr_Z, k, dev, block_size, knn=k if rnx_k else None,
-                                               rnx_spaces=spaces, rnx_k=rnx_k, closer_out=closer)
+                                               rnx_spaces=spaces, rnx_k=rnx_k, closer_out=closer,
+                                               rnx_rows=rnx_rows)
         if own is None or not np.array_equal(own, nbr_X):
             closer = []  # the pass counted continuity for its own neighbours in X, not graph_X's
 
     else:  # the neighbours in X come from the same pass over X's distances
         trust_excess, nbr_X, kept = _rank_excess(X, nbr_Z, k, dev, block_size, knn=k, rnx_spaces=spaces,
-                                                 rnx_k=rnx_k, closer_out=closer)
+                                                 rnx_k=rnx_k, closer_out=closer, rnx_rows=rnx_rows)
         if knn_out is not None:
             from evalkit.kernels import sort_neighbours
 
@@ -247,7 +258,7 @@ def neighbourhood_scores(X, embeddings: Mapping[str, np.ndarray], *, n_neighbors
             out[name]["trustworthiness_points"] = _points_from_excess(t_excess, k)
             out[name]["continuity_points"] = _points_from_excess(c_excess, k)
         if rnx_k:
-            curve = RNXCurve(n_samples, kept[s])
+            curve = RNXCurve(n_samples, kept[s], None if rnx_rows is None else int(rnx_rows.size))
             out[name].update(rnx=curve, rnx_auc=curve.auc)
     return out
 
@@ -265,10 +276,14 @@ class RNXCurve:
     kept : ndarray of shape (max_k,), int64
         ``kept[K - 1] = sum_i |U_K(i) ∩ V_K(i)|``: the K-neighbourhoods of the two spaces
         summed over samples (ranks by (distance, index), as every score here).
+    n_rows : int or None
+        Over how many samples ``kept`` sums (a sample of the rows, each ranked against all
+        ``n_samples``); None: all of them.
     """
 
     n_samples: int
     kept: np.ndarray
+    n_rows: int | None = None
 
     @property
     def max_k(self) -> int:
@@ -281,8 +296,8 @@ class RNXCurve:
 
     @property
     def q_nx(self) -> np.ndarray:
-        """Q_NX(K) = kept(K) / (K N): the share of K-neighbours kept."""
-        return self.kept / (self.ks * float(self.n_samples))
+        """Q_NX(K) = kept(K) / (K N): the share of K-neighbours kept (N: the rows summed)."""
+        return self.kept / (self.ks * float(self.n_rows or self.n_samples))
 
     @property
     def lcmc(self) -> np.ndarray:
@@ -347,6 +362,15 @@ def rnx_curve(X, Z, *, max_k: int = 1000, device=None, block_size: int | None = 
     dev = _score_device(device)
     _, _, (kept,) = _rank_excess(X, [], 1, dev, block_size, rnx_spaces=[Z], rnx_k=rnx_k)
     return RNXCurve(n_samples, kept)
+
+
+def rnx_sample(n_samples: int, max_samples: int | None, *, seed: int = 0) -> np.ndarray | None:
+    """The rows R_NX sums over: None (all) up to ``max_samples``, else a seeded uniform sample
+    of that many, sorted. Q_NX(K) is a mean over rows of |U_K(i) ∩ V_K(i)| / K, so the sample
+    mean estimates it without bias; each sampled row is still ranked against all samples."""
+    if max_samples is None or n_samples <= max_samples:
+        return None
+    return np.sort(np.random.default_rng(seed).choice(n_samples, size=int(max_samples), replace=False))
 
 
 def _rnx_k(max_k, n_samples: int) -> int:
@@ -836,7 +860,7 @@ def _cross_frobenius_sq(A: np.ndarray, B: np.ndarray, block: int = 2048) -> floa
 
 
 def _rank_excess(P: np.ndarray, neighbour_sets, k: int, dev, block_size, knn: int | None = None,
-                 rnx_spaces=(), rnx_k: int = 0, closer_out: list | None = None):
+                 rnx_spaces=(), rnx_k: int = 0, closer_out: list | None = None, rnx_rows=None):
     """Sum over rows i and neighbours j of max(0, r(i, j) - k), r the rank in ``P`` (module
     docstring: ties by index, equal distances detected exactly); optionally the co-ranking
     counts of R_NX against other spaces, from the same pass.
@@ -858,7 +882,9 @@ def _rank_excess(P: np.ndarray, neighbour_sets, k: int, dev, block_size, knn: in
         With ``rnx_spaces``, receives per space the (n_samples, k) counts of
         :meth:`~evalkit.kernels.Ranking.rank_counts` in that space for the k nearest
         neighbours in P (the excess behind continuity), read from the co-ranking pass; left
-        empty where that pass cannot give them (the torch path).
+        empty where that pass cannot give them (the torch path, or ``rnx_rows``).
+    rnx_rows : sorted int ndarray, optional
+        The rows whose co-ranking counts are summed (all when None).
 
     With ``rnx_spaces`` the K nearest neighbours in P of every row are known in order, so the
     rank of a neighbour from ``neighbour_sets`` is its position there; only rows with a
@@ -884,7 +910,7 @@ def _rank_excess(P: np.ndarray, neighbour_sets, k: int, dev, block_size, knn: in
     found = np.empty((n_samples, knn), dtype=np.int64) if knn else None
     hist = [np.zeros(rnx_k + 2, dtype=np.int64) for _ in rnx_spaces]
     closer = ([np.empty((n_samples, k), dtype=np.int64) for _ in rnx_spaces]
-              if closer_out is not None and k <= rnx_k else [])  # from the K nearest: k of them at most
+              if closer_out is not None and k <= rnx_k and rnx_rows is None else [])  # needs every row's K nearest
     block = pick_block_size(n_samples, block_size)
     with torch.no_grad(), inner_loop(-(-n_samples // block), "scoring pass", unit="block"):
         ranking = Ranking(P, dev, torch.float64)
@@ -893,12 +919,22 @@ def _rank_excess(P: np.ndarray, neighbour_sets, k: int, dev, block_size, knn: in
             stop = min(start + block, n_samples)
             rows = np.arange(start, stop)
             R = ranking.block(start, stop)
-            top = ranking.topk(R, rows, rnx_k) if rnx_spaces else None  # exact, nearest first
+            if rnx_rows is not None:  # the K nearest of the sampled rows only
+                sub = np.arange(np.searchsorted(rnx_rows, start), np.searchsorted(rnx_rows, stop))
+                co_rows = rnx_rows[sub]
+                co_top = (ranking.topk(R[torch.as_tensor(co_rows - start)], co_rows, rnx_k)
+                          if rnx_spaces and co_rows.size else None)
+                top = None
+            else:
+                co_rows = rows
+                top = co_top = ranking.topk(R, rows, rnx_k) if rnx_spaces else None  # exact, nearest first
             if knn:
                 found[start:stop] = top[:, :knn] if top is not None and knn <= rnx_k else ranking.topk(R, rows, knn)
             for s, nb in enumerate(neighbour_sets):
                 excess[s][start:stop] = _excess(_closer_counts(ranking, R, rows, nb[start:stop], top), k)
             del R
+            if co_top is None:
+                continue
             for s, Z in enumerate(rnx_spaces):
                 if closer:
                     co, counted = corank_max(Z, rows, top, dev, closer_k=k)
@@ -907,7 +943,7 @@ def _rank_excess(P: np.ndarray, neighbour_sets, k: int, dev, block_size, knn: in
                     else:
                         closer[s][start:stop] = counted
                 else:
-                    co = corank_max(Z, rows, top, dev)
+                    co = corank_max(Z, co_rows, co_top, dev)
                 hist[s] += np.bincount(co.ravel(), minlength=rnx_k + 2)
     if closer_out is not None:
         closer_out.extend(closer)
@@ -1040,7 +1076,7 @@ METRICS.register(Metric(
                  "picture? 1 = no neighbours torn apart.")))
 METRICS.register(Metric(
     "rnx_auc", "R_NX area (log K)", "R_NX AUC", frozenset({"embedding"}),
-    lambda space: space.neighbourhood("rnx_auc"), params=("rnx_max_k",),
+    lambda space: space.neighbourhood("rnx_auc"), params=("rnx_max_k", "rnx_max_samples"),
     description=("Area under R_NX(K) against log K for K = 1 to {rnx_k} (Lee & Verleysen 2015): how much "
                  "better than a random picture the K-neighbourhoods are kept, at every scale K, small K "
                  "weighted most; 1 = every neighbourhood kept, 0 = no better than random. R_NX(K) = "

@@ -59,13 +59,21 @@ class _Shared:
 
     def neighbourhood(self, k: int) -> dict:
         """:func:`evalkit.score.neighbourhood_scores` of every embedding, R_NX included."""
-        from evalkit.score import neighbourhood_scores
+        from evalkit.score import neighbourhood_scores, rnx_sample
 
         def one_pass():
             exact = self.graph if self.graph.exact and self.graph.n_neighbors >= k else None
             found: list = []
+            rows = rnx_sample(len(self.X), self.settings.rnx_max_samples)
+            if rows is not None:
+                note = (f"rnx_auc and the R_NX curves: co-ranking counts of a seeded uniform sample of {len(rows):,} of "
+                        f"{len(self.X):,} points, each ranked against all (metrics.rnx_max_samples); "
+                        f"trustworthiness and continuity use every point")
+                if note not in self.notes:
+                    self.notes.append(note)
             out = neighbourhood_scores(self.X, self.embeddings, n_neighbors=k, graph_X=exact, device=self.device,
-                                       rnx_max_k=self.settings.rnx_max_k, per_point=True, knn_out=found)
+                                       rnx_max_k=self.settings.rnx_max_k, per_point=True, knn_out=found,
+                                       rnx_rows=rows)
             if found:  # the exact neighbours of the raw features, from the same pass
                 self.cache["exact_X"] = found[0]
             return out

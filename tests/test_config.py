@@ -69,7 +69,7 @@ def _cfg(**top):
     (_cfg(metrics={"n_neighbors": 0}), "x.yaml: metrics.n_neighbors: expected an integer >= 1 (got 0)"),
     (_cfg(metrics={"n_neighbours": 5}),
      "x.yaml: metrics.n_neighbours: unknown key; did you mean 'n_neighbors'? (valid keys here: n_neighbors, "
-     "knn_k, weighted_knn_k, silhouette_max_samples, rnx_max_k, cka, cka_batch_size)"),
+     "knn_k, weighted_knn_k, silhouette_max_samples, rnx_max_k, rnx_max_samples, cka, cka_batch_size)"),
     (_cfg(checks=[{"metric": "knn_accuracy", "gte": 0.5, "where": {"modle": "m"}}]),
      "x.yaml: checks[0].where.modle: unknown key; did you mean 'model'? (valid keys here: model, layer, method)"),
     (_cfg(checks=[{"metric": "knn_accuracy", "approx": 0.5}]),

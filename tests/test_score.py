@@ -424,6 +424,30 @@ def test_one_pass_gives_trustworthiness_and_continuity_with_ties(rnx_max_k):
         assert got["continuity"] == neighbourhood_scores(X, {"z": Z}, n_neighbors=k, graph_X=graph)["z"]["continuity"]
 
 
+def test_rnx_from_a_sample_of_rows_ranks_each_against_all():
+    """metrics.rnx_max_samples: the co-ranking counts summed over sampled rows only, each row
+    ranked against every sample (tie rule included); trustworthiness and continuity unchanged."""
+    X, Z = _tied_data(90, 12, seed=7)
+    rX, rZ = _ranks(_exact_sq(X)), _ranks(_exact_sq(Z))
+    K = 30
+    rows = score.rnx_sample(90, 25, seed=3)
+    assert rows.size == 25 and np.all(np.diff(rows) > 0) and score.rnx_sample(90, 90) is None
+    expected = np.array([sum(int(((rX[i] <= k) & (rZ[i] <= k) & (np.arange(90) != i)).sum()) for i in rows)
+                         for k in range(1, K + 1)])
+    whole = neighbourhood_scores(X, {"z": Z}, n_neighbors=5, rnx_max_k=K)["z"]
+    for kwargs in ({}, {"graph_X": knn_graph(X, n_neighbors=5, method="exact")}, {"block_size": 13}):
+        got = neighbourhood_scores(X, {"z": Z}, n_neighbors=5, rnx_max_k=K, rnx_rows=rows, **kwargs)["z"]
+        np.testing.assert_array_equal(got["rnx"].kept, expected)
+        assert got["rnx"].n_rows == 25
+        np.testing.assert_allclose(got["rnx"].q_nx, expected / (np.arange(1, K + 1) * 25.0))
+        assert (got["trustworthiness"], got["continuity"]) == (whole["trustworthiness"], whole["continuity"])
+    every = neighbourhood_scores(X, {"z": Z}, n_neighbors=5, rnx_max_k=K, rnx_rows=np.arange(90))["z"]
+    np.testing.assert_array_equal(every["rnx"].kept, whole["rnx"].kept)
+    assert every["rnx"].n_rows is None
+    with pytest.raises(EvalkitError, match="rnx_rows"):
+        neighbourhood_scores(X, {"z": Z}, n_neighbors=5, rnx_max_k=K, rnx_rows=np.array([3, 90]))
+
+
 @pytest.mark.parametrize("numba", [True, False])
 def test_topk_many_neighbours_follows_the_tie_rule(numba, monkeypatch):
     import torch
