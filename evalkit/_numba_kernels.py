@@ -146,46 +146,53 @@ def _count_row(row, i, nbr_r, X, e2, t, vals, ids, out_r):
 
 
 @numba.njit(parallel=True, cache=True)
-def lowdim_count_ranks(PT, nbr, out):
+def lowdim_count_ranks(PT, nbr, out, n_chunks):
     """:func:`count_ranks` for few dimensions, with exact distances computed on the fly from
     PT = X.T (n_dims, n_samples), column by column so the loops vectorise (same additions
-    in the same order as :func:`sq_dist`, so the values are identical)."""
+    in the same order as :func:`sq_dist`, so the values are identical). Rows go in
+    ``n_chunks`` chunks, each with its own buffers (see :func:`count_ranks`)."""
     d, n = PT.shape
     k = nbr.shape[1]
-    for i in numba.prange(n):
+    for ch in numba.prange(n_chunks):
         t = np.empty(k)
-        for m in range(k):
-            j = nbr[i, m]
-            s = 0.0
-            for c in range(d):
-                diff = PT[c, i] - PT[c, j]
-                s += diff * diff
-            t[m] = s
-        buf = np.zeros(n)
-        for c in range(d):
-            pc = PT[c]
+        buf = np.empty(n)
+        vals = np.empty(n)
+        ids = np.empty(n, dtype=np.int64)
+        for i in range((ch * n) // n_chunks, ((ch + 1) * n) // n_chunks):
+            for m in range(k):
+                j = nbr[i, m]
+                s = 0.0
+                for c in range(d):
+                    diff = PT[c, i] - PT[c, j]
+                    s += diff * diff
+                t[m] = s
+            pc = PT[0]
             x = pc[i]
             for l in range(n):
                 diff = x - pc[l]
-                buf[l] += diff * diff
-        buf[i] = np.inf  # self excluded by index
-        top = t.max()
-        vals = np.empty(n)
-        ids = np.empty(n, dtype=np.int64)
-        kept = 0
-        for l in range(n):
-            v = buf[l]
-            vals[kept] = v
-            ids[kept] = l
-            kept += 1 if v <= top else 0
-        for m in range(k):
-            tm = t[m]
-            j = nbr[i, m]
-            acc = 0
-            for q in range(kept):
-                v = vals[q]
-                acc += 1 if (v < tm or (v == tm and ids[q] < j)) else 0
-            out[i, m] = acc
+                buf[l] = diff * diff
+            for c in range(1, d):
+                pc = PT[c]
+                x = pc[i]
+                for l in range(n):
+                    diff = x - pc[l]
+                    buf[l] += diff * diff
+            buf[i] = np.inf  # self excluded by index
+            top = t.max()
+            kept = 0
+            for l in range(n):
+                v = buf[l]
+                vals[kept] = v
+                ids[kept] = l
+                kept += 1 if v <= top else 0
+            for m in range(k):
+                tm = t[m]
+                j = nbr[i, m]
+                acc = 0
+                for q in range(kept):
+                    v = vals[q]
+                    acc += 1 if (v < tm or (v == tm and ids[q] < j)) else 0
+                out[i, m] = acc
 
 
 @numba.njit(cache=True)

@@ -301,7 +301,7 @@ def lowdim_rank_counts(P: np.ndarray, nbr: np.ndarray) -> np.ndarray | None:
         return None
     PT = np.ascontiguousarray(np.asarray(P, dtype=np.float64).T)
     out = np.empty(nbr.shape, dtype=np.int64)
-    nk.lowdim_count_ranks(PT, np.ascontiguousarray(nbr, dtype=np.int64), out)
+    nk.lowdim_count_ranks(PT, np.ascontiguousarray(nbr, dtype=np.int64), out, _chunks(PT.shape[1]))
     return out
 
 
