@@ -106,17 +106,10 @@ def count_ranks(R, rows, nbr, X, err, out, n_chunks):
 @numba.njit(cache=True)
 def _count_row(row, i, nbr_r, X, e2, t, vals, ids, out_r):
     """:func:`count_ranks` of one row, with caller-provided buffers."""
-    n = row.shape[0]
     k = nbr_r.shape[0]
     for m in range(k):
         t[m] = row[nbr_r[m]]
-    top = t.max() + e2
-    kept = 0
-    for l in range(n):
-        v = row[l]
-        vals[kept] = v
-        ids[kept] = l
-        kept += 1 if v <= top else 0
+    kept = _compact(row, t.max() + e2, vals, ids)
     for m in range(k):
         lo = t[m] - e2
         hi = t[m] + e2
@@ -151,7 +144,7 @@ def lowdim_count_ranks(PT, nbr, out, n_chunks):
     PT = X.T (n_dims, n_samples), column by column so the loops vectorise (same additions
     in the same order as :func:`sq_dist`, so the values are identical). Rows go in
     ``n_chunks`` chunks, each with its own buffers (see :func:`count_ranks`)."""
-    d, n = PT.shape
+    n = PT.shape[1]
     k = nbr.shape[1]
     for ch in numba.prange(n_chunks):
         t = np.empty(k)
@@ -159,40 +152,54 @@ def lowdim_count_ranks(PT, nbr, out, n_chunks):
         vals = np.empty(n)
         ids = np.empty(n, dtype=np.int64)
         for i in range((ch * n) // n_chunks, ((ch + 1) * n) // n_chunks):
+            _lowdim_row(PT, i, buf)
             for m in range(k):
-                j = nbr[i, m]
-                s = 0.0
-                for c in range(d):
-                    diff = PT[c, i] - PT[c, j]
-                    s += diff * diff
-                t[m] = s
-            pc = PT[0]
-            x = pc[i]
-            for l in range(n):
-                diff = x - pc[l]
-                buf[l] = diff * diff
-            for c in range(1, d):
-                pc = PT[c]
-                x = pc[i]
-                for l in range(n):
-                    diff = x - pc[l]
-                    buf[l] += diff * diff
-            buf[i] = np.inf  # self excluded by index
-            top = t.max()
-            kept = 0
-            for l in range(n):
-                v = buf[l]
-                vals[kept] = v
-                ids[kept] = l
-                kept += 1 if v <= top else 0
+                t[m] = buf[nbr[i, m]]
+            kept = _compact(buf, t.max(), vals, ids)
             for m in range(k):
-                tm = t[m]
-                j = nbr[i, m]
-                acc = 0
-                for q in range(kept):
-                    v = vals[q]
-                    acc += 1 if (v < tm or (v == tm and ids[q] < j)) else 0
-                out[i, m] = acc
+                out[i, m] = _count_before(vals, ids, kept, t[m], nbr[i, m])
+
+
+@numba.njit(cache=True)
+def _lowdim_row(PT, i, buf):
+    """buf[l] = sq_dist of samples i and l from PT = X.T (columns in order, as :func:`sq_dist`,
+    so the values are identical), buf[i] = inf (self excluded by index)."""
+    d, n = PT.shape
+    pc = PT[0]
+    x = pc[i]
+    for l in range(n):
+        diff = x - pc[l]
+        buf[l] = diff * diff
+    for c in range(1, d):
+        pc = PT[c]
+        x = pc[i]
+        for l in range(n):
+            diff = x - pc[l]
+            buf[l] += diff * diff
+    buf[i] = np.inf
+
+
+@numba.njit(cache=True)
+def _compact(row, top, vals, ids):
+    """The entries of ``row`` up to ``top`` and their indices, in order, into vals and ids
+    (branch-free); returns how many."""
+    kept = 0
+    for l in range(row.shape[0]):
+        v = row[l]
+        vals[kept] = v
+        ids[kept] = l
+        kept += 1 if v <= top else 0
+    return kept
+
+
+@numba.njit(cache=True)
+def _count_before(vals, ids, kept, t, j):
+    """#{q < kept : (vals[q], ids[q]) < (t, j)}: how many samples come before j, at distance t."""
+    acc = 0
+    for q in range(kept):
+        v = vals[q]
+        acc += 1 if (v < t or (v == t and ids[q] < j)) else 0
+    return acc
 
 
 @numba.njit(cache=True)
@@ -372,21 +379,9 @@ def lowdim_coranks(PT, rows, nbr, out, closer, n_chunks):
 @numba.njit(cache=True)
 def _coranks_row(PT, i, nbr_r, out_r, closer_r, buf, cand, pos, vals, ids):
     """:func:`lowdim_coranks` of one row, with caller-provided buffers (``pos`` all zero)."""
-    d, n = PT.shape
     K = nbr_r.shape[0]
     kc = closer_r.shape[0]
-    pc = PT[0]
-    x = pc[i]
-    for l in range(n):
-        diff = x - pc[l]
-        buf[l] = diff * diff
-    for c in range(1, d):
-        pc = PT[c]
-        x = pc[i]
-        for l in range(n):
-            diff = x - pc[l]
-            buf[l] += diff * diff
-    buf[i] = np.inf
+    _lowdim_row(PT, i, buf)
     c = _collect(buf, _select_bound(buf, K), cand)
     if c < K:
         c = _collect(buf, np.inf, cand)
@@ -413,22 +408,11 @@ def _coranks_row(PT, i, nbr_r, out_r, closer_r, buf, cand, pos, vals, ids):
     if top >= 0.0:
         # the others are counted as lowdim_count_ranks does: one pass keeps the entries up to
         # the largest of their distances, then one count per neighbour over those
-        kept = 0
-        for l in range(n):
-            v = buf[l]
-            vals[kept] = v
-            ids[kept] = l
-            kept += 1 if v <= top else 0
+        kept = _compact(buf, top, vals, ids)
         for m in range(kc):
             j = nbr_r[m]
-            if pos[j] > 0:
-                continue
-            t = buf[j]
-            acc = 0
-            for q in range(kept):
-                v = vals[q]
-                acc += 1 if (v < t or (v == t and ids[q] < j)) else 0
-            closer_r[m] = acc
+            if pos[j] == 0:
+                closer_r[m] = _count_before(vals, ids, kept, buf[j], j)
     for q in range(K):
         pos[cand[order[q]]] = 0
 
