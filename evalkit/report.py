@@ -514,6 +514,8 @@ def _feature_keys(result: Result) -> list:
 
 
 def _grid(result, rows, feature_keys, methods, colors, best, reasons) -> tuple:
+    from evalkit import plots
+
     row_index = {(r.get("model"), r.get("layer"), r.get("method")): r for r in rows}
     dims = {(f.model, f.layer): (int(f.features.shape[1]) if np.ndim(f.features) == 2 else None)
             for f in result.feature_sets}
@@ -527,42 +529,30 @@ def _grid(result, rows, feature_keys, methods, colors, best, reasons) -> tuple:
     grid = []
     with inner_loop(len(first), "report images", unit="image"):
         for model, layer in feature_keys:
-            grid.append(_grid_row(model, layer, row_index, dims, first, seeds, methods, labels, colors, best,
-                                  reasons, result, n))
+            panels = []
+            for column in methods:
+                emb = first.get(f"{model}/{layer}/{column.name}")
+                if emb is None:
+                    panels.append(None)
+                    continue
+                alt = (f"{column.title} of {model}/{layer}: {n} points coloured by class "
+                       f"({len(result.label_names)} classes), seed {emb.seed}")
+                panels.append(Panel(column.name, plots.scatter_png(emb.coords, labels, colors), alt,
+                                    tuple(seeds[emb.key]),
+                                    _cell_scores(row_index.get((model, layer, column.name)), reasons, best)))
+                step(1)
+            grid.append(GridRow(str(model), str(layer), dims.get((model, layer)),
+                                _cell_scores(row_index.get((model, layer, "features")), reasons, best),
+                                tuple(panels)))
     return tuple(grid)
 
 
-def _grid_row(model, layer, row_index, dims, first, seeds, methods, labels, colors, best, reasons, result,
-              n) -> GridRow:
-    """One model/layer row of the PNG grid: its feature scores and one panel per method."""
-    from evalkit import plots
-
-    frow = row_index.get((model, layer, "features"))
-    feature_scores = ()
-    if frow is not None:
-        feature_scores = tuple(
-            Score(m, _metric_short(m),
-                  _metric_cell(frow, m, reasons, _is_best(best, frow, m)))
-            for m in _metric_keys([frow]) if m not in NOT_SCORES)
-    panels = []
-    for column in methods:
-        emb = first.get(f"{model}/{layer}/{column.name}")
-        if emb is None:
-            panels.append(None)
-            continue
-        erow = row_index.get((model, layer, column.name))
-        scores = ()
-        if erow is not None:
-            scores = tuple(
-                Score(m, _metric_short(m),
-                      _metric_cell(erow, m, reasons, _is_best(best, erow, m)))
-                for m in _metric_keys([erow]) if m not in NOT_SCORES)
-        alt = (f"{column.title} of {model}/{layer}: {n} points coloured by class "
-               f"({len(result.label_names)} classes), seed {emb.seed}")
-        panels.append(Panel(column.name, plots.scatter_png(emb.coords, labels, colors),
-                            alt, tuple(seeds[emb.key]), scores))
-        step(1)
-    return GridRow(str(model), str(layer), dims.get((model, layer)), feature_scores, tuple(panels))
+def _cell_scores(row, reasons, best) -> tuple:
+    """The scores shown under a panel (or beside a feature set) for one metrics row; () for none."""
+    if row is None:
+        return ()
+    return tuple(Score(m, _metric_short(m), _metric_cell(row, m, reasons, _is_best(best, row, m)))
+                 for m in _metric_keys([row]) if m not in NOT_SCORES)
 
 
 def _seeds_note(result: Result) -> str:

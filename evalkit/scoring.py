@@ -331,7 +331,8 @@ def _embed_all(fs: FeatureSet, specs, embedders: dict, embed, X, Xr, graph, cons
             if prepare is not None:
                 prepare()
         order = sorted(jobs, key=lambda job: _EXPECTED_COST.get(job[0].name, 0), reverse=True)
-        with ThreadPoolExecutor(max_workers=min(n_jobs(), len(jobs)), thread_name_prefix="evalkit-embed") as pool:
+        workers = min(n_jobs(), len(jobs) + len(side))
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="evalkit-embed") as pool:
             futures = {pool.submit(run, spec, seed): (spec, seed) for spec, seed in order}
             futures.update({pool.submit(job): name for name, job in side.items()})
             pending = set(futures)
