@@ -19,7 +19,9 @@ openTSNE, umap-learn and scikit-learn are imported inside the methods that use t
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 from typing import Optional
 
 import numpy as np
@@ -32,7 +34,7 @@ from evalkit.errors import EvalkitError
 from evalkit.progress import inner_loop, step
 from evalkit.registry import METHODS, Method, StrictModel
 
-__all__ = ["create_embedder", "reduce_dims", "unit_scale", "TSNE_BACKENDS", "n_jobs", "PCAConfig", "TSNEConfig",
+__all__ = ["create_embedder", "reduce_dims", "unit_scale", "TSNE_BACKENDS", "n_jobs", "cores_share", "PCAConfig", "TSNEConfig",
            "UMAPConfig", "PaCMAPConfig", "PCAEmbedder", "TSNEEmbedder", "UMAPEmbedder", "PaCMAPEmbedder"]
 
 #: openTSNE's "auto" switches from Barnes-Hut to FFT-interpolated gradients at this size.
@@ -51,12 +53,30 @@ TSNE_BACKENDS = ("opentsne", "sklearn")
 TSNE_CALLBACK_EVERY = 25
 
 
+_SHARE = threading.local()  # .cores: this thread's share of the cores, inside cores_share()
+
+
 def n_jobs() -> int:
-    """All cores this process may use."""
+    """The cores this thread's work may use: every core this process may use, or fewer inside
+    :func:`cores_share` (a job that runs beside others)."""
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        cores = max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # macOS
-        return max(1, os.cpu_count() or 1)
+        cores = max(1, os.cpu_count() or 1)
+    share = getattr(_SHARE, "cores", None)
+    return min(cores, share) if share else cores
+
+
+@contextlib.contextmanager
+def cores_share(cores: int):
+    """Within, in this thread: :func:`n_jobs` is at most ``cores``, so t-SNE's threads and the
+    pool of methods stay inside the share of a job that runs beside others."""
+    previous = getattr(_SHARE, "cores", None)
+    _SHARE.cores = max(1, int(cores))
+    try:
+        yield
+    finally:
+        _SHARE.cores = previous
 
 
 #: Features whose largest magnitude lies outside [2**-20, 2**20] (about 1e-6 .. 1e6) are

@@ -25,6 +25,9 @@ torch and numba are imported inside the functions (numba's kernels, module-level
 """
 from __future__ import annotations
 
+import importlib
+import sys
+
 import numpy as np
 
 from evalkit.errors import InputError
@@ -44,6 +47,7 @@ __all__ = [
     "corank_max",
     "positions_in_top",
     "numba_kernels",
+    "numba_threadsafe",
 ]
 
 # Bytes one (block x n_samples) float64 work array may take; a few of them live at once.
@@ -136,7 +140,7 @@ def exact_sq_distances(X: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarra
     a = np.ascontiguousarray(a, dtype=np.int64)
     b = np.ascontiguousarray(b, dtype=np.int64)
     out = np.empty(a.shape[0], dtype=np.float64)
-    nk = numba_kernels()
+    nk = numba_kernels(*X.shape)
     if nk is not None:
         nk.pair_sq_distances(X, a, b, out)
         return out
@@ -211,7 +215,7 @@ class Ranking:
         self.dev = dev
         self.T = torch.as_tensor(centred).to(device=dev, dtype=dtype)
         self.sq = torch.as_tensor(self.sq64).to(device=dev, dtype=dtype)
-        self.use_numba = dev.type == "cpu" and numba_kernels() is not None
+        self.use_numba = dev.type == "cpu" and numba_kernels(*self.points.shape) is not None
         self._err_t = None
 
     @property
@@ -290,13 +294,13 @@ class Float32Ranking(Ranking):
 
     @classmethod
     def usable(cls, X: np.ndarray, dev) -> bool:
-        return dev.type == "cpu" and X.shape[1] <= cls.MAX_FEATURES and numba_kernels() is not None
+        return dev.type == "cpu" and X.shape[1] <= cls.MAX_FEATURES and numba_kernels(*X.shape) is not None
 
 
 def lowdim_rank_counts(P: np.ndarray, nbr: np.ndarray) -> np.ndarray | None:
     """:meth:`Ranking.rank_counts` for all rows of a space of few dimensions (2-D embeddings),
     distances computed on the fly on CPU, no (block x n_samples) arrays; None without numba."""
-    nk = numba_kernels()
+    nk = numba_kernels(*P.shape)
     if nk is None:
         return None
     PT = np.ascontiguousarray(np.asarray(P, dtype=np.float64).T)
@@ -322,7 +326,7 @@ def corank_max(P: np.ndarray, rows: np.ndarray, nbr: np.ndarray, dev, *, closer_
     rows = np.ascontiguousarray(rows, dtype=np.int64)
     nbr = np.ascontiguousarray(nbr, dtype=np.int64)
     P = np.asarray(P, dtype=np.float64)
-    nk = numba_kernels()
+    nk = numba_kernels(*P.shape)
     if dev.type == "cpu" and nk is not None:
         out = np.empty(nbr.shape, dtype=np.int64)
         closer = np.empty((len(rows), min(closer_k, nbr.shape[1])), dtype=np.int64)
@@ -445,13 +449,22 @@ def _chunks(n_rows: int) -> int:
 
 _NUMBA_KERNELS = None
 _NUMBA_TRIED = False
+#: Below this many entries (samples x features), and while numba is not loaded yet, the torch
+#: paths run on CPU too. Importing numba and loading evalkit's cached kernels takes 0.5-0.8 s,
+#: more than the torch paths take on such data (300 x 16: 0.07 s; but 899 x 128: 1.5 s
+#: against 0.2 s with numba, so larger data load it).
+NUMBA_MIN_ENTRIES = 15_000
 
 
-def numba_kernels():
+def numba_kernels(n_samples: int | None = None, n_features: int = 1):
     """The module :mod:`evalkit._numba_kernels` (imported, and so compiled or loaded from
-    numba's cache, on first use), or None when numba cannot be used; callers then fall
-    back to torch."""
+    numba's cache, on first use), or None when numba cannot be used or, given the data's
+    shape, when it is not loaded yet and the data are too small to be worth loading it
+    (:data:`NUMBA_MIN_ENTRIES`); callers then fall back to torch."""
     global _NUMBA_KERNELS, _NUMBA_TRIED
+    if (not _NUMBA_TRIED and n_samples is not None
+            and n_samples * max(1, n_features) < NUMBA_MIN_ENTRIES):
+        return None
     if not _NUMBA_TRIED:
         _NUMBA_TRIED = True
         try:
@@ -461,3 +474,26 @@ def numba_kernels():
         except Exception:  # numba missing or broken
             _NUMBA_KERNELS = None
     return _NUMBA_KERNELS
+
+
+def numba_threadsafe() -> bool:
+    """Whether numba's parallel kernels (evalkit's and umap-learn's) may run in two threads at
+    once: true for its OpenMP and TBB threading layers; its fallback layer, workqueue, aborts
+    the process on concurrent use. Callers that would run such work side by side run it one
+    job after another when this is false. True while numba is not imported (call it after
+    importing what the jobs use: then nothing of numba's can run twice at once)."""
+    numba = sys.modules.get("numba")
+    if numba is None:
+        return True
+    layer = str(numba.config.THREADING_LAYER).lower()
+    if layer == "workqueue":
+        return False
+    if layer in ("omp", "tbb"):
+        return True
+    for pool in ("omppool", "tbbpool"):  # "default", "safe", "threadsafe": the first that loads
+        try:
+            importlib.import_module(f"numba.np.ufunc.{pool}")
+            return True
+        except Exception:  # not built, or its runtime library is missing
+            continue
+    return False

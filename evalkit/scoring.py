@@ -10,8 +10,10 @@ features that gives trustworthiness and continuity of every embedding and seed a
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import itertools
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
@@ -296,6 +298,7 @@ def _embed_all(fs: FeatureSet, specs, embedders: dict, embed, X, Xr, graph, cons
     from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 
     from evalkit.embed import n_jobs
+    from evalkit.kernels import numba_threadsafe
 
     n = X.shape[0]
     method_params, jobs = {}, []  # (spec, seed)
@@ -317,22 +320,20 @@ def _embed_all(fs: FeatureSet, specs, embedders: dict, embed, X, Xr, graph, cons
     done: dict = {}  # (method, seed) -> (Z, seconds)
     side = dict(side or {})
     side_done: dict = {}
-    if len(jobs) + len(side) == 1 or n_jobs() == 1:
+    side_by_side = len(jobs) + len(side) > 1 and n_jobs() > 1
+    if side_by_side:
+        _prepare(specs, embedders)  # imports first, here: two threads importing one package can see it half made
+        side_by_side = numba_threadsafe()
+    if not side_by_side:
         for spec, seed in jobs:
             done[spec.name, seed] = run(spec, seed)
             check_interrupted()  # between seeds and methods: a recorded Ctrl-C ends the run here
             _log_method_done(fs, spec, embed, done, log)
         side_done = {name: job() for name, job in side.items()}
     else:
-        for spec in specs:  # imports first, here: two threads importing one package can see it half made
-            for module in spec.requires:
-                importlib.import_module(module)
-            prepare = getattr(embedders[spec.name], "prepare", None)
-            if prepare is not None:
-                prepare()
         order = sorted(jobs, key=lambda job: _EXPECTED_COST.get(job[0].name, 0), reverse=True)
         workers = min(n_jobs(), len(jobs) + len(side))
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="evalkit-embed") as pool:
+        with one_blas_thread(), ThreadPoolExecutor(max_workers=workers, thread_name_prefix="evalkit-embed") as pool:
             futures = {pool.submit(run, spec, seed): (spec, seed) for spec, seed in order}
             futures.update({pool.submit(job): name for name, job in side.items()})
             pending = set(futures)
@@ -358,6 +359,56 @@ def _embed_all(fs: FeatureSet, specs, embedders: dict, embed, X, Xr, graph, cons
             embeddings.append(Embedding(fs.model, fs.layer, spec.name, seed, Z, method_params[spec.name], seconds))
             coords[f"{spec.name}/{seed}"] = Z
     return embeddings, coords, method_params, side_done
+
+
+_BLAS = {"users": 0, "limits": None}
+_BLAS_LOCK = threading.Lock()
+
+
+def prepare(embed, n_samples: int, n_features: int) -> None:
+    """Import in this thread what scoring a feature set of this shape uses, and load numba's
+    kernels if it will: for feature sets scored side by side in threads (two threads importing
+    one package at once can see it half made: "partially initialized module")."""
+    from evalkit.embed import create_embedder
+    from evalkit.kernels import numba_kernels
+
+    specs = [methods().get(name) for name in embed.methods]
+    _prepare(specs, {spec.name: create_embedder(spec.name, embed) for spec in specs})
+    for module in ("evalkit.neighbors", "evalkit.score", "scipy.spatial", "sklearn.decomposition"):
+        importlib.import_module(module)
+    numba_kernels(n_samples, n_features)
+
+
+def _prepare(specs, embedders: dict) -> None:
+    for spec in specs:
+        for module in spec.requires:
+            importlib.import_module(module)
+        prepare = getattr(embedders[spec.name], "prepare", None)
+        if prepare is not None:
+            prepare()
+
+
+@contextlib.contextmanager
+def one_blas_thread():
+    """Within: BLAS (numpy's and scipy's OpenBLAS) on one thread, for jobs that run side by side
+    and so already fill the cores. Its idle threads spin: beside t-SNE and UMAP they took 2.5 s
+    of CPU time from the demo report's 40. Threads may nest it: the first in sets the limit,
+    the last out restores the previous one. Enter it from the thread that starts the jobs:
+    OpenBLAS (0.3.31) ignored a limit set from a thread once other threads had called it."""
+    from threadpoolctl import threadpool_limits
+
+    with _BLAS_LOCK:
+        if _BLAS["users"] == 0:
+            _BLAS["limits"] = threadpool_limits(limits=1, user_api="blas")
+        _BLAS["users"] += 1
+    try:
+        yield
+    finally:
+        with _BLAS_LOCK:
+            _BLAS["users"] -= 1
+            if _BLAS["users"] == 0:
+                _BLAS["limits"].restore_original_limits()
+                _BLAS["limits"] = None
 
 
 #: Which embedding jobs start first when they run side by side (the longest first).

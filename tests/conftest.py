@@ -18,6 +18,16 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (run on a GPU machine)")
 
 
+@pytest.fixture(autouse=True)
+def numba_kernels_on_small_inputs(monkeypatch):
+    """Tests use small inputs, where a run takes the torch paths (kernels.NUMBA_MIN_ENTRIES);
+    they run the numba kernels on them unless a test says otherwise. The torch paths have
+    their own tests (``no_numba``), and both are checked against the same references."""
+    from evalkit import kernels
+
+    monkeypatch.setattr(kernels, "NUMBA_MIN_ENTRIES", 0)
+
+
 def class_images(n_classes: int, n_per_class: int, *, size=(16, 16), channels: int = 3, seed: int = 0):
     """uint8 images of shape (n, H, W[, 3]) whose mean brightness and stripes depend on the class.
 

@@ -394,3 +394,124 @@ def test_umap_kernels_compile_once_per_machine(tmp_path):
     kernels = {f"{module}.{name}" for module, name in UMAP_KERNELS} - {"umap.layouts._nb_optimize_layout_euclidean_single_epoch"}
     kernels.add("umap.layouts._optimize_layout_euclidean_single_epoch")
     assert not kernels & set(runs[1]), runs[1]
+
+
+def _small_sets():
+    """Three small feature sets of the same samples (columns shuffled and scaled differently)."""
+    rng = np.random.default_rng(5)
+    return {f"m{i}": X[:, rng.permutation(X.shape[1])] * (1.0 + i) for i in range(3)}
+
+
+def test_feature_sets_side_by_side_give_the_results_of_one_after_the_other(monkeypatch):
+    """Small feature sets run in threads, one core each: the rows, coordinates and their order
+    are those of the same sets run one after the other with every core."""
+    import threading
+
+    import evalkit.embed
+    import evalkit.pipeline
+    import evalkit.scoring
+    from evalkit import evaluate
+
+    monkeypatch.setattr(evalkit.embed.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    seen = []
+    original = evalkit.scoring.score_feature_set
+
+    def spy(fs, *args, **kwargs):
+        seen.append((fs.model, threading.current_thread().name, evalkit.embed.n_jobs()))
+        return original(fs, *args, **kwargs)
+
+    monkeypatch.setattr(evalkit.scoring, "score_feature_set", spy)
+    settings = {"tsne": {"n_iter": 150}, "umap": {"n_epochs": 40}}
+    runs = {}
+    for below in (0, 10_000):  # one after the other; side by side
+        monkeypatch.setattr(evalkit.pipeline, "SETS_SIDE_BY_SIDE_BELOW", below)
+        seen.clear()
+        runs[below] = evaluate(_small_sets(), Y, methods=["tsne", "umap", "pca"], method_settings=settings, pca_dims=8)
+        threads = {name for _, name, _ in seen}
+        if below:
+            assert all(name.startswith("evalkit-set") for name in threads) and {c for *_, c in seen} == {1}
+        else:
+            assert threads == {"MainThread"} and {c for *_, c in seen} == {2}
+    serial, pooled = runs[0], runs[10_000]
+    assert [dict(r) for r in pooled.rows] == [dict(r) for r in serial.rows]
+    assert [(e.model, e.method) for e in pooled.embeddings] == [(e.model, e.method) for e in serial.embeddings]
+    for a, b in zip(serial.embeddings, pooled.embeddings):
+        np.testing.assert_array_equal(a.coords, b.coords)
+    assert pooled.method_params["tsne"]["n_jobs"] == 1  # t-SNE on its one core
+
+
+def test_a_failing_feature_set_side_by_side_raises_its_own_error(monkeypatch):
+    import evalkit.embed
+    import evalkit.scoring
+    from evalkit import evaluate
+
+    monkeypatch.setattr(evalkit.embed.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    original = evalkit.scoring.score_feature_set
+
+    def second_breaks(fs, *args, **kwargs):
+        if fs.model == "m1":
+            raise EvalkitError("m1 broke")
+        return original(fs, *args, **kwargs)
+
+    monkeypatch.setattr(evalkit.scoring, "score_feature_set", second_breaks)
+    with pytest.raises(EvalkitError, match="m1 broke"):
+        evaluate(_small_sets(), Y, methods=["pca"])
+
+
+def test_without_a_threadsafe_numba_layer_feature_sets_run_one_after_the_other(monkeypatch):
+    """numba's workqueue layer aborts the process when two threads run its kernels at once."""
+    import threading
+
+    import numba
+
+    import evalkit.embed
+    import evalkit.scoring
+    from evalkit import evaluate
+    from evalkit.kernels import numba_threadsafe
+
+    assert numba_threadsafe()  # this machine has OpenMP
+    monkeypatch.setattr(numba.config, "THREADING_LAYER", "workqueue")
+    assert not numba_threadsafe()
+    monkeypatch.setattr(evalkit.embed.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    threads = set()
+    original = evalkit.scoring.score_feature_set
+
+    def spy(fs, *args, **kwargs):
+        threads.add(threading.current_thread().name)
+        return original(fs, *args, **kwargs)
+
+    monkeypatch.setattr(evalkit.scoring, "score_feature_set", spy)
+    out = evaluate(_small_sets(), Y, methods=["umap", "pca"], method_settings={"umap": {"n_epochs": 20}})
+    assert threads == {"MainThread"} and len(out.rows) == 9
+
+
+def test_one_blas_thread_nests_across_threads():
+    """A thread that enters and leaves while another is inside does not lift the limit (a plain
+    threadpoolctl context would restore the previous limit at its exit); the last one out does."""
+    import threading
+
+    from threadpoolctl import threadpool_info
+
+    from evalkit.scoring import one_blas_thread
+
+    def blas_threads():
+        return sorted(i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas")
+
+    before = blas_threads()
+    assert before
+    with one_blas_thread():
+        assert set(blas_threads()) == {1}
+        inner_done = []
+
+        def inner():
+            with one_blas_thread():
+                inner_done.append(True)
+
+        worker = threading.Thread(target=inner)
+        worker.start()
+        worker.join()
+        assert inner_done and set(blas_threads()) == {1}  # the worker left; this thread is still inside
+        with one_blas_thread():
+            pass
+        assert set(blas_threads()) == {1}
+    assert blas_threads() == before

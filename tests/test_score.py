@@ -953,3 +953,34 @@ def test_raw_feature_scores_use_exact_neighbours_when_the_shared_graph_is_approx
     features = out.rows[0]
     assert features["method"] == "features"
     assert features["knn_accuracy"] == pytest.approx(score.knn_accuracy(X, y, n_neighbors=10))  # exact graph
+
+
+@pytest.mark.parametrize("n_features, loads_numba", [(16, False), (64, True)])
+def test_small_data_take_the_torch_paths_without_loading_numba(n_features, loads_numba, tmp_path):
+    """300 x 16 (below kernels.NUMBA_MIN_ENTRIES): numba is never imported (loading it and its
+    cached kernels took 0.5-0.8 s, more than the whole scoring); 300 x 64: the numba kernels."""
+    import json
+    import subprocess
+    import sys
+
+    script = tmp_path / "which_path.py"
+    script.write_text(
+        "import json, sys\n"
+        "import numpy as np\n"
+        "from evalkit import evaluate\n"
+        "rng = np.random.default_rng(0)\n"
+        f"X = rng.normal(size=(300, {n_features}))\n"
+        "y = np.arange(300) % 5\n"
+        "r = evaluate({'m': X}, y, methods=['pca'])\n"
+        "print(json.dumps({'numba': 'numba' in sys.modules,\n"
+        "                  'rows': [{k: v for k, v in dict(row).items() if isinstance(v, float)} for row in r.rows]}))\n")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["numba"] is loads_numba
+    # the same scores as the numba kernels give in this process (kernels.NUMBA_MIN_ENTRIES = 0 here)
+    from evalkit import evaluate
+
+    rng = np.random.default_rng(0)
+    here = evaluate({"m": rng.normal(size=(300, n_features))}, np.arange(300) % 5, methods=["pca"])
+    assert out["rows"] == [{k: v for k, v in dict(row).items() if isinstance(v, float)} for row in here.rows]
