@@ -689,8 +689,8 @@ def _neighbours_fit(method: str):
 _umap_sizes = _neighbours_fit("umap")
 
 
-METHODS.register(Method("tsne", "t-SNE", TSNEConfig, TSNEEmbedder, input="reduced", fit_sizes=_tsne_sizes))
-METHODS.register(Method("umap", "UMAP", UMAPConfig, UMAPEmbedder, input="reduced", fit_sizes=_umap_sizes))
+METHODS.register(Method("tsne", "t-SNE", TSNEConfig, TSNEEmbedder, input="reduced", fit_sizes=_tsne_sizes, cost=3))
+METHODS.register(Method("umap", "UMAP", UMAPConfig, UMAPEmbedder, input="reduced", fit_sizes=_umap_sizes, cost=2))
 METHODS.register(Method("pca", "PCA", PCAConfig, PCAEmbedder, input="raw", seeded=False))
 
 
@@ -705,4 +705,4 @@ _pacmap_sizes = _neighbours_fit("pacmap")
 
 
 METHODS.register(Method("pacmap", "PaCMAP", PaCMAPConfig, PaCMAPEmbedder, input="reduced", fit_sizes=_pacmap_sizes,
-                        default=False, requires=("pacmap",), extra="pacmap"))
+                        default=False, requires=("pacmap",), extra="pacmap", cost=1))

@@ -139,6 +139,9 @@ class Method:
         Modules an optional method imports; a run that asks for it without them fails early.
     extra : str, optional
         The pip extra that installs them (``pip install 'evalkit[NAME]'``).
+    cost : int
+        Its usual running time relative to the other methods (higher: longer). Methods that
+        run side by side start the longest first, so the last to start is a short one.
     """
 
     name: str
@@ -151,6 +154,7 @@ class Method:
     default: bool = True
     requires: tuple = ()
     extra: Optional[str] = None
+    cost: int = 0
 
     def missing(self) -> tuple:
         """The modules of :attr:`requires` that cannot be imported here."""

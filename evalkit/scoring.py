@@ -288,7 +288,8 @@ def _embed_all(fs: FeatureSet, specs, embedders: dict, embed, X, Xr, graph, cons
     on one thread, and both release Python's lock in their numeric loops (umap-learn's
     kernels through :func:`evalkit.embed.cache_umap_kernels`). Side by side they took 18.7 s
     where one after the other took 30.4 s, with identical coordinates. The longest jobs
-    start first (t-SNE, then UMAP, then the rest, in the registry's order). A method that
+    start first (by the registry's ``Method.cost``: t-SNE, then UMAP, then the rest, in the
+    registry's order). A method that
     ignores the seed runs once. ``side`` ({name: callable}) are other jobs for the same pool,
     started after the embeddings.
 
@@ -331,7 +332,7 @@ def _embed_all(fs: FeatureSet, specs, embedders: dict, embed, X, Xr, graph, cons
             _log_method_done(fs, spec, embed, done, log)
         side_done = {name: job() for name, job in side.items()}
     else:
-        order = sorted(jobs, key=lambda job: _EXPECTED_COST.get(job[0].name, 0), reverse=True)
+        order = sorted(jobs, key=lambda job: job[0].cost, reverse=True)
         workers = min(n_jobs(), len(jobs) + len(side))
         with one_blas_thread(), ThreadPoolExecutor(max_workers=workers, thread_name_prefix="evalkit-embed") as pool:
             futures = {pool.submit(run, spec, seed): (spec, seed) for spec, seed in order}
@@ -409,10 +410,6 @@ def one_blas_thread():
             if _BLAS["users"] == 0:
                 _BLAS["limits"].restore_original_limits()
                 _BLAS["limits"] = None
-
-
-#: Which embedding jobs start first when they run side by side (the longest first).
-_EXPECTED_COST = {"tsne": 3, "umap": 2, "pacmap": 1}
 
 
 def _log_method_done(fs, spec, embed, done: dict, log) -> None:
