@@ -515,3 +515,28 @@ def test_one_blas_thread_nests_across_threads():
             pass
         assert set(blas_threads()) == {1}
     assert blas_threads() == before
+
+
+def test_opentsne_fft_through_scipy_gives_the_same_gradient():
+    """openTSNE's FFT gradient with scipy's transforms equals numpy's to rounding."""
+    from openTSNE import _tsne
+    from openTSNE._matrix_mul import matrix_mul
+
+    from evalkit.embed import opentsne_scipy_fft
+
+    rng = np.random.default_rng(0)
+    Y = np.ascontiguousarray(rng.normal(size=(3000, 2)) * [30.0, 20.0])  # a grid of ~180 boxes a side
+    original = matrix_mul.np
+    try:
+        matrix_mul.np = np
+        ref = np.zeros_like(Y)
+        sum_ref = _tsne.estimate_negative_gradient_fft_2d(Y, ref)
+        assert opentsne_scipy_fft() and opentsne_scipy_fft()  # idempotent
+        assert matrix_mul.np.fft.rfft2.__module__.startswith("scipy.fft")
+        assert matrix_mul.np.zeros is np.zeros  # the rest is numpy itself
+        got = np.zeros_like(Y)
+        sum_got = _tsne.estimate_negative_gradient_fft_2d(Y, got)
+    finally:
+        matrix_mul.np = original
+    np.testing.assert_allclose(got, ref, rtol=1e-9, atol=1e-12 * np.abs(ref).max())
+    assert sum_got == pytest.approx(sum_ref, rel=1e-12)
