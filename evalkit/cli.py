@@ -310,8 +310,8 @@ def _log_to_stdout() -> None:
 
 def main(argv=None) -> int:
     code = _main(argv)
-    if argv is None:  # the evalkit program itself, not a call from Python
-        _leave(code)
+    if argv is None and sys.getprofile() is None and sys.gettrace() is None:
+        _leave(code)  # the evalkit program itself (not a call from Python, not under a profiler)
     return code
 
 
