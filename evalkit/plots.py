@@ -152,7 +152,7 @@ def curves_png(curves, *, title: str = "", xlabel: str = "K (log scale)", ylabel
         ax.legend(fontsize=7.5, frameon=False, loc="best")
     # Fixed margins, those tight_layout finds for this size and these fonts (R_NX lies in
     # [-1, 1], so no tick label is wider than "-0.2"): tight_layout measured every text again
-    # and took half of each chart's 0.23 s (the demo report draws eight).
+    # and took half of each chart's 0.23 s (one chart per method).
     fig.subplots_adjust(left=0.12, right=0.985, bottom=0.13, top=0.93 if title else 0.975)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=_DPI, facecolor="white", metadata={"Software": None})
