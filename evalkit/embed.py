@@ -34,8 +34,9 @@ from evalkit.errors import EvalkitError
 from evalkit.progress import inner_loop, step
 from evalkit.registry import METHODS, Method, StrictModel
 
-__all__ = ["create_embedder", "reduce_dims", "unit_scale", "TSNE_BACKENDS", "n_jobs", "cores_share", "PCAConfig", "TSNEConfig",
-           "UMAPConfig", "PaCMAPConfig", "PCAEmbedder", "TSNEEmbedder", "UMAPEmbedder", "PaCMAPEmbedder"]
+__all__ = ["create_embedder", "reduce_dims", "unit_scale", "TSNE_BACKENDS", "n_jobs", "cores_share",
+           "opentsne_scipy_fft", "PCAConfig", "TSNEConfig", "UMAPConfig", "PaCMAPConfig", "PCAEmbedder",
+           "TSNEEmbedder", "UMAPEmbedder", "PaCMAPEmbedder"]
 
 #: openTSNE's "auto" switches from Barnes-Hut to FFT-interpolated gradients at this size.
 OPENTSNE_FFT_MIN_SAMPLES = 10_000

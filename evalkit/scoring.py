@@ -289,9 +289,8 @@ def _embed_all(fs: FeatureSet, specs, embedders: dict, embed, X, Xr, graph, cons
     kernels through :func:`evalkit.embed.cache_umap_kernels`). Side by side they took 18.7 s
     where one after the other took 30.4 s, with identical coordinates. The longest jobs
     start first (by the registry's ``Method.cost``: t-SNE, then UMAP, then the rest, in the
-    registry's order). A method that
-    ignores the seed runs once. ``side`` ({name: callable}) are other jobs for the same pool,
-    started after the embeddings.
+    registry's order). A method that ignores the seed runs once. ``side`` ({name: callable})
+    are other jobs for the same pool, started after the embeddings.
 
     Returns (list of Embedding in method, seed order; {"method/seed": coords}; {method: params};
     {side job name: its result}).
@@ -362,10 +361,6 @@ def _embed_all(fs: FeatureSet, specs, embedders: dict, embed, X, Xr, graph, cons
     return embeddings, coords, method_params, side_done
 
 
-_BLAS = {"users": 0, "limits": None}
-_BLAS_LOCK = threading.Lock()
-
-
 def prepare(embed, n_samples: int, n_features: int) -> None:
     """Import in this thread what scoring a feature set of this shape uses, and load numba's
     kernels if it will: for feature sets scored side by side in threads (two threads importing
@@ -387,6 +382,10 @@ def _prepare(specs, embedders: dict) -> None:
         prepare = getattr(embedders[spec.name], "prepare", None)
         if prepare is not None:
             prepare()
+
+
+_BLAS = {"users": 0, "limits": None}
+_BLAS_LOCK = threading.Lock()
 
 
 @contextlib.contextmanager

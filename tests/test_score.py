@@ -972,8 +972,8 @@ def test_small_data_take_the_torch_paths_without_loading_numba(n_features, loads
         f"X = rng.normal(size=(300, {n_features}))\n"
         "y = np.arange(300) % 5\n"
         "r = evaluate({'m': X}, y, methods=['pca'])\n"
-        "print(json.dumps({'numba': 'numba' in sys.modules,\n"
-        "                  'rows': [{k: v for k, v in dict(row).items() if isinstance(v, float)} for row in r.rows]}))\n")
+        "rows = [{k: v for k, v in dict(row).items() if isinstance(v, float)} for row in r.rows]\n"
+        "print(json.dumps({'numba': 'numba' in sys.modules, 'rows': rows}))\n")
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout.strip().splitlines()[-1])
