@@ -391,13 +391,10 @@ def _main(argv=None) -> int:
             print(f"evalkit: {what}; nothing was written (an earlier run folder is left as it was)", file=sys.stderr)
         code = EXIT_INTERRUPTED if isinstance(exc, KeyboardInterrupt) else EXIT_TERMINATED
         if argv is None:
-            # The run has unwound (temp folders removed in finally blocks). Leave now: seen in CI,
-            # CPython's shutdown could still re-raise SIGINT on itself (exit -2 instead of 130).
-            import os
-
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
+            # The run has unwound (temp folders removed in finally blocks). Leave now, under a
+            # profiler too: seen in CI, CPython's shutdown could still re-raise SIGINT on itself
+            # (exit -2 instead of 130).
+            _leave(code)
         return code
     except BrokenPipeError:  # `evalkit layers ... | head`: the reader has gone; so does the output
         import os

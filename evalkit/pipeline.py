@@ -6,6 +6,7 @@ extraction -> the same function -> the run folder) both call it.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import platform
 import sys
@@ -201,11 +202,9 @@ def _score_sets(feature_sets, labels, *, embed, metrics, device):
     import is imported first, in this thread. Larger sets run one after the other, each
     using every core.
     """
-    from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
-
     from evalkit.embed import cores_share, n_jobs
     from evalkit.kernels import numba_threadsafe
-    from evalkit.scoring import one_blas_thread, prepare, score_feature_set
+    from evalkit.scoring import prepare, score_feature_set, side_by_side_jobs
 
     # a line per stage where a stage takes a while (CI logs show where the time goes)
     stage_log = logger.info if len(labels) >= STAGE_LINES_FROM else logger.debug
@@ -229,22 +228,13 @@ def _score_sets(feature_sets, labels, *, embed, metrics, device):
             check_interrupted()
         return
     done: dict = {}
-    with one_blas_thread(), ThreadPoolExecutor(max_workers=workers, thread_name_prefix="evalkit-set") as pool:
-        futures = {pool.submit(score, fs, max(1, n_jobs() // workers)): i for i, fs in enumerate(feature_sets)}
-        pending, next_i = set(futures), 0
-        try:
-            while pending:
-                finished, pending = wait(pending, timeout=0.5, return_when=FIRST_EXCEPTION)
-                for future in finished:
-                    done[futures[future]] = future.result()  # a set's error is raised here
-                while next_i in done:  # in order, as soon as each is ready
-                    yield done.pop(next_i)
-                    next_i += 1
-                check_interrupted()
-        except BaseException:
-            for future in pending:
-                future.cancel()
-            raise
+    calls = [functools.partial(score, fs, max(1, n_jobs() // workers)) for fs in feature_sets]
+    next_i = 0
+    for i, result in side_by_side_jobs(calls, workers, name="evalkit-set"):
+        done[i] = result
+        while next_i in done:  # in order, as soon as each is ready
+            yield done.pop(next_i)
+            next_i += 1
 
 
 def run_report(config, out_dir, *, use_cache: bool = True, argv=None) -> Optional[Result]:

@@ -11,6 +11,7 @@ features that gives trustworthiness and continuity of every embedding and seed a
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import itertools
 import threading
@@ -295,8 +296,6 @@ def _embed_all(fs: FeatureSet, specs, embedders: dict, embed, X, Xr, graph, cons
     Returns (list of Embedding in method, seed order; {"method/seed": coords}; {method: params};
     {side job name: its result}).
     """
-    from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
-
     from evalkit.embed import n_jobs
     from evalkit.kernels import numba_threadsafe
 
@@ -332,26 +331,14 @@ def _embed_all(fs: FeatureSet, specs, embedders: dict, embed, X, Xr, graph, cons
         side_done = {name: job() for name, job in side.items()}
     else:
         order = sorted(jobs, key=lambda job: job[0].cost, reverse=True)
-        workers = min(n_jobs(), len(jobs) + len(side))
-        with one_blas_thread(), ThreadPoolExecutor(max_workers=workers, thread_name_prefix="evalkit-embed") as pool:
-            futures = {pool.submit(run, spec, seed): (spec, seed) for spec, seed in order}
-            futures.update({pool.submit(job): name for name, job in side.items()})
-            pending = set(futures)
-            try:
-                while pending:
-                    finished, pending = wait(pending, timeout=0.5, return_when=FIRST_EXCEPTION)
-                    for future in finished:
-                        if isinstance(futures[future], str):
-                            side_done[futures[future]] = future.result()
-                            continue
-                        spec, seed = futures[future]
-                        done[spec.name, seed] = future.result()  # a job's error is raised here
-                        _log_method_done(fs, spec, embed, done, log)
-                    check_interrupted()
-            except BaseException:
-                for future in pending:
-                    future.cancel()
-                raise
+        calls = [functools.partial(run, spec, seed) for spec, seed in order] + list(side.values())
+        for i, result in side_by_side_jobs(calls, min(n_jobs(), len(calls)), name="evalkit-embed"):
+            if i >= len(order):
+                side_done[list(side)[i - len(order)]] = result
+                continue
+            spec, seed = order[i]
+            done[spec.name, seed] = result
+            _log_method_done(fs, spec, embed, done, log)
     embeddings, coords = [], {}
     for spec in specs:
         for seed in embed.seeds:
@@ -379,9 +366,31 @@ def _prepare(specs, embedders: dict) -> None:
     for spec in specs:
         for module in spec.requires:
             importlib.import_module(module)
-        prepare = getattr(embedders[spec.name], "prepare", None)
-        if prepare is not None:
-            prepare()
+        ready = getattr(embedders[spec.name], "prepare", None)
+        if ready is not None:
+            ready()
+
+
+def side_by_side_jobs(calls, workers: int, *, name: str):
+    """Run ``calls`` (callables of no argument) on ``workers`` threads, BLAS on one thread
+    (:func:`one_blas_thread`); yield ``(index, result)`` as each finishes. The first error is
+    raised here (the jobs not started are cancelled), and a recorded Ctrl-C or SIGTERM is
+    checked every half second (the running jobs stop at their own next check)."""
+    from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+
+    with one_blas_thread(), ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name) as pool:
+        futures = {pool.submit(call): i for i, call in enumerate(calls)}
+        pending = set(futures)
+        try:
+            while pending:
+                finished, pending = wait(pending, timeout=0.5, return_when=FIRST_EXCEPTION)
+                for future in finished:
+                    yield futures[future], future.result()  # a job's error is raised here
+                check_interrupted()
+        except BaseException:
+            for future in pending:
+                future.cancel()
+            raise
 
 
 _BLAS = {"users": 0, "limits": None}

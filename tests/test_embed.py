@@ -486,35 +486,28 @@ def test_without_a_threadsafe_numba_layer_feature_sets_run_one_after_the_other(m
 
 
 def test_one_blas_thread_nests_across_threads():
-    """A thread that enters and leaves while another is inside does not lift the limit (a plain
-    threadpoolctl context would restore the previous limit at its exit); the last one out does."""
-    import threading
-
-    from threadpoolctl import threadpool_info
+    """Two holders whose spans overlap without nesting (A in, B in, A out, B out: two jobs'
+    threads): the limit stays until the last one leaves (a plain threadpoolctl context would
+    restore the previous limit at A's exit), then the previous limit comes back. Entered and
+    left here, in one thread: OpenBLAS ignores limits set from a thread once others called it."""
+    from threadpoolctl import threadpool_info, threadpool_limits
 
     from evalkit.scoring import one_blas_thread
 
     def blas_threads():
         return sorted(i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas")
 
-    before = blas_threads()
-    assert before
-    with one_blas_thread():
+    with threadpool_limits(limits=2, user_api="blas"):  # a limit to come back to, on any machine
+        before = blas_threads()
+        assert before and set(before) == {2}
+        a, b = one_blas_thread(), one_blas_thread()
+        a.__enter__()
         assert set(blas_threads()) == {1}
-        inner_done = []
-
-        def inner():
-            with one_blas_thread():
-                inner_done.append(True)
-
-        worker = threading.Thread(target=inner)
-        worker.start()
-        worker.join()
-        assert inner_done and set(blas_threads()) == {1}  # the worker left; this thread is still inside
-        with one_blas_thread():
-            pass
-        assert set(blas_threads()) == {1}
-    assert blas_threads() == before
+        b.__enter__()
+        a.__exit__(None, None, None)
+        assert set(blas_threads()) == {1}  # b still holds it
+        b.__exit__(None, None, None)
+        assert blas_threads() == before
 
 
 def test_opentsne_fft_through_scipy_gives_the_same_gradient():
