@@ -41,7 +41,7 @@ report: install  ## write a report: CONFIG=... OUT=... (default: the embedded di
 test: install  ## run the test suite
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-bench: install  ## the judged speed scenarios (tiny, demo, 10k vs textbook, 70k vs openTSNE) -> bench-results/judged.json (not part of test; about 30 min)
+bench: install  ## the judged speed scenarios (tiny, demo, 10k vs textbook, 70k vs openTSNE) -> bench-results/judged.json (not part of test; about 10 min)
 	$(PY) benchmarks/bench.py --judged --out bench-results/judged.json
 
 bench-extract: install  ## images/s of a ResNet-50 through evalkit's extraction (CPU; CUDA modes when present)
