@@ -436,3 +436,21 @@ def positions_in_top(top, nbr, out):
                     found = p
                     break
             out[r, m] = found
+
+
+@numba.njit(parallel=True, cache=True)
+def lowdim_class_sums(PT, y, out, n_chunks):
+    """out[i, c] = sum of the euclidean distances from sample i to the members of class c,
+    for few dimensions: distances computed on the fly from PT = X.T (n_dims, n_samples) as
+    :func:`_lowdim_row` does, no (block x n_samples) arrays (the silhouette of a 2-D
+    embedding). ``out`` (n_samples, n_classes) float64 is overwritten; self adds 0."""
+    n = PT.shape[1]
+    for ch in numba.prange(n_chunks):
+        buf = np.empty(n)
+        for i in range((ch * n) // n_chunks, ((ch + 1) * n) // n_chunks):
+            _lowdim_row(PT, i, buf)
+            buf[i] = 0.0
+            row = out[i]
+            row[:] = 0.0
+            for l in range(n):
+                row[y[l]] += np.sqrt(buf[l])

@@ -358,15 +358,21 @@ class TSNEEmbedder:
 
 
 def opentsne_scipy_fft() -> bool:
-    """openTSNE's FFT gradient through :mod:`scipy.fft` instead of :mod:`numpy.fft`.
+    """openTSNE's FFT gradient through single-precision :mod:`scipy.fft` transforms.
 
     openTSNE's wheels (built without FFTW) call ``np.fft.rfft2`` and ``irfft2`` on its
-    interpolation grid several times per iteration, through the name ``np`` of
+    interpolation grid nine times per iteration, through the name ``np`` of
     ``openTSNE._matrix_mul.matrix_mul``. That name is given a copy of numpy whose ``fft`` is
-    scipy's: the same transforms (both are pocketfft), about twice as fast on these grid sizes
-    (576 x 576: 2.5 ms vs 5.3 ms). t-SNE on 10,000 points: 12.8 s vs 13.6-14.2 s for the 500
-    main iterations. Nothing else changes. Where that module is not what this expects (an FFTW
-    build, another openTSNE) it is left alone. Returns whether the scipy transforms are in use.
+    scipy's (the same pocketfft, about twice as fast on these grid sizes: 576 x 576, 2.5 ms
+    vs 5.3 ms), taking the transforms in float32 and handing back float64 and complex128 as
+    numpy would (420 x 420: 0.6 ms vs 1.1 ms forward, 0.65 ms vs 2.0 ms back). The float32
+    rounding moves the gradient by about 1e-5 of its size, a thousandth of the error of the
+    interpolation itself (about 1% against the exact gradient at 10,000 points; see the
+    test). t-SNE of 10,000 points, one thread: 16.7 s vs 18.0 s with float64 scipy
+    transforms, 18.5-19 s with numpy's; the same KL divergence (2.807 vs 2.809) and
+    trustworthiness (0.946 vs 0.945). Nothing else changes. Where that module is not what
+    this expects (an FFTW build, another openTSNE) it is left alone. Returns whether these
+    transforms are in use.
     """
     import types
 
@@ -380,10 +386,16 @@ def opentsne_scipy_fft() -> bool:
         return True
     if current is not np or not all(hasattr(np.fft, f) for f in ("rfft2", "irfft2", "fft", "ifft")):
         return False
+
+    def rfft2(a, *args, **kwargs):
+        return scipy.fft.rfft2(np.asarray(a, dtype=np.float32), *args, **kwargs).astype(np.complex128)
+
+    def irfft2(a, *args, **kwargs):
+        return scipy.fft.irfft2(np.asarray(a, dtype=np.complex64), *args, **kwargs).astype(np.float64)
+
     proxy = types.ModuleType("numpy")
     proxy.__dict__.update(np.__dict__)
-    proxy.fft = types.SimpleNamespace(rfft2=scipy.fft.rfft2, irfft2=scipy.fft.irfft2, fft=scipy.fft.fft,
-                                      ifft=scipy.fft.ifft)
+    proxy.fft = types.SimpleNamespace(rfft2=rfft2, irfft2=irfft2, fft=scipy.fft.fft, ifft=scipy.fft.ifft)
     proxy._evalkit_scipy_fft = True
     matrix_mul.np = proxy
     return True

@@ -37,6 +37,7 @@ from evalkit.kernels import (
     as_float_matrix,
     check_n_neighbors,
     corank_max,
+    lowdim_class_sums,
     lowdim_rank_counts,
     pick_block_size,
     positions_in_top,
@@ -412,8 +413,6 @@ def silhouette(X, labels, *, device=None, block_size: int | None = None,
     float in [-1, 1], or nan when the silhouette is not defined: fewer than 2 classes, or
     as many classes as samples (scikit-learn raises in both cases).
     """
-    import torch
-
     X = as_float_matrix(X, "X")
     labels = _labels(labels, X.shape[0])
     if sample_size is not None:
@@ -426,10 +425,16 @@ def silhouette(X, labels, *, device=None, block_size: int | None = None,
     if not 1 < n_classes < n_samples:
         return float("nan")
     dev = _score_device(device)
+    sizes = np.bincount(y, minlength=n_classes)
+    if X.shape[1] <= _LOWDIM_MAX and dev.type == "cpu":  # a 2-D embedding: no distance blocks
+        sums = lowdim_class_sums(X, y, n_classes)
+        if sums is not None:
+            return float(_silhouette_block(sums, y, sizes) / n_samples)
+    import torch
+
     # Columns grouped by class so per-class sums are contiguous segment sums.
     order = np.argsort(y, kind="stable")
     X, y = X[order], y[order]
-    sizes = np.bincount(y, minlength=n_classes)
     starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
     block = pick_block_size(n_samples, block_size)
     total = 0.0

@@ -510,8 +510,9 @@ def test_one_blas_thread_nests_across_threads():
         assert blas_threads() == before
 
 
-def test_opentsne_fft_through_scipy_gives_the_same_gradient():
-    """openTSNE's FFT gradient with scipy's transforms equals numpy's to rounding."""
+def test_opentsne_fft_in_float32_is_far_below_the_interpolation_error():
+    """openTSNE's FFT gradient with float32 scipy transforms: it moves the gradient by a
+    small fraction of the interpolation's own error against the exact gradient."""
     from openTSNE import _tsne
     from openTSNE._matrix_mul import matrix_mul
 
@@ -525,11 +526,17 @@ def test_opentsne_fft_through_scipy_gives_the_same_gradient():
         ref = np.zeros_like(Y)
         sum_ref = _tsne.estimate_negative_gradient_fft_2d(Y, ref)
         assert opentsne_scipy_fft() and opentsne_scipy_fft()  # idempotent
-        assert matrix_mul.np.fft.rfft2.__module__.startswith("scipy.fft")
         assert matrix_mul.np.zeros is np.zeros  # the rest is numpy itself
         got = np.zeros_like(Y)
         sum_got = _tsne.estimate_negative_gradient_fft_2d(Y, got)
     finally:
         matrix_mul.np = original
-    np.testing.assert_allclose(got, ref, rtol=1e-9, atol=1e-12 * np.abs(ref).max())
-    assert sum_got == pytest.approx(sum_ref, rel=1e-12)
+    # the exact repulsion: -sum_j q_ij^2 (y_i - y_j) / Z, Z = sum_{i != j} q_ij
+    diff = Y[:, None, :] - Y[None, :, :]
+    q = 1.0 / (1.0 + (diff ** 2).sum(-1))
+    np.fill_diagonal(q, 0.0)
+    exact = -((q ** 2)[..., None] * diff).sum(1) / q.sum()
+    interpolation = np.linalg.norm(ref - exact)
+    assert interpolation < 0.05 * np.linalg.norm(exact)  # what openTSNE's float64 transforms give
+    assert np.linalg.norm(got - ref) < 0.01 * interpolation
+    assert sum_got == pytest.approx(sum_ref, rel=1e-5) and sum_ref == pytest.approx(q.sum(), rel=1e-2)

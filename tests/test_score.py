@@ -514,6 +514,18 @@ def test_silhouette_sample_is_stratified_and_seeded():
         silhouette(X, labels, sample_size=1)
 
 
+@pytest.mark.parametrize("d", [2, 3, 4])
+def test_silhouette_low_dimensions_on_the_fly_equals_blocks(d, monkeypatch):
+    # embeddings (<= 4 dims) sum distances on the fly in numba; the blocked path is the other
+    X, _, labels = _data(300, d, seed=d, n_classes=4)
+    labels[:2] = [7, 8]  # two singleton classes
+    fast = silhouette(X, labels)
+    monkeypatch.setattr(score, "lowdim_class_sums", lambda *a: None)
+    slow = silhouette(X, labels, block_size=64)
+    assert abs(fast - slow) <= 1e-12
+    assert abs(fast - sk_silhouette(X, labels)) <= TOL
+
+
 def test_silhouette_class_sums_torch_equals_numpy():
     # index_add_ (what a GPU runs) and reduceat over label-sorted columns (CPU) agree
     import torch
