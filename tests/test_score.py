@@ -995,4 +995,10 @@ def test_small_data_take_the_torch_paths_without_loading_numba(n_features, loads
 
     rng = np.random.default_rng(0)
     here = evaluate({"m": rng.normal(size=(300, n_features))}, np.arange(300) % 5, methods=["pca"])
-    assert out["rows"] == [{k: v for k, v in dict(row).items() if isinstance(v, float)} for row in here.rows]
+    expected = [{k: v for k, v in dict(row).items() if isinstance(v, float)} for row in here.rows]
+    # silhouettes are sums of distances, added in another order by the numba kernel; the rest
+    # are counts, identical
+    for got, want in zip(out["rows"], expected, strict=True):
+        assert got.keys() == want.keys()
+        assert got.pop("silhouette") == pytest.approx(want.pop("silhouette"), rel=1e-12, abs=1e-15)
+        assert got == want
