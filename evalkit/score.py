@@ -231,7 +231,10 @@ def neighbourhood_scores(X, embeddings: Mapping[str, np.ndarray], *, n_neighbors
     closer: list = []  # continuity's counts per embedding, when the co-ranking pass gives them
     if graph_X is not None:
         nbr_X = _check_graph(graph_X, n_samples, k, "graph_X").indices[:, :k]
-        trust_excess, own, kept = _rank_excess(X, nbr_Z, k, dev, block_size, knn=k if rnx_k else None,
+        # the pass's own k nearest only serve to check that its continuity counts (every row's
+        # K nearest, so not with a sample of rows) are for graph_X's neighbours
+        check_own = bool(rnx_k) and rnx_rows is None
+        trust_excess, own, kept = _rank_excess(X, nbr_Z, k, dev, block_size, knn=k if check_own else None,
                                                rnx_spaces=spaces, rnx_k=rnx_k, closer_out=closer,
                                                rnx_rows=rnx_rows)
         if own is None or not np.array_equal(own, nbr_X):
