@@ -298,13 +298,19 @@ class Float32Ranking(Ranking):
         return dev.type == "cpu" and X.shape[1] <= cls.MAX_FEATURES and numba_kernels(*X.shape) is not None
 
 
+def _columns(P: np.ndarray) -> np.ndarray:
+    """P.T as a C-contiguous float64 (n_dims, n_samples) array: what the low-dimensional
+    kernels read, one coordinate at a time, so their loops vectorise."""
+    return np.ascontiguousarray(np.asarray(P, dtype=np.float64).T)
+
+
 def lowdim_rank_counts(P: np.ndarray, nbr: np.ndarray) -> np.ndarray | None:
     """:meth:`Ranking.rank_counts` for all rows of a space of few dimensions (2-D embeddings),
     distances computed on the fly on CPU, no (block x n_samples) arrays; None without numba."""
     nk = numba_kernels(*P.shape)
     if nk is None:
         return None
-    PT = np.ascontiguousarray(np.asarray(P, dtype=np.float64).T)
+    PT = _columns(P)
     out = np.empty(nbr.shape, dtype=np.int64)
     nk.lowdim_count_ranks(PT, np.ascontiguousarray(nbr, dtype=np.int64), out, _chunks(PT.shape[1]))
     return out
@@ -318,7 +324,7 @@ def lowdim_class_sums(P: np.ndarray, y: np.ndarray, n_classes: int) -> np.ndarra
     nk = numba_kernels(*P.shape)
     if nk is None:
         return None
-    PT = np.ascontiguousarray(np.asarray(P, dtype=np.float64).T)
+    PT = _columns(P)
     out = np.empty((PT.shape[1], n_classes), dtype=np.float64)
     nk.lowdim_class_sums(PT, np.ascontiguousarray(y, dtype=np.int64), out, _chunks(PT.shape[1]))
     return out
@@ -345,7 +351,7 @@ def corank_max(P: np.ndarray, rows: np.ndarray, nbr: np.ndarray, dev, *, closer_
     if dev.type == "cpu" and nk is not None:
         out = np.empty(nbr.shape, dtype=np.int64)
         closer = np.empty((len(rows), min(closer_k, nbr.shape[1])), dtype=np.int64)
-        nk.lowdim_coranks(np.ascontiguousarray(P.T), rows, nbr, out, closer, _chunks(len(rows)))
+        nk.lowdim_coranks(_columns(P), rows, nbr, out, closer, _chunks(len(rows)))
         return (out, closer) if closer_k else out
     out = _corank_max_torch(P, rows, nbr, dev)
     return (out, None) if closer_k else out

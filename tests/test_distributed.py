@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import write_image_folder
+from conftest import assert_same_rows, write_image_folder
 from evalkit import distributed
 from evalkit.config import ExtractConfig, ModelConfig, load_config
 from evalkit.data import read_feature_file
@@ -164,19 +164,6 @@ def _rows(run: Path) -> list:
     return json.loads((run / "metrics.json").read_text())["rows"]
 
 
-def _same_rows(got: list, want: list) -> bool:
-    """Rows equal, silhouettes to 1e-12: the torchrun ranks (fresh processes, small data) sum
-    an embedding's distances in torch, this test process (numba kernels loaded) in numba."""
-    if len(got) != len(want):
-        return False
-    for g, w in zip(got, want):
-        g, w = dict(g), dict(w)
-        gs, ws = g.pop("silhouette", None), w.pop("silhouette", None)
-        if g != w or (gs is None) != (ws is None) or (gs is not None and gs != pytest.approx(ws, rel=1e-12)):
-            return False
-    return True
-
-
 def _cached(cache: Path) -> dict:
     (full,) = [p for p in cache.iterdir() if p.name.count(".") == 1]
     with np.load(full) as z:
@@ -216,7 +203,7 @@ def test_two_ranks_equal_one_process_fail_cleanly_resume_and_extract(folder, tmp
     assert re.search(r"\[rank 1/2\]   u: images 6-10 on cpu at [\d,]+ img/s", p.stdout)
     assert not re.search(r"\[rank 0/2\]   u: images 0-5 on cpu", p.stdout)
     assert "evalkit: rank 1 of 2: features extracted; rank 0 writes" in p.stdout
-    assert _same_rows(_rows(run), want_rows)
+    assert_same_rows(_rows(run), want_rows)
     got = _cached(tmp_path / "cache-dist")
     assert set(got) == set(want) == {"blocks.0", "penultimate"}
     for layer in want:
@@ -251,4 +238,4 @@ def test_two_ranks_equal_one_process_fail_cleanly_resume_and_extract(folder, tmp
             return sorted(({k: v for k, v in r.items() if k != "model"} for r in rows),
                           key=lambda r: (r["layer"], r["method"]))
 
-        assert _same_rows(unnamed(again), unnamed(want_rows))
+        assert_same_rows(unnamed(again), unnamed(want_rows))
