@@ -45,6 +45,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -278,16 +279,15 @@ def run_timed(cmd: list, cwd: Path, timeout: float, *, out_dir: Path | None = No
     t0 = time.perf_counter()
     with open(log, "w") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=cwd)
-        deadline = t0 + timeout
-        while True:  # os.wait4 gives this child's own peak RSS
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
-            if time.perf_counter() > deadline:
-                proc.kill()
-                pid, status, usage = os.wait4(proc.pid, 0)
-                break
-            time.sleep(0.5)
+        # A blocking os.wait4 (it gives this child's own peak RSS) returns the moment the child
+        # exits; the timer kills it at the deadline. (Polling every 0.5 s rounded every wall time
+        # up to the next half second.)
+        killer = threading.Timer(timeout, proc.kill)
+        killer.start()
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)
+        finally:
+            killer.cancel()
         proc.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - t0
     result = {"command": " ".join(cmd), "exit_code": proc.returncode,

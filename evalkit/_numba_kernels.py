@@ -81,6 +81,19 @@ def row_topk_exact(R, rows, X, err, idx):
 
 
 @numba.njit(parallel=True, cache=True)
+def cosine_rows(R, rows, w, kappa, inv):
+    """In place, R[r, l] = (R[r, l] - w[l] - kappa[rows[r]]) * inv[l], in R's precision
+    (float32; +inf stays +inf): the euclidean block turned into the cosine ranking of
+    :class:`evalkit.kernels.CosineRanking`."""
+    n_rows, n = R.shape
+    for r in numba.prange(n_rows):
+        row = R[r]
+        kr = kappa[rows[r]]
+        for l in range(n):
+            row[l] = (row[l] - w[l] - kr) * inv[l]
+
+
+@numba.njit(parallel=True, cache=True)
 def count_ranks(R, rows, nbr, X, err, out, n_chunks):
     """out[r, m] = #{l != i : (sq_dist(i, l), l) < (sq_dist(i, j), j)}, i = rows[r],
     j = nbr[r, m].

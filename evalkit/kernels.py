@@ -43,6 +43,8 @@ __all__ = [
     "sort_neighbours",
     "Ranking",
     "Float32Ranking",
+    "CosineRanking",
+    "unit_rows",
     "lowdim_rank_counts",
     "lowdim_class_sums",
     "corank_max",
@@ -197,7 +199,8 @@ class Ranking:
         u = _U32 if dtype == torch.float32 else _U64
         mean = self.points.mean(axis=0)
         integral = bool(np.all(self.points == np.round(self.points)))
-        centred = self.points - (np.round(mean) if integral else mean)
+        self.centre = np.round(mean) if integral else mean
+        centred = self.points - self.centre
         self.sq64 = np.einsum("ij,ij->i", centred, centred)
         top_entry = float(np.abs(centred).max())
         if integral and 3.0 * d * top_entry * top_entry < 0.5 / u:
@@ -214,6 +217,7 @@ class Ranking:
             direct = 4 * (d + 3) * _U64 * top * top
             self.err = 2.0 * (expanded + centring + direct) + 1e-300
         self.dev = dev
+        self.centred_norms = np.sqrt(self.sq64)
         self.T = torch.as_tensor(centred).to(device=dev, dtype=dtype)
         self.sq = torch.as_tensor(self.sq64).to(device=dev, dtype=dtype)
         self.use_numba = dev.type == "cpu" and numba_kernels(*self.points.shape) is not None
@@ -251,12 +255,7 @@ class Ranking:
         """(len(rows), k) int64: the k nearest neighbours of each row by (dd, index)."""
         rows = np.ascontiguousarray(rows, dtype=np.int64)
         if self.use_numba:
-            out = np.empty((len(rows), k), dtype=np.int64)
-            if k <= _INSERTION_MAX_K:
-                numba_kernels().row_topk_exact(R.numpy(), rows, self.points, self.err, out)
-            else:
-                numba_kernels().row_topk_sorted(R.numpy(), rows, self.points, self.err, out, _chunks(len(rows)))
-            return out
+            return _numba_topk(R.numpy(), rows, k, self.points, self.err)
         return _topk_torch(R, rows, k, self.points, self._err())
 
     def rank_counts(self, R, rows: np.ndarray, nbr: np.ndarray) -> np.ndarray:
@@ -296,6 +295,112 @@ class Float32Ranking(Ranking):
     @classmethod
     def usable(cls, X: np.ndarray, dev) -> bool:
         return dev.type == "cpu" and X.shape[1] <= cls.MAX_FEATURES and numba_kernels(*X.shape) is not None
+
+
+class CosineRanking:
+    """The cosine neighbours of the rows of ``X`` from the blocks of its euclidean
+    :class:`Float32Ranking`: one matmul serves both searches.
+
+    Cosine neighbours are the euclidean neighbours of the L2-normalised rows ``Xn``
+    (:func:`unit_rows`), ordered by ``dd'(i, l) = sq_dist(Xn, i, l)`` and index, as
+    :func:`evalkit.neighbors.knn_graph` of ``Xn`` orders them. With x = c + m (c the centred
+    rows the euclidean block r(i, l) = |c_l|^2 - 2 c_i.c_l is computed from, m the centre),
+    x_i.x_l = c_i.c_l + m.c_i + m.c_l + m.m, so
+
+        rho(i, l) = (r(i, l) - w_l - kappa_i) / |x_l| = -2 x_i.x_l / |x_l| = |x_i| (dd'(i, l) - 2)
+
+    with w_l = |c_l|^2 + 2 m.c_l and kappa_i = 2 m.c_i + 2 m.m: one float32 pass over the block
+    (in place, after the euclidean neighbours are read from it). Within a row the factor
+    |x_i| > 0 keeps the order of dd', so rho picks candidates as r does for the euclidean
+    search, with its own per-row bound ``err`` (:meth:`_bound`), and ``dd'`` decides.
+
+    :meth:`make` returns None where this does not pay or is not defined: a row of norm 0, or a
+    bound so loose (rows of very different norms, a centre far larger than the spread) that
+    the exact distances would decide most of a row; the caller then searches ``Xn`` itself.
+    """
+
+    #: the largest bound, as a share of the range of dd' (0 to 4), for which this is used
+    MAX_RELATIVE_BAND = 1e-3
+
+    def __init__(self, ranking: "Float32Ranking", Xn: np.ndarray, norms: np.ndarray):
+        self.points = Xn
+        centre = ranking.centre
+        a = (ranking.points - centre) @ centre  # m.c_l, on the centred rows the block was made of
+        mm = float(centre @ centre)
+        self.w = (ranking.sq64 + 2.0 * a).astype(np.float32)
+        self.kappa = (2.0 * a + 2.0 * mm).astype(np.float32)
+        self.inv = (1.0 / norms).astype(np.float32)
+        self.err = self._bound(ranking, a, mm, norms)
+
+    @classmethod
+    def make(cls, ranking: "Float32Ranking") -> "CosineRanking | None":
+        if numba_kernels() is None:
+            return None
+        Xn, norms = unit_rows(ranking.points)
+        if not (norms > 0).all() or not np.isfinite(norms).all():
+            return None
+        cos = cls(ranking, Xn, norms)
+        if not (np.isfinite(cos.err).all() and (cos.err / norms).max() <= 4 * cls.MAX_RELATIVE_BAND):
+            return None
+        return cos
+
+    @staticmethod
+    def _bound(ranking, a: np.ndarray, mm: float, norms: np.ndarray) -> np.ndarray:
+        """Per row i, a bound on |rho computed - |x_i| (dd'(i, l) - 2)| over every l, doubled.
+
+        The block r is within ``2 ranking.err[i]`` of its exact value (the ranking's bound
+        also covers the float64 distance and the centring). The float32 pass adds at most
+        8 u (|r| + |w_l| + |kappa_i|) / |x_l| (two subtractions, a product, the rounding of
+        w, kappa and 1 / |x_l|), bounded with the largest |c_l|^2 / |x_l|, |m.c_l| / |x_l|,
+        |c_l| / |x_l| and 1 / |x_l| over l. Every float64 rounding (w, kappa, the norms,
+        Xn and dd' itself) is covered by a slack of 256 (D + 10) u64 in units of the largest
+        squared norm, far above them and far below the float32 terms.
+        """
+        d = ranking.points.shape[1]
+        c = ranking.centred_norms
+        inv = 1.0 / norms
+        m0 = inv.max()
+        m_sq = (ranking.sq64 * inv).max()
+        m_a = (np.abs(a) * inv).max()
+        m_c = (c * inv).max()
+        e = ranking.err
+        top_x = float(norms.max())
+        cen = float(np.sqrt(mm))
+        float32 = 2.0 * e * m0 + 8.0 * _U32 * (2.0 * m_sq + 2.0 * m_a + 2.0 * c * m_c
+                                               + (2.0 * e + 2.0 * np.abs(a) + 2.0 * mm) * m0)
+        scale = (top_x + cen + float(c.max())) ** 2
+        slack = 256.0 * (d + 10) * _U64 * (scale * m0 + norms)
+        return 2.0 * (float32 + slack) + 1e-300
+
+    def topk(self, R, rows: np.ndarray, k: int) -> np.ndarray:
+        """(len(rows), k) int64: the k nearest cosine neighbours of each row, from the
+        euclidean block ``R`` (float32 torch tensor), which is overwritten with rho."""
+        rows = np.ascontiguousarray(rows, dtype=np.int64)
+        block = R.numpy()
+        nk = numba_kernels()
+        nk.cosine_rows(block, rows, self.w, self.kappa, self.inv)
+        return _numba_topk(block, rows, k, self.points, self.err)
+
+
+def unit_rows(X: np.ndarray):
+    """``(Xn, norms)``: the rows of ``X`` divided by their euclidean norms (float64; rows of
+    norm 0 stay 0), and those norms. Each row is first divided by its largest entry, so rows
+    at tiny scales (1e-20) do not underflow the norm."""
+    Xn = np.array(X, dtype=np.float64)
+    peak = np.abs(Xn).max(axis=1, keepdims=True) if Xn.shape[1] else np.zeros((len(Xn), 1))
+    Xn /= np.where(peak > 0, peak, 1.0)
+    scaled = np.linalg.norm(Xn, axis=1, keepdims=True)
+    Xn /= np.maximum(scaled, 1e-300)
+    return Xn, (scaled * peak).reshape(-1)
+
+
+def _numba_topk(R: np.ndarray, rows: np.ndarray, k: int, points: np.ndarray, err: np.ndarray) -> np.ndarray:
+    out = np.empty((len(rows), k), dtype=np.int64)
+    if k <= _INSERTION_MAX_K:
+        numba_kernels().row_topk_exact(R, rows, points, err, out)
+    else:
+        numba_kernels().row_topk_sorted(R, rows, points, err, out, _chunks(len(rows)))
+    return out
 
 
 def _columns(P: np.ndarray) -> np.ndarray:

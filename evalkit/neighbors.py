@@ -29,6 +29,7 @@ import numpy as np
 from evalkit.device import resolve_device
 from evalkit.errors import InputError
 from evalkit.kernels import (
+    CosineRanking,
     Float32Ranking,
     Ranking,
     as_float_matrix,
@@ -42,6 +43,7 @@ from evalkit.kernels import (
 __all__ = [
     "KNNGraph",
     "knn_graph",
+    "knn_graphs",
     "EXACT_MAX_SAMPLES",
     "EXACT_MAX_SAMPLES_CUDA",
     "KDTREE_MAX_FEATURES",
@@ -186,27 +188,66 @@ def knn_graph(
 _KDTREE_MAX_CANDIDATES = 1024
 
 
-def _exact_graph(X: np.ndarray, n_neighbors: int, dev, block_size) -> KNNGraph:
+def knn_graphs(X, *, n_neighbors: int, cosine_neighbors: int, device=None, random_state: int = 0,
+               block_size: int | None = None):
+    """:func:`knn_graph` of ``X``, and the exact ``cosine_neighbors`` nearest neighbours by
+    cosine similarity (the euclidean graph of the L2-normalised rows,
+    :func:`evalkit.kernels.unit_rows`, as ``knn_graph`` of those rows gives it) from the same
+    pass where that pass is the exact float32 search on CPU: one matmul for both
+    (:class:`evalkit.kernels.CosineRanking`).
+
+    Returns ``(graph, cosine_graph)``; ``cosine_graph`` is None where the pass cannot give it
+    (another backend or device, rows of norm 0, a bound too loose to pay, ``cosine_neighbors``
+    0): the caller searches the normalised rows itself.
+    """
+    X = as_float_matrix(X, "X")
+    n_samples = X.shape[0]
+    n_neighbors = check_n_neighbors(n_neighbors, n_samples - 1, what="n_samples - 1")
+    dev = resolve_device(device)
+    limit = EXACT_MAX_SAMPLES_CUDA if dev.type == "cuda" else EXACT_MAX_SAMPLES
+    kc = int(cosine_neighbors)
+    if not (0 < kc < n_samples and n_samples <= limit and Float32Ranking.usable(X, dev)
+            and X.shape[1] > KDTREE_MAX_FEATURES):
+        return knn_graph(X, n_neighbors=n_neighbors, device=dev, random_state=random_state,
+                         block_size=block_size), None
+    pick_block_size(n_samples, block_size)  # validates block_size
+    return _exact_graph(X, n_neighbors, dev, block_size, cosine_neighbors=kc)
+
+
+def _exact_graph(X: np.ndarray, n_neighbors: int, dev, block_size, cosine_neighbors: int = 0):
+    """The exact graph; with ``cosine_neighbors``, ``(graph, cosine graph or None)``."""
     if dev.type == "cpu" and X.shape[1] <= KDTREE_MAX_FEATURES:
         return _kdtree_graph(X, n_neighbors, block_size)
     import torch
 
     n_samples = X.shape[0]
+    cosine = None
     if Float32Ranking.usable(X, dev):
         # float32 picks candidates, float64 exact distances decide: the float64 neighbours
         ranking = Float32Ranking(X)
         block = pick_block_size(n_samples, block_size, bytes_per_entry=4)
+        cosine = CosineRanking.make(ranking) if cosine_neighbors else None
     else:
         ranking = Ranking(X, dev, distance_dtype(dev))
         block = pick_block_size(n_samples, block_size)
     indices = np.empty((n_samples, n_neighbors), dtype=np.int64)
+    cos_idx = np.empty((n_samples, cosine_neighbors), dtype=np.int64) if cosine is not None else None
     with torch.no_grad():
         for start in range(0, n_samples, block):
             stop = min(start + block, n_samples)
             rows = np.arange(start, stop)
-            indices[start:stop] = ranking.topk(ranking.block(start, stop), rows, n_neighbors)
+            R = ranking.block(start, stop)
+            indices[start:stop] = ranking.topk(R, rows, n_neighbors)
+            if cosine is not None:
+                cos_idx[start:stop] = cosine.topk(R, rows, cosine_neighbors)  # R is overwritten
+            del R
     indices, distances = sort_neighbours(ranking.points, indices)
-    return KNNGraph(indices, distances, True, "exact")
+    graph = KNNGraph(indices, distances, True, "exact")
+    if not cosine_neighbors:
+        return graph
+    if cosine is None:
+        return graph, None
+    return graph, KNNGraph(*sort_neighbours(cosine.points, cos_idx), True, "exact")
 
 
 def _kdtree_graph(X: np.ndarray, n_neighbors: int, block_size=None) -> KNNGraph:

@@ -43,6 +43,7 @@ from evalkit.kernels import (
     positions_in_top,
     squared_distance_block,
     to_centered_tensor,
+    unit_rows,
 )
 from evalkit.neighbors import KNNGraph, knn_graph
 from evalkit.progress import inner_loop, step
@@ -628,10 +629,7 @@ def weighted_knn_accuracy(X, labels, *, n_neighbors: int = 20, temperature: floa
     k = check_n_neighbors(n_neighbors, n_samples - 1, what="n_samples - 1")
     if not (isinstance(temperature, (int, float, np.floating)) and np.isfinite(temperature) and temperature > 0):
         raise InputError(f"temperature must be a positive number; got {temperature!r}")
-    Xn = X.astype(np.float64)
-    # divide by the largest entry first so rows at tiny scales (1e-20) do not underflow the norm
-    Xn /= np.where((peak := np.abs(Xn).max(axis=1, keepdims=True)) > 0, peak, 1.0)
-    Xn /= np.maximum(np.linalg.norm(Xn, axis=1, keepdims=True), 1e-300)
+    Xn, _ = unit_rows(X)
     if graph is None:
         graph = knn_graph(Xn, n_neighbors=k, method="exact", device=device)
     idx = _check_graph(graph, n_samples, k, "graph").indices[:, :k]
@@ -1107,7 +1105,8 @@ METRICS.register(Metric(
 METRICS.register(Metric(
     "weighted_knn_accuracy", "weighted kNN accuracy", "w-kNN acc.", frozenset({"features"}),
     lambda space: weighted_knn_accuracy(space.coords, space.labels,
-                                        n_neighbors=min(space.settings.weighted_knn_k, space.n_samples - 1)),
+                                        n_neighbors=(k := min(space.settings.weighted_knn_k, space.n_samples - 1)),
+                                        graph=space.cosine_graph(k), device=space.device),
     needs_classes=True, needs_class_pairs=True, params=("weighted_knn_k",),
     description=("Weighted kNN accuracy on raw features (DINO protocol): L2-normalised features, cosine "
                  "similarity, neighbour votes weighted by exp(similarity / 0.07).")))

@@ -50,6 +50,7 @@ class _Shared:
     def __init__(self, X, labels, settings, device, graph, embeddings: dict):
         self.X, self.labels, self.settings, self.device = X, labels, settings, device
         self.graph = graph
+        self.cosine_graph = None  # the raw features' exact cosine neighbours, when the graph's pass gave them
         self.embeddings = embeddings  # "method/seed" -> coords
         self.n_classes = int(np.unique(labels).size)
         self.cache: dict = {}
@@ -183,6 +184,13 @@ class Space:
             shared.cache[("graph", self.key)] = graph
         return graph.head(n_neighbors)
 
+    def cosine_graph(self, n_neighbors: int):
+        """The raw features' exact cosine neighbours (the neighbours of the L2-normalised rows)
+        from the pass that found the shared graph, or None where that pass did not give them
+        (the score then searches them itself)."""
+        found = self._shared.cosine_graph if self.method == FEATURES else None
+        return found.head(n_neighbors) if found is not None and found.n_neighbors >= n_neighbors else None
+
     def neighbourhood(self, name: str):
         """``trustworthiness``, ``continuity``, ``rnx_auc`` or ``rnx`` (the
         :class:`~evalkit.score.RNXCurve`) of this embedding, from the one pass over the raw
@@ -207,7 +215,7 @@ def score_feature_set(fs: FeatureSet, labels, *, embed, settings, device=None, l
         Receives one line per finished method.
     """
     from evalkit.embed import create_embedder, reduce_dims, unit_scale
-    from evalkit.neighbors import knn_graph
+    from evalkit.neighbors import knn_graphs
     from evalkit.score import knn_predict, per_class_knn_accuracy, wilson_interval
 
     notes: list = []
@@ -225,10 +233,15 @@ def score_feature_set(fs: FeatureSet, labels, *, embed, settings, device=None, l
     # One graph of the raw features serves the scores, t-SNE (3 x perplexity neighbours) and UMAP
     # (n_neighbors - 1 besides the point itself): neither searches its own.
     graph_k = min(n - 1, max(k, knn_k, settings.weighted_knn_k, *(e.graph_neighbors(n) for e in embedders.values())))
+    # The weighted kNN score votes with the cosine neighbours: on CPU the exact search finds them
+    # in the same pass as the euclidean graph (one matmul for both).
+    cosine_k = min(n - 1, settings.weighted_knn_k) if any(m.name == "weighted_knn_accuracy" for m in metrics()) else 0
     t_graph = time.perf_counter()
-    graph = knn_graph(X, n_neighbors=graph_k, device=device)
+    graph, cosine = knn_graphs(X, n_neighbors=graph_k, cosine_neighbors=cosine_k, device=device)
     if log:
-        log(f"    {fs.key}: neighbour graph (k = {graph_k}, {graph.method}) in {time.perf_counter() - t_graph:.1f} s")
+        also = f"; cosine k = {cosine_k} from the same pass" if cosine is not None else ""
+        log(f"    {fs.key}: neighbour graph (k = {graph_k}, {graph.method}{also}) in "
+            f"{time.perf_counter() - t_graph:.1f} s")
     check_interrupted()
     Xr = _embedding_input(X, fs.key, embed.pca_dims, notes, reduce_dims)
     constant = bool(n and np.ptp(X, axis=0).max() == 0)
@@ -238,6 +251,7 @@ def score_feature_set(fs: FeatureSet, labels, *, embed, settings, device=None, l
 
     coords: dict = {}
     shared = _Shared(X, labels, settings, device, graph, coords)
+    shared.cosine_graph = cosine
     undefined: dict = {}
     feature_space = Space(FEATURES, None, X, shared)
 

@@ -288,3 +288,72 @@ def test_exact_distances_are_one_definition():
     finally:
         kernels._NUMBA_KERNELS = saved
     np.testing.assert_array_equal(with_numba, without)
+
+
+# --------------------------------------------------------------------------- cosine neighbours
+
+
+def _cosine_reference(X, k):
+    """Exact cosine neighbours by brute force: the (dd', index) order of the normalised rows."""
+    Xn, _ = kernels.unit_rows(X)
+    return _brute_graph(Xn, k)
+
+
+@pytest.mark.parametrize("name, make, k, kc, block", [
+    ("mixture", lambda rng: _mixture(400, 24, seed=1)[0], 15, 10, None),
+    ("mixture, blocks, sorted selection", lambda rng: _mixture(400, 24, seed=2)[0], 40, 35, 57),
+    ("relu features, centre far from 0", lambda rng: np.maximum(rng.normal(3, 1, (300, 40)), 0), 10, 20, 64),
+    # many rows point the same way: cosine ties everywhere, decided by dd' and index
+    ("small integers", lambda rng: rng.integers(0, 4, (300, 12)).astype(np.float64), 10, 10, 100),
+])
+def test_cosine_neighbours_from_the_euclidean_pass(name, make, k, kc, block):
+    X = make(np.random.default_rng(0))
+    graph, cosine = neighbors.knn_graphs(X, n_neighbors=k, cosine_neighbors=kc, block_size=block)
+    assert cosine is not None, name  # the merged pass ran
+    np.testing.assert_array_equal(graph.indices, knn_graph(X, n_neighbors=k, method="exact").indices)
+    if name != "small integers":  # (a brute-force sort cannot order equal cosines as dd' does)
+        np.testing.assert_array_equal(cosine.indices, _cosine_reference(X, kc))
+    # exactly what a search of the normalised rows gives, distances included
+    own = knn_graph(kernels.unit_rows(X)[0], n_neighbors=kc, method="exact")
+    np.testing.assert_array_equal(cosine.indices, own.indices)
+    np.testing.assert_array_equal(cosine.distances, own.distances)
+
+
+def test_cosine_ranking_bound_holds():
+    """rho (the float32 block turned into the cosine ranking) is within err[i] of
+    |x_i| (dd'(i, l) - 2) for every pair, on data whose centre is far from 0 and whose
+    norms vary."""
+    rng = np.random.default_rng(3)
+    X = rng.normal(size=(250, 300)) * rng.uniform(0.5, 2.0, size=(250, 1)) + rng.normal(size=300) * 3
+    ranking = kernels.Float32Ranking(X)
+    cos = kernels.CosineRanking.make(ranking)
+    assert cos is not None
+    R = ranking.block(0, 250)
+    cos.topk(R, np.arange(250), 5)  # turns R into rho in place
+    rho = R.numpy().astype(np.float64)
+    Xn = cos.points
+    dd = ((Xn[:, None, :] - Xn[None, :, :]) ** 2).sum(axis=2)
+    norms = np.linalg.norm(X, axis=1)
+    target = norms[:, None] * (dd - 2.0)
+    off = ~np.eye(250, dtype=bool)
+    assert np.isinf(np.diag(rho)).all()
+    gap = np.abs(rho - target)[off]
+    bound = np.broadcast_to(cos.err[:, None], rho.shape)[off]
+    assert (gap <= bound).all()
+    assert gap.max() > bound.max() / 1e4  # and the bound is not absurdly loose
+
+
+@pytest.mark.parametrize("case", ["zero row", "norms 1e-6 to 1", "no numba"])
+def test_cosine_neighbours_fall_back_where_the_pass_cannot_give_them(case, monkeypatch):
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(200, 20))
+    if case == "zero row":
+        X[7] = 0
+    elif case == "norms 1e-6 to 1":
+        X *= np.geomspace(1e-6, 1, 200)[:, None]
+    else:
+        monkeypatch.setattr(kernels, "_NUMBA_KERNELS", None)
+        monkeypatch.setattr(kernels, "_NUMBA_TRIED", True)
+    graph, cosine = neighbors.knn_graphs(X, n_neighbors=8, cosine_neighbors=8)
+    assert cosine is None
+    np.testing.assert_array_equal(graph.indices, knn_graph(X, n_neighbors=8, method="exact").indices)

@@ -999,3 +999,29 @@ def test_small_data_take_the_torch_paths_without_loading_numba(n_features, loads
     here = evaluate({"m": rng.normal(size=(300, n_features))}, np.arange(300) % 5, methods=["pca"])
     assert_same_rows(out["rows"], [{k: v for k, v in dict(row).items() if isinstance(v, float)}
                                    for row in here.rows])
+
+
+def test_weighted_knn_of_the_raw_features_votes_with_the_cosine_neighbours_of_the_graph_pass(monkeypatch):
+    """On CPU the shared graph's pass also finds the exact cosine neighbours; the features row's
+    weighted kNN accuracy is what the score gives with its own search, and it made none."""
+    from evalkit import neighbors as nb
+    from evalkit.config import EmbedConfig, MetricsConfig
+    from evalkit.results import FeatureSet
+    from evalkit.scoring import score_feature_set
+
+    rng = np.random.default_rng(6)
+    y = np.repeat(np.arange(4), 60)
+    # rows of different norms, centre away from 0: cosine and euclidean neighbours differ
+    X = ((np.eye(4, 16)[y] * 2.0 + rng.normal(size=(240, 16)) + 1.0) * rng.uniform(0.5, 2, (240, 1))).astype(np.float32)
+    expected = score.weighted_knn_accuracy(X, y, n_neighbors=20)
+    assert expected != score.weighted_knn_accuracy(X, y, n_neighbors=20, graph=nb.knn_graph(X, n_neighbors=20))
+    searches = []
+    real = nb.knn_graph
+    for module in (nb, score):
+        monkeypatch.setattr(module, "knn_graph", lambda *a, **k: searches.append(np.shape(a[0])) or real(*a, **k))
+    lines = []
+    out = score_feature_set(FeatureSet("m", "l", X), y, embed=EmbedConfig(methods=["pca"]), settings=MetricsConfig(),
+                            log=lines.append)
+    assert out.rows[0]["weighted_knn_accuracy"] == expected
+    assert "cosine k = 20 from the same pass" in lines[0]
+    assert all(shape[1] != 16 for shape in searches)  # no search of the raw (or normalised) features
