@@ -374,12 +374,20 @@ class CosineRanking:
 
     def topk(self, R, rows: np.ndarray, k: int) -> np.ndarray:
         """(len(rows), k) int64: the k nearest cosine neighbours of each row, from the
-        euclidean block ``R`` (float32 torch tensor), which is overwritten with rho."""
+        euclidean block ``R`` (float32 torch tensor). Up to 32 neighbours rho is computed on
+        the fly; beyond, ``R`` is overwritten with rho (:meth:`rho`) for the selection."""
         rows = np.ascontiguousarray(rows, dtype=np.int64)
         block = R.numpy()
-        nk = numba_kernels()
-        nk.cosine_rows(block, rows, self.w, self.kappa, self.inv)
-        return _numba_topk(block, rows, k, self.points, self.err)
+        if k <= _INSERTION_MAX_K:
+            out = np.empty((len(rows), k), dtype=np.int64)
+            numba_kernels().cosine_topk_exact(block, rows, self.w, self.kappa, self.inv, self.points, self.err, out)
+            return out
+        return _numba_topk(self.rho(block, rows), rows, k, self.points, self.err)
+
+    def rho(self, block: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """The euclidean block (float32 ndarray) turned into rho, in place."""
+        numba_kernels().cosine_rows(block, np.ascontiguousarray(rows, dtype=np.int64), self.w, self.kappa, self.inv)
+        return block
 
 
 def unit_rows(X: np.ndarray):

@@ -39,6 +39,7 @@ from evalkit.kernels import (
     corank_max,
     lowdim_class_sums,
     lowdim_rank_counts,
+    numba_kernels,
     pick_block_size,
     positions_in_top,
     squared_distance_block,
@@ -163,7 +164,8 @@ def neighbourhood_scores(X, embeddings: Mapping[str, np.ndarray], *, n_neighbors
                          graphs_Z: Mapping[str, KNNGraph] | None = None,
                          device=None, block_size: int | None = None,
                          rnx_max_k: int | None = None, per_point: bool = False,
-                         knn_out: list | None = None, rnx_rows: np.ndarray | None = None) -> dict[str, dict]:
+                         knn_out: list | None = None, rnx_rows: np.ndarray | None = None,
+                         silhouette_out: dict | None = None) -> dict[str, dict]:
     """Trustworthiness and continuity (and R_NX) of several embeddings of the same data, in one pass.
 
     The expensive part, the distances in the original space, is computed once, block by
@@ -198,6 +200,11 @@ def neighbourhood_scores(X, embeddings: Mapping[str, np.ndarray], *, n_neighbors
         Sum R_NX's co-ranking counts over these samples only, each still ranked against all
         samples: an unbiased estimate of Q_NX(K) at a fraction of the cost (see
         :func:`rnx_sample`). Trustworthiness and continuity always use every sample.
+    silhouette_out : dict, optional
+        ``{"labels": labels, "rows": sorted sample positions or None}``: the pass also sums
+        each (sampled) row's distances to the members of each class among the (sampled)
+        samples and stores :func:`silhouette` of ``X`` (of ``X[rows]``) under ``"value"``:
+        the raw features' silhouette without a pass of its own.
 
     Returns
     -------
@@ -229,6 +236,7 @@ def neighbourhood_scores(X, embeddings: Mapping[str, np.ndarray], *, n_neighbors
             rnx_rows = None
     if graph_X is None and X.shape[1] <= _LOWDIM_MAX and not rnx_k:
         graph_X = knn_graph(X, n_neighbors=k, method="exact", device=dev, block_size=block_size)
+    sil = _ClassSums.of(silhouette_out, n_samples) if silhouette_out is not None else None
     closer: list = []  # continuity's counts per embedding, when the co-ranking pass gives them
     if graph_X is not None:
         nbr_X = _check_graph(graph_X, n_samples, k, "graph_X").indices[:, :k]
@@ -237,18 +245,20 @@ def neighbourhood_scores(X, embeddings: Mapping[str, np.ndarray], *, n_neighbors
         check_own = bool(rnx_k) and rnx_rows is None
         trust_excess, own, kept = _rank_excess(X, nbr_Z, k, dev, block_size, knn=k if check_own else None,
                                                rnx_spaces=spaces, rnx_k=rnx_k, closer_out=closer,
-                                               rnx_rows=rnx_rows)
+                                               rnx_rows=rnx_rows, class_sums=sil)
         if own is None or not np.array_equal(own, nbr_X):
             closer = []  # the pass counted continuity for its own neighbours in X, not graph_X's
 
     else:  # the neighbours in X come from the same pass over X's distances
         trust_excess, nbr_X, kept = _rank_excess(X, nbr_Z, k, dev, block_size, knn=k, rnx_spaces=spaces,
-                                                 rnx_k=rnx_k, closer_out=closer, rnx_rows=rnx_rows)
+                                                 rnx_k=rnx_k, closer_out=closer, rnx_rows=rnx_rows, class_sums=sil)
         if knn_out is not None:
             from evalkit.kernels import sort_neighbours
 
             knn_out.append(KNNGraph(*sort_neighbours(np.ascontiguousarray(X, dtype=np.float64), nbr_X), True,
                                     "exact"))
+    if sil is not None:
+        silhouette_out["value"] = sil.silhouette()
     out = {}
     for s, ((name, Z), t_excess) in enumerate(zip(Zs.items(), trust_excess)):
         if closer:  # continuity's counts came with the co-ranking pass
@@ -866,7 +876,8 @@ def _cross_frobenius_sq(A: np.ndarray, B: np.ndarray, block: int = 2048) -> floa
 
 
 def _rank_excess(P: np.ndarray, neighbour_sets, k: int, dev, block_size, knn: int | None = None,
-                 rnx_spaces=(), rnx_k: int = 0, closer_out: list | None = None, rnx_rows=None):
+                 rnx_spaces=(), rnx_k: int = 0, closer_out: list | None = None, rnx_rows=None,
+                 class_sums: "_ClassSums | None" = None):
     """Sum over rows i and neighbours j of max(0, r(i, j) - k), r the rank in ``P`` (module
     docstring: ties by index, equal distances detected exactly); optionally the co-ranking
     counts of R_NX against other spaces, from the same pass.
@@ -891,6 +902,9 @@ def _rank_excess(P: np.ndarray, neighbour_sets, k: int, dev, block_size, knn: in
         empty where that pass cannot give them (the torch path, or ``rnx_rows``).
     rnx_rows : sorted int ndarray, optional
         The rows whose co-ranking counts are summed (all when None).
+    class_sums : _ClassSums, optional
+        Also each of its rows' sums of distances to each class (the silhouette of ``P``),
+        from the same blocks.
 
     With ``rnx_spaces`` the K nearest neighbours in P of every row are known in order, so the
     rank of a neighbour from ``neighbour_sets`` is its position there; only rows with a
@@ -925,6 +939,8 @@ def _rank_excess(P: np.ndarray, neighbour_sets, k: int, dev, block_size, knn: in
             stop = min(start + block, n_samples)
             rows = np.arange(start, stop)
             R = ranking.block(start, stop)
+            if class_sums is not None:
+                class_sums.add(ranking, R, start, stop)
             if rnx_rows is not None:  # the K nearest of the sampled rows only
                 sub = np.arange(np.searchsorted(rnx_rows, start), np.searchsorted(rnx_rows, stop))
                 co_rows = rnx_rows[sub]
@@ -954,6 +970,54 @@ def _rank_excess(P: np.ndarray, neighbour_sets, k: int, dev, block_size, knn: in
     if closer_out is not None:
         closer_out.extend(closer)
     return excess, found, [np.cumsum(h)[1:rnx_k + 1] for h in hist]
+
+
+class _ClassSums:
+    """Per-class sums of euclidean distances, read from the blocks of a pass over ``X``: the
+    silhouette of the raw features without a pass of its own. Distances as
+    :func:`silhouette` computes them (the block r(i, l) + |c_i|^2, clamped at 0, self 0),
+    over the sampled rows and columns (all when ``rows`` is None)."""
+
+    def __init__(self, labels: np.ndarray, rows: np.ndarray | None, n_samples: int):
+        self.rows = np.arange(n_samples, dtype=np.int64) if rows is None else np.asarray(rows, dtype=np.int64)
+        classes, y = np.unique(labels[self.rows], return_inverse=True)
+        self.y = y.reshape(-1).astype(np.int64)  # class of each sampled row
+        self.n_classes = len(classes)
+        self.ycol = np.full(n_samples, -1, dtype=np.int64)  # class of each column, -1 outside the sample
+        self.ycol[self.rows] = self.y
+        self.sums = np.zeros((len(self.rows), self.n_classes))
+
+    @classmethod
+    def of(cls, request: dict, n_samples: int) -> "_ClassSums":
+        labels = _labels(request["labels"], n_samples)
+        return cls(labels, request.get("rows"), n_samples)
+
+    def add(self, ranking, R, start: int, stop: int) -> None:
+        a, z = np.searchsorted(self.rows, [start, stop])
+        if a == z:
+            return
+        rows = self.rows[a:z]
+        nk = numba_kernels() if ranking.use_numba else None
+        if nk is not None:
+            nk.class_dist_sums(R.numpy(), rows - start, rows, ranking.sq64, self.ycol, self.sums[a:z])
+            return
+        import torch
+
+        pos = torch.as_tensor(rows - start, device=R.device)
+        D = R[pos] + ranking.sq[torch.as_tensor(rows, device=R.device)][:, None]
+        D[torch.arange(len(rows), device=R.device), torch.as_tensor(rows, device=R.device)] = 0
+        D.clamp_(min=0).sqrt_()
+        cols = torch.as_tensor(self.rows, device=R.device)
+        sums = torch.zeros((len(rows), self.n_classes), dtype=D.dtype, device=D.device)
+        sums.index_add_(1, torch.as_tensor(self.y, device=R.device), D[:, cols])
+        self.sums[a:z] = sums.cpu().numpy()
+
+    def silhouette(self) -> float:
+        n = len(self.rows)
+        if not 1 < self.n_classes < n:
+            return float("nan")
+        sizes = np.bincount(self.y, minlength=self.n_classes)
+        return float(_silhouette_block(self.sums, self.y, sizes) / n)
 
 
 def _closer_counts(ranking, R, rows: np.ndarray, nbr: np.ndarray, top) -> np.ndarray:
@@ -1066,6 +1130,10 @@ def _silhouette_of(space):
         sample = None
     if space.n_classes >= n:
         return None
+    if space.method == "features":  # from the embeddings' pass over the raw features, when it runs
+        value = space.features_silhouette()
+        if value is not None:
+            return value
     return silhouette(space.coords, space.labels, device=space.device, sample_size=sample)
 
 

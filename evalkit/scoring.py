@@ -75,14 +75,35 @@ class _Shared:
                         f"trustworthiness and continuity use every point")
                 if note not in self.notes:
                     self.notes.append(note)
+            # the raw features' silhouette from the same blocks (on its stratified sample, as on its own)
+            sil = {"labels": self.labels, "rows": self.silhouette_rows()} if self.n_classes > 1 else None
             out = neighbourhood_scores(self.X, self.embeddings, n_neighbors=k, graph_X=exact, device=self.device,
                                        rnx_max_k=self.settings.rnx_max_k, per_point=True, knn_out=found,
-                                       rnx_rows=rows)
+                                       rnx_rows=rows, silhouette_out=sil)
             if found:  # the exact neighbours of the raw features, from the same pass
                 self.cache["exact_X"] = found[0]
+            if sil is not None and "value" in sil:
+                self.cache["features_silhouette"] = sil["value"]
             return out
 
         return self.once("neighbourhood", one_pass)
+
+    def silhouette_rows(self) -> Optional[np.ndarray]:
+        """The samples the raw features' silhouette is computed on: None (all) up to
+        ``metrics.silhouette_max_samples``, else the seeded stratified sample
+        :func:`evalkit.score.silhouette` draws."""
+        from evalkit.data import stratified_subsample
+
+        cap = self.settings.silhouette_max_samples
+        return stratified_subsample(self.labels, int(cap), seed=0) if cap and len(self.X) > cap else None
+
+    def features_silhouette(self) -> Optional[float]:
+        """The raw features' silhouette from the embeddings' neighbourhood pass (run now if it
+        has not run yet), or None when there are no embeddings to run it."""
+        if not self.embeddings:
+            return None
+        self.neighbourhood(int(self.settings.n_neighbors))
+        return self.cache.get("features_silhouette")
 
     def rnx_curve(self, method: str, seeds) -> Optional[Curve]:
         """R_NX of one method at log-spaced K, averaged over seeds (None before the pass ran)."""
@@ -184,6 +205,12 @@ class Space:
             shared.cache[("graph", self.key)] = graph
         return graph.head(n_neighbors)
 
+    def features_silhouette(self) -> Optional[float]:
+        """The raw features' silhouette read from the neighbourhood pass over their distances
+        (what :func:`evalkit.score.silhouette` gives on the same sample, ``metrics.
+        silhouette_max_samples``), or None where no pass runs (no embeddings)."""
+        return self._shared.features_silhouette() if self.method == FEATURES else None
+
     def cosine_graph(self, n_neighbors: int):
         """The raw features' exact cosine neighbours (the neighbours of the L2-normalised rows)
         from the pass that found the shared graph, or None where that pass did not give them
@@ -254,19 +281,13 @@ def score_feature_set(fs: FeatureSet, labels, *, embed, settings, device=None, l
     shared.cosine_graph = cosine
     undefined: dict = {}
     feature_space = Space(FEATURES, None, X, shared)
-
-    def feature_row():
-        return _row(fs, FEATURES, [feature_space], undefined, info={"n_features": int(X.shape[1])})
-
-    # The raw features' scores need no embedding: with an exact shared graph they run in the pool
-    # beside t-SNE and UMAP (on the core t-SNE leaves idle); with an approximate one they wait
-    # for the neighbourhood pass, which finds the exact neighbours they need.
-    side = {FEATURES: feature_row} if graph.exact else {}
-    embeddings, found, method_params, side_done = _embed_all(fs, specs, embedders, embed, X, Xr, graph, constant,
-                                                             log, side)
+    embeddings, found, method_params = _embed_all(fs, specs, embedders, embed, X, Xr, graph, constant, log)
     coords.update(found)
     t_scores = time.perf_counter()
-    rows = []  # the embeddings first: their neighbourhood pass also finds X's exact neighbours
+    # The embeddings first: their neighbourhood pass over the raw features' distances also gives
+    # the raw features' silhouette and, above the exact graph's limit, their exact neighbours. The
+    # raw features' other scores read the shared graph and the cosine neighbours of its pass.
+    rows = []
     stability, rnx_curves = {}, {}
     for spec in specs:
         spaces = [Space(spec.name, seed, coords[f"{spec.name}/{seed}"], shared) for seed in embed.seeds]
@@ -277,7 +298,7 @@ def score_feature_set(fs: FeatureSet, labels, *, embed, settings, device=None, l
         if len(spaces) > 1:
             stability[f"{fs.key}/{spec.name}"] = procrustes_disparity([s.coords for s in spaces])
         check_interrupted()
-    rows.insert(0, side_done[FEATURES] if FEATURES in side_done else feature_row())
+    rows.insert(0, _row(fs, FEATURES, [feature_space], undefined, info={"n_features": int(X.shape[1])}))
     if log:
         log(f"    {fs.key}: scores in {time.perf_counter() - t_scores:.1f} s")
     per_class = per_class_knn_accuracy(X, labels, n_neighbors=knn_k, graph=feature_space.graph(knn_k), device=device)
@@ -295,7 +316,7 @@ def score_feature_set(fs: FeatureSet, labels, *, embed, settings, device=None, l
         undefined_reasons=undefined)
 
 
-def _embed_all(fs: FeatureSet, specs, embedders: dict, embed, X, Xr, graph, constant: bool, log, side=None):
+def _embed_all(fs: FeatureSet, specs, embedders: dict, embed, X, Xr, graph, constant: bool, log):
     """Every method x seed of one feature set, run side by side on a pool of threads.
 
     Why threads: openTSNE's FFT gradient keeps about one core busy whatever its ``n_jobs``
@@ -304,11 +325,9 @@ def _embed_all(fs: FeatureSet, specs, embedders: dict, embed, X, Xr, graph, cons
     kernels through :func:`evalkit.embed.cache_umap_kernels`). Side by side they took 18.7 s
     where one after the other took 30.4 s, with identical coordinates. The longest jobs
     start first (by the registry's ``Method.cost``: t-SNE, then UMAP, then the rest, in the
-    registry's order). A method that ignores the seed runs once. ``side`` ({name: callable})
-    are other jobs for the same pool, started after the embeddings.
+    registry's order). A method that ignores the seed runs once.
 
-    Returns (list of Embedding in method, seed order; {"method/seed": coords}; {method: params};
-    {side job name: its result}).
+    Returns (list of Embedding in method, seed order; {"method/seed": coords}; {method: params}).
     """
     from evalkit.embed import n_jobs
     from evalkit.kernels import numba_threadsafe
@@ -331,9 +350,7 @@ def _embed_all(fs: FeatureSet, specs, embedders: dict, embed, X, Xr, graph, cons
         return Z, time.perf_counter() - t0
 
     done: dict = {}  # (method, seed) -> (Z, seconds)
-    side = dict(side or {})
-    side_done: dict = {}
-    side_by_side = len(jobs) + len(side) > 1 and n_jobs() > 1
+    side_by_side = len(jobs) > 1 and n_jobs() > 1
     if side_by_side:
         _prepare(specs, embedders)  # imports first, here: two threads importing one package can see it half made
         side_by_side = numba_threadsafe()
@@ -342,14 +359,10 @@ def _embed_all(fs: FeatureSet, specs, embedders: dict, embed, X, Xr, graph, cons
             done[spec.name, seed] = run(spec, seed)
             check_interrupted()  # between seeds and methods: a recorded Ctrl-C ends the run here
             _log_method_done(fs, spec, embed, done, log)
-        side_done = {name: job() for name, job in side.items()}
     else:
         order = sorted(jobs, key=lambda job: job[0].cost, reverse=True)
-        calls = [functools.partial(run, spec, seed) for spec, seed in order] + list(side.values())
+        calls = [functools.partial(run, spec, seed) for spec, seed in order]
         for i, result in side_by_side_jobs(calls, min(n_jobs(), len(calls)), name="evalkit-embed"):
-            if i >= len(order):
-                side_done[list(side)[i - len(order)]] = result
-                continue
             spec, seed = order[i]
             done[spec.name, seed] = result
             _log_method_done(fs, spec, embed, done, log)
@@ -359,7 +372,7 @@ def _embed_all(fs: FeatureSet, specs, embedders: dict, embed, X, Xr, graph, cons
             Z, seconds = done.get((spec.name, seed)) or done[spec.name, embed.seeds[0]]
             embeddings.append(Embedding(fs.model, fs.layer, spec.name, seed, Z, method_params[spec.name], seconds))
             coords[f"{spec.name}/{seed}"] = Z
-    return embeddings, coords, method_params, side_done
+    return embeddings, coords, method_params
 
 
 def prepare(embed, n_samples: int, n_features: int) -> None:

@@ -1025,3 +1025,31 @@ def test_weighted_knn_of_the_raw_features_votes_with_the_cosine_neighbours_of_th
     assert out.rows[0]["weighted_knn_accuracy"] == expected
     assert "cosine k = 20 from the same pass" in lines[0]
     assert all(shape[1] != 16 for shape in searches)  # no search of the raw (or normalised) features
+
+
+@pytest.mark.parametrize("paths", ["numba", "torch"])
+@pytest.mark.parametrize("sample", [None, 90])
+def test_raw_features_silhouette_comes_from_the_neighbourhood_pass(paths, sample, request, monkeypatch):
+    """The embeddings' pass over the raw features' distances also sums them per class: the
+    features row's silhouette is scikit-learn's (on the same stratified sample when one is
+    drawn) and no separate silhouette pass over the raw features runs."""
+    from evalkit.config import EmbedConfig, MetricsConfig
+    from evalkit.data import stratified_subsample
+    from evalkit.results import FeatureSet
+    from evalkit.scoring import score_feature_set
+
+    if paths == "torch":
+        request.getfixturevalue("torch_only")
+    rng = np.random.default_rng(7)
+    y = np.repeat(np.arange(3), [40, 70, 50])
+    X = (np.eye(3, 9)[y] * 2.0 + rng.normal(size=(160, 9))).astype(np.float32)
+    keep = stratified_subsample(y, sample, seed=0)
+    expected = sk_silhouette(X[keep].astype(np.float64), y[keep])
+    calls = []
+    real = score.silhouette
+    monkeypatch.setattr(score, "silhouette", lambda A, *a, **k: calls.append(np.shape(A)) or real(A, *a, **k))
+    settings = MetricsConfig(silhouette_max_samples=sample)
+    out = score_feature_set(FeatureSet("m", "l", X), y, embed=EmbedConfig(methods=["pca"]), settings=settings)
+    assert out.rows[0]["silhouette"] == pytest.approx(expected, abs=1e-12)
+    assert all(shape[1] != 9 for shape in calls)  # only the embedding's own silhouette ran
+    assert calls  # (which did run through the patched function)
