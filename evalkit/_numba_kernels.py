@@ -94,49 +94,6 @@ def cosine_rows(R, rows, w, kappa, inv):
 
 
 @numba.njit(parallel=True, cache=True)
-def cosine_topk_exact(R, rows, w, kappa, inv, X, err, idx):
-    """:func:`row_topk_exact` of the cosine ranking (R[r, l] - w[l] - kappa[rows[r]]) * inv[l]
-    of :func:`cosine_rows`, computed on the fly in R's precision (the same values), so the
-    euclidean block is read, never rewritten: at 70,000 samples rewriting it cost more than
-    the selection."""
-    n_rows, n = R.shape
-    k = idx.shape[1]
-    for r in numba.prange(n_rows):
-        i = rows[r]
-        row = R[r]
-        kr = kappa[i]
-        vb = np.full(k, np.inf, dtype=R.dtype)
-        worst = vb[k - 1]
-        for l in range(n):
-            v = (row[l] - w[l] - kr) * inv[l]
-            if v < worst:
-                p = k - 1
-                while p > 0 and vb[p - 1] > v:
-                    vb[p] = vb[p - 1]
-                    p -= 1
-                vb[p] = v
-                worst = vb[k - 1]
-        lim = np.empty(1, dtype=R.dtype)
-        lim[0] = np.float64(worst) + 2.0 * err[i]
-        limit = lim[0]
-        best_v = np.full(k, np.inf)
-        best_i = np.full(k, -1, dtype=np.int64)
-        for l in range(n):
-            if (row[l] - w[l] - kr) * inv[l] <= limit:
-                v = sq_dist(X, i, l)
-                if v < best_v[k - 1]:
-                    p = k - 1
-                    while p > 0 and best_v[p - 1] > v:
-                        best_v[p] = best_v[p - 1]
-                        best_i[p] = best_i[p - 1]
-                        p -= 1
-                    best_v[p] = v
-                    best_i[p] = l
-        for m in range(k):
-            idx[r, m] = best_i[m]
-
-
-@numba.njit(parallel=True, cache=True)
 def class_dist_sums(R, pos, rows, sq, ycol, out):
     """out[r, c] = sum over l != i with ycol[l] == c of sqrt(max(R[pos[r], l] + sq[i], 0)),
     i = rows[r]: per-class sums of the euclidean distances of a float64 block

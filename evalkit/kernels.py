@@ -374,15 +374,10 @@ class CosineRanking:
 
     def topk(self, R, rows: np.ndarray, k: int) -> np.ndarray:
         """(len(rows), k) int64: the k nearest cosine neighbours of each row, from the
-        euclidean block ``R`` (float32 torch tensor). Up to 32 neighbours rho is computed on
-        the fly; beyond, ``R`` is overwritten with rho (:meth:`rho`) for the selection."""
+        euclidean block ``R`` (float32 torch tensor), which is overwritten with rho. (Computing
+        rho on the fly inside the selection instead measured no faster at 30,000 x 256.)"""
         rows = np.ascontiguousarray(rows, dtype=np.int64)
-        block = R.numpy()
-        if k <= _INSERTION_MAX_K:
-            out = np.empty((len(rows), k), dtype=np.int64)
-            numba_kernels().cosine_topk_exact(block, rows, self.w, self.kappa, self.inv, self.points, self.err, out)
-            return out
-        return _numba_topk(self.rho(block, rows), rows, k, self.points, self.err)
+        return _numba_topk(self.rho(R.numpy(), rows), rows, k, self.points, self.err)
 
     def rho(self, block: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """The euclidean block (float32 ndarray) turned into rho, in place."""
