@@ -115,18 +115,19 @@ def class_dist_sums(R, pos, rows, sq, ycol, out):
 
 
 @numba.njit(parallel=True, cache=True)
-def count_ranks(R, rows, nbr, X, err, out, n_chunks):
+def count_ranks(R, pos, rows, nbr, X, err, out, n_chunks):
     """out[r, m] = #{l != i : (sq_dist(i, l), l) < (sq_dist(i, j), j)}, i = rows[r],
     j = nbr[r, m].
 
-    R (float64) as for :func:`row_topk_exact`. Entries below t - 2 err (t = R[r, j]) are
+    R (float64) as for :func:`row_topk_exact`, row r of the counts reading R[pos[r]] (a subset
+    of a block's rows without copying them). Entries below t - 2 err (t = R[r, j]) are
     certainly closer, entries above t + 2 err certainly farther; the few in between are
     decided by their exact distance (or, where err = 0 and the values are exact, by index
     alone). Per row, one pass keeps the entries up to the largest
     threshold (branch-free compaction), then one counting pass per threshold over those.
     Rows are shared out in ``n_chunks`` chunks (a few per thread), each with its own buffers.
     """
-    n_rows, n = R.shape
+    n_rows, n = rows.shape[0], R.shape[1]
     k = nbr.shape[1]
     for ch in numba.prange(n_chunks):
         # buffers once per chunk of rows: a fresh (n,) array per row costs page faults
@@ -134,7 +135,7 @@ def count_ranks(R, rows, nbr, X, err, out, n_chunks):
         ids = np.empty(n, dtype=np.int64)
         t = np.empty(k)
         for r in range((ch * n_rows) // n_chunks, ((ch + 1) * n_rows) // n_chunks):
-            _count_row(R[r], rows[r], nbr[r], X, 2.0 * err[rows[r]], t, vals, ids, out[r])
+            _count_row(R[pos[r]], rows[r], nbr[r], X, 2.0 * err[rows[r]], t, vals, ids, out[r])
 
 
 @numba.njit(cache=True)
@@ -315,22 +316,22 @@ def _stable_order(cv):
 
 
 @numba.njit(parallel=True, cache=True)
-def row_topk_sorted(R, rows, X, err, idx, n_chunks):
+def row_topk_sorted(R, pos, rows, X, err, idx, n_chunks):
     """:func:`row_topk_exact` for large k (R_NX up to K = 1000 and beyond): selection instead
     of an insertion buffer, so the cost is one or two passes over the row plus O(c log c),
-    c ~ k candidates.
+    c ~ k candidates. Row r of the result reads R[pos[r]] (sampled rows of a block, not copied).
 
     The k-th smallest value v admits the candidates R <= v + 2 err, which are sorted by R
     (index order among equal values); two neighbours in that order whose R differ by more
     than 2 err are certainly in the right order, so only runs of candidates chained by gaps
     <= 2 err are re-sorted by (sq_dist, index).
     """
-    n_rows, n = R.shape
+    n_rows, n = rows.shape[0], R.shape[1]
     k = idx.shape[1]
     for ch in numba.prange(n_chunks):
         cand = np.empty(n, dtype=np.int64)  # once per chunk of rows (see count_ranks)
         for r in range((ch * n_rows) // n_chunks, ((ch + 1) * n_rows) // n_chunks):
-            _topk_row(R[r], rows[r], X, err[rows[r]], cand, idx[r])
+            _topk_row(R[pos[r]], rows[r], X, err[rows[r]], cand, idx[r])
 
 
 @numba.njit(cache=True)

@@ -251,22 +251,33 @@ class Ranking:
             self._err_t = torch.as_tensor(self.err).to(self.dev)
         return self._err_t
 
-    def topk(self, R, rows: np.ndarray, k: int) -> np.ndarray:
-        """(len(rows), k) int64: the k nearest neighbours of each row by (dd, index)."""
+    def topk(self, R, rows: np.ndarray, k: int, pos: np.ndarray | None = None) -> np.ndarray:
+        """(len(rows), k) int64: the k nearest neighbours of each row by (dd, index); row r
+        reads ``R[pos[r]]`` (``pos`` None: ``R[r]``)."""
         rows = np.ascontiguousarray(rows, dtype=np.int64)
         if self.use_numba:
-            return _numba_topk(R.numpy(), rows, k, self.points, self.err)
+            return _numba_topk(R.numpy(), rows, k, self.points, self.err, pos)
+        if pos is not None:
+            import torch
+
+            R = R[torch.as_tensor(pos, device=R.device)]
         return _topk_torch(R, rows, k, self.points, self._err())
 
-    def rank_counts(self, R, rows: np.ndarray, nbr: np.ndarray) -> np.ndarray:
+    def rank_counts(self, R, rows: np.ndarray, nbr: np.ndarray, pos: np.ndarray | None = None) -> np.ndarray:
         """(len(rows), m) int64: ``#{l != i : (dd(i, l), l) < (dd(i, j), j)}`` for i = rows[r],
-        j = nbr[r, m]; the rank of j is one more. ``R`` must be float64."""
+        j = nbr[r, m]; the rank of j is one more. ``R`` must be float64; row r of the counts
+        reads ``R[pos[r]]`` (``pos`` None: ``R[r]``)."""
         rows = np.ascontiguousarray(rows, dtype=np.int64)
         nbr = np.ascontiguousarray(nbr, dtype=np.int64)
         if self.use_numba:
             out = np.empty(nbr.shape, dtype=np.int64)
-            numba_kernels().count_ranks(R.numpy(), rows, nbr, self.points, self.err, out, _chunks(len(rows)))
+            pos = np.arange(len(rows)) if pos is None else np.ascontiguousarray(pos, dtype=np.int64)
+            numba_kernels().count_ranks(R.numpy(), pos, rows, nbr, self.points, self.err, out, _chunks(len(rows)))
             return out
+        if pos is not None:
+            import torch
+
+            R = R[torch.as_tensor(pos, device=R.device)]
         return _rank_counts_torch(R, rows, nbr, self.points, self._err())
 
 
@@ -397,12 +408,14 @@ def unit_rows(X: np.ndarray):
     return Xn, (scaled * peak).reshape(-1)
 
 
-def _numba_topk(R: np.ndarray, rows: np.ndarray, k: int, points: np.ndarray, err: np.ndarray) -> np.ndarray:
+def _numba_topk(R: np.ndarray, rows: np.ndarray, k: int, points: np.ndarray, err: np.ndarray,
+                pos: np.ndarray | None = None) -> np.ndarray:
     out = np.empty((len(rows), k), dtype=np.int64)
     if k <= _INSERTION_MAX_K:
-        numba_kernels().row_topk_exact(R, rows, points, err, out)
+        numba_kernels().row_topk_exact(R if pos is None else R[pos], rows, points, err, out)
     else:
-        numba_kernels().row_topk_sorted(R, rows, points, err, out, _chunks(len(rows)))
+        pos = np.arange(len(rows)) if pos is None else np.ascontiguousarray(pos, dtype=np.int64)
+        numba_kernels().row_topk_sorted(R, pos, rows, points, err, out, _chunks(len(rows)))
     return out
 
 
