@@ -25,6 +25,7 @@ torch and numba are imported inside the functions (numba's kernels, module-level
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import sys
 
@@ -183,20 +184,23 @@ class Ranking:
     small enough for every product and sum to be exact is centred by an integer and gets
     ``err = 0``.
 
+    On CPU with numba the blocks are numpy arrays (numpy's BLAS: as fast as torch's here,
+    10,000 x 256 against 3,000 rows: 0.12 s vs 0.13 s in float32, 0.16 s vs 0.20 s in float64),
+    so a CPU run never imports torch for them; elsewhere (a GPU, or no numba) torch tensors.
+
     Parameters
     ----------
     X : ndarray of shape (n_samples, n_features)
-    dev : torch.device
-    dtype : torch.dtype
+    dev : torch.device or :class:`evalkit.device.CPU`
+    dtype : torch or numpy dtype
         float64, or float32 (:class:`Float32Ranking`, or MPS).
     """
 
     def __init__(self, X: np.ndarray, dev, dtype):
-        import torch
-
         self.points = np.ascontiguousarray(X, dtype=np.float64)  # dd is computed on these
         d = X.shape[1]
-        u = _U32 if dtype == torch.float32 else _U64
+        single = "32" in str(dtype)
+        u = _U32 if single else _U64
         mean = self.points.mean(axis=0)
         integral = bool(np.all(self.points == np.round(self.points)))
         self.centre = np.round(mean) if integral else mean
@@ -218,25 +222,51 @@ class Ranking:
             self.err = 2.0 * (expanded + centring + direct) + 1e-300
         self.dev = dev
         self.centred_norms = np.sqrt(self.sq64)
-        self.T = torch.as_tensor(centred).to(device=dev, dtype=dtype)
-        self.sq = torch.as_tensor(self.sq64).to(device=dev, dtype=dtype)
         self.use_numba = dev.type == "cpu" and numba_kernels(*self.points.shape) is not None
+        if self.use_numba:  # numpy blocks: R = (-2 c_i) . c_l + |c_l|^2 (times -2 is exact)
+            kind = np.float32 if single else np.float64
+            self.T = centred.astype(kind)
+            self._minus_2T = self.T * kind(-2.0)
+            self.sq = self.sq64.astype(kind)
+        else:
+            import torch
+
+            kind = torch.float32 if single else torch.float64
+            self.T = torch.as_tensor(centred).to(device=dev, dtype=kind)
+            self.sq = torch.as_tensor(self.sq64).to(device=dev, dtype=kind)
         self._err_t = None
+
+    def no_grad(self):
+        """``torch.no_grad()`` for torch blocks; nothing (no torch) for numpy blocks."""
+        if self.use_numba:
+            return contextlib.nullcontext()
+        import torch
+
+        return torch.no_grad()
 
     @property
     def n_samples(self) -> int:
         return self.points.shape[0]
 
     def block(self, start: int, stop: int):
-        """(stop - start, n_samples) tensor of r for rows start:stop, self set to +inf by index."""
+        """(stop - start, n_samples) array or tensor of r for rows start:stop, self set to +inf
+        by index."""
         return self.block_rows(np.arange(start, stop))
 
     def block_rows(self, rows: np.ndarray):
-        """(len(rows), n_samples) tensor of r for the given rows, self set to +inf by index."""
+        """(len(rows), n_samples) array or tensor of r for the given rows, self set to +inf by
+        index."""
+        contiguous = len(rows) and rows[-1] - rows[0] == len(rows) - 1 and (np.diff(rows) == 1).all()
+        if self.use_numba:
+            A = self._minus_2T[int(rows[0]):int(rows[-1]) + 1] if contiguous else self._minus_2T[rows]
+            R = A @ self.T.T
+            R += self.sq[None, :]
+            R[np.arange(len(rows)), rows] = np.inf
+            return R
         import torch
 
         rows_t = torch.as_tensor(rows, dtype=torch.int64, device=self.dev)
-        if len(rows) and rows[-1] - rows[0] == len(rows) - 1 and (np.diff(rows) == 1).all():
+        if contiguous:
             A = self.T[int(rows[0]):int(rows[-1]) + 1]
         else:
             A = self.T[rows_t]
@@ -256,7 +286,7 @@ class Ranking:
         reads ``R[pos[r]]`` (``pos`` None: ``R[r]``)."""
         rows = np.ascontiguousarray(rows, dtype=np.int64)
         if self.use_numba:
-            return _numba_topk(R.numpy(), rows, k, self.points, self.err, pos)
+            return _numba_topk(R, rows, k, self.points, self.err, pos)
         if pos is not None:
             import torch
 
@@ -272,7 +302,7 @@ class Ranking:
         if self.use_numba:
             out = np.empty(nbr.shape, dtype=np.int64)
             pos = np.arange(len(rows)) if pos is None else np.ascontiguousarray(pos, dtype=np.int64)
-            numba_kernels().count_ranks(R.numpy(), pos, rows, nbr, self.points, self.err, out, _chunks(len(rows)))
+            numba_kernels().count_ranks(R, pos, rows, nbr, self.points, self.err, out, _chunks(len(rows)))
             return out
         if pos is not None:
             import torch
@@ -299,9 +329,9 @@ class Float32Ranking(Ranking):
     MAX_FEATURES = 100_000
 
     def __init__(self, X: np.ndarray):
-        import torch
+        from evalkit.device import CPU
 
-        super().__init__(X, torch.device("cpu"), torch.float32)
+        super().__init__(X, CPU(), np.float32)
 
     @classmethod
     def usable(cls, X: np.ndarray, dev) -> bool:
@@ -385,10 +415,10 @@ class CosineRanking:
 
     def topk(self, R, rows: np.ndarray, k: int) -> np.ndarray:
         """(len(rows), k) int64: the k nearest cosine neighbours of each row, from the
-        euclidean block ``R`` (float32 torch tensor), which is overwritten with rho. (Computing
+        euclidean block ``R`` (float32 ndarray), which is overwritten with rho. (Computing
         rho on the fly inside the selection instead measured no faster at 30,000 x 256.)"""
         rows = np.ascontiguousarray(rows, dtype=np.int64)
-        return _numba_topk(self.rho(R.numpy(), rows), rows, k, self.points, self.err)
+        return _numba_topk(self.rho(R, rows), rows, k, self.points, self.err)
 
     def rho(self, block: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """The euclidean block (float32 ndarray) turned into rho, in place."""
@@ -591,10 +621,11 @@ def _chunks(n_rows: int) -> int:
 
 _NUMBA_KERNELS = None
 _NUMBA_TRIED = False
-#: Below this many entries (samples x features), and while numba is not loaded yet, the torch
-#: paths run on CPU too. Importing numba and loading evalkit's cached kernels takes 0.5-0.8 s,
-#: more than the torch paths take on such data (300 x 16: 0.07 s; but 899 x 128: 1.5 s
-#: against 0.2 s with numba, so larger data load it).
+#: Below this many entries (samples x features), while numba is not loaded yet and torch is,
+#: the torch paths run on CPU too. Importing numba and loading evalkit's cached kernels takes
+#: 0.5-0.8 s, more than the torch paths take on such data (300 x 16: 0.07 s; but 899 x 128:
+#: 1.5 s against 0.2 s with numba, so larger data load it). With neither loaded, numba is the
+#: cheaper of the two (importing torch takes 1.3 s), so it is used whatever the size.
 NUMBA_MIN_ENTRIES = 15_000
 
 
@@ -604,7 +635,7 @@ def numba_kernels(n_samples: int | None = None, n_features: int = 1):
     shape, when it is not loaded yet and the data are too small to be worth loading it
     (:data:`NUMBA_MIN_ENTRIES`); callers then fall back to torch."""
     global _NUMBA_KERNELS, _NUMBA_TRIED
-    if (not _NUMBA_TRIED and n_samples is not None
+    if (not _NUMBA_TRIED and n_samples is not None and "torch" in sys.modules
             and n_samples * max(1, n_features) < NUMBA_MIN_ENTRIES):
         return None
     if not _NUMBA_TRIED:

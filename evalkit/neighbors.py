@@ -218,8 +218,6 @@ def _exact_graph(X: np.ndarray, n_neighbors: int, dev, block_size, cosine_neighb
     """The exact graph; with ``cosine_neighbors``, ``(graph, cosine graph or None)``."""
     if dev.type == "cpu" and X.shape[1] <= KDTREE_MAX_FEATURES:
         return _kdtree_graph(X, n_neighbors, block_size)
-    import torch
-
     n_samples = X.shape[0]
     cosine = None
     if Float32Ranking.usable(X, dev):
@@ -232,7 +230,7 @@ def _exact_graph(X: np.ndarray, n_neighbors: int, dev, block_size, cosine_neighb
         block = pick_block_size(n_samples, block_size)
     indices = np.empty((n_samples, n_neighbors), dtype=np.int64)
     cos_idx = np.empty((n_samples, cosine_neighbors), dtype=np.int64) if cosine is not None else None
-    with torch.no_grad():
+    with ranking.no_grad():
         for start in range(0, n_samples, block):
             stop = min(start + block, n_samples)
             rows = np.arange(start, stop)
@@ -297,11 +295,11 @@ def _kdtree_graph(X: np.ndarray, n_neighbors: int, block_size=None) -> KNNGraph:
 
 def _blocked_rows(P: np.ndarray, rows: np.ndarray, k: int, out: np.ndarray, block_size) -> None:
     """Exact neighbours of some rows by the blocked float64 search, into ``out[rows]``."""
-    import torch
+    from evalkit.device import CPU
 
-    ranking = Ranking(P, torch.device("cpu"), torch.float64)
+    ranking = Ranking(P, CPU(), np.float64)
     block = pick_block_size(P.shape[0], block_size)
-    with torch.no_grad():
+    with ranking.no_grad():
         for start in range(0, rows.size, block):
             sub = rows[start:start + block]
             out[sub] = ranking.topk(ranking.block_rows(sub), sub, k)

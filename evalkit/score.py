@@ -918,8 +918,6 @@ def _rank_excess(P: np.ndarray, neighbour_sets, k: int, dev, block_size, knn: in
         The first: each row's excess sum, per neighbour set (their sum is the excess). The
         last: ``kept[K - 1] = sum_i |U_K(i) ∩ V_K(i)|`` per space of ``rnx_spaces``.
     """
-    import torch
-
     n_samples = P.shape[0]
     rnx_spaces = [np.ascontiguousarray(Z, dtype=np.float64) for Z in rnx_spaces] if rnx_k else []
     if P.shape[1] <= _LOWDIM_MAX and dev.type == "cpu" and knn is None and not rnx_spaces:
@@ -932,8 +930,8 @@ def _rank_excess(P: np.ndarray, neighbour_sets, k: int, dev, block_size, knn: in
     closer = ([np.empty((n_samples, k), dtype=np.int64) for _ in rnx_spaces]
               if closer_out is not None and k <= rnx_k and rnx_rows is None else [])  # needs every row's K nearest
     block = pick_block_size(n_samples, block_size)
-    with torch.no_grad(), inner_loop(-(-n_samples // block), "scoring pass", unit="block"):
-        ranking = Ranking(P, dev, torch.float64)
+    ranking = Ranking(P, dev, np.float64)
+    with ranking.no_grad(), inner_loop(-(-n_samples // block), "scoring pass", unit="block"):
         for start in range(0, n_samples, block):
             step(1)  # the bar moves; a recorded Ctrl-C ends the pass here
             stop = min(start + block, n_samples)
@@ -999,7 +997,7 @@ class _ClassSums:
         rows = self.rows[a:z]
         nk = numba_kernels() if ranking.use_numba else None
         if nk is not None:
-            nk.class_dist_sums(R.numpy(), rows - start, rows, ranking.sq64, self.ycol, self.sums[a:z])
+            nk.class_dist_sums(R, rows - start, rows, ranking.sq64, self.ycol, self.sums[a:z])
             return
         import torch
 

@@ -164,6 +164,32 @@ def test_resolve_device_cpu():
         resolve_device("no-such-device")
 
 
+def test_resolve_device_without_torch(tmp_path, monkeypatch):
+    """With torch not loaded and no GPU driver on the machine, "auto" and "cpu" resolve to the
+    CPU without importing torch; torch takes that value wherever it takes a device."""
+    import subprocess
+    import sys
+
+    from evalkit import device
+
+    script = ("import sys\n"
+              "from evalkit.device import resolve_device, CPU\n"
+              "a, c = resolve_device(None), resolve_device('cpu')\n"
+              "print(type(a).__name__, a.type, str(c), 'torch' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    if device._no_gpu_without_torch():  # this machine has no GPU driver
+        assert out.stdout.split() == ["CPU", "cpu", "cpu", "False"]
+    import torch
+
+    assert torch.zeros(2, device=device.CPU()).device == torch.device("cpu")
+    assert resolve_device(device.CPU()) == "cpu"
+    # a GPU driver present: torch decides
+    monkeypatch.setattr(device, "_GPU_MARKERS", (str(tmp_path),))
+    monkeypatch.delitem(sys.modules, "torch")
+    assert not device._no_gpu_without_torch()
+
+
 def test_import_is_light():
     import subprocess
     import sys
@@ -206,7 +232,7 @@ def test_float32_ranking_bound_holds():
     rng = np.random.default_rng(0)
     X = rng.normal(size=(300, 700)) * rng.uniform(0.1, 10, size=(300, 1)) + 5
     ranking = kernels.Float32Ranking(X)
-    R = ranking.block(0, 300).numpy().astype(np.float64)
+    R = np.asarray(ranking.block(0, 300), dtype=np.float64)
     # r(i, l) approximates dd(i, l) - ||x_i - mean||^2 within err[i]
     dd = ((X[:, None, :] - X[None, :, :]) ** 2).sum(axis=2)
     exact = dd - ranking.sq64[:, None]
@@ -328,7 +354,7 @@ def test_cosine_ranking_bound_holds():
     ranking = kernels.Float32Ranking(X)
     cos = kernels.CosineRanking.make(ranking)
     assert cos is not None
-    rho = cos.rho(ranking.block(0, 250).numpy(), np.arange(250)).astype(np.float64)
+    rho = cos.rho(ranking.block(0, 250), np.arange(250)).astype(np.float64)
     Xn = cos.points
     dd = ((Xn[:, None, :] - Xn[None, :, :]) ** 2).sum(axis=2)
     norms = np.linalg.norm(X, axis=1)

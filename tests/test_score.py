@@ -200,7 +200,7 @@ def test_rank_counts_numba_equals_torch_and_reference():
         R = ranking.block(5, 22)
         np.testing.assert_array_equal(ranking.rank_counts(R, rows, nbr[5:22]), expected[5:22])
         np.testing.assert_array_equal(
-            kernels._rank_counts_torch(R, rows, nbr[5:22], ranking.points, torch.as_tensor(ranking.err)),
+            kernels._rank_counts_torch(torch.as_tensor(R), rows, nbr[5:22], ranking.points, torch.as_tensor(ranking.err)),
             expected[5:22])
     np.testing.assert_array_equal(kernels.lowdim_rank_counts(X[:, :4], nbr),
                                   np.take_along_axis(_ranks(_exact_sq(X[:, :4])), nbr, axis=1) - 1)
@@ -969,10 +969,16 @@ def test_raw_feature_scores_use_exact_neighbours_when_the_shared_graph_is_approx
     assert features["knn_accuracy"] == pytest.approx(score.knn_accuracy(X, y, n_neighbors=10))  # exact graph
 
 
-@pytest.mark.parametrize("n_features, loads_numba", [(16, False), (64, True)])
-def test_small_data_take_the_torch_paths_without_loading_numba(n_features, loads_numba, tmp_path):
-    """300 x 16 (below kernels.NUMBA_MIN_ENTRIES): numba is never imported (loading it and its
-    cached kernels took 0.5-0.8 s, more than the whole scoring); 300 x 64: the numba kernels."""
+@pytest.mark.parametrize("n_features, torch_first, loads_numba, loads_torch", [
+    (16, True, False, True),    # torch already loaded (a model run, a notebook): small data take its paths
+    (64, True, True, True),     # above kernels.NUMBA_MIN_ENTRIES: the numba kernels
+    (16, False, True, False),   # nothing loaded: numba (0.5-0.8 s) is cheaper than torch (1.3 s); no torch
+    (64, False, True, False),
+])
+def test_small_data_load_the_cheaper_of_torch_and_numba(n_features, torch_first, loads_numba, loads_torch, tmp_path):
+    """300 x 16 is below kernels.NUMBA_MIN_ENTRIES: with torch loaded, numba is never imported
+    (loading it and its cached kernels took 0.5-0.8 s, more than the whole scoring); without,
+    the numba kernels run and torch is never imported (1.3 s). The scores are the same."""
     import json
     import subprocess
     import sys
@@ -980,18 +986,19 @@ def test_small_data_take_the_torch_paths_without_loading_numba(n_features, loads
     script = tmp_path / "which_path.py"
     script.write_text(
         "import json, sys\n"
-        "import numpy as np\n"
+        + ("import torch\n" if torch_first else "")
+        + "import numpy as np\n"
         "from evalkit import evaluate\n"
         "rng = np.random.default_rng(0)\n"
         f"X = rng.normal(size=(300, {n_features}))\n"
         "y = np.arange(300) % 5\n"
         "r = evaluate({'m': X}, y, methods=['pca'])\n"
         "rows = [{k: v for k, v in dict(row).items() if isinstance(v, float)} for row in r.rows]\n"
-        "print(json.dumps({'numba': 'numba' in sys.modules, 'rows': rows}))\n")
+        "print(json.dumps({'numba': 'numba' in sys.modules, 'torch': 'torch' in sys.modules, 'rows': rows}))\n")
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert out["numba"] is loads_numba
+    assert (out["numba"], out["torch"]) == (loads_numba, loads_torch)
     # the same scores as the numba kernels give in this process (kernels.NUMBA_MIN_ENTRIES = 0 here)
     from evalkit import evaluate
 
