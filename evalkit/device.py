@@ -23,8 +23,14 @@ class CPU(str):
     type = "cpu"
     index = None
 
-    def __new__(cls):
+    def __new__(cls, *_):
         return super().__new__(cls, "cpu")
+
+    def __reduce__(self):  # pickles (to a DataLoader worker, a spawned process) as itself
+        return CPU, ()
+
+    def __repr__(self) -> str:
+        return "device(type='cpu')"
 
 
 def _no_gpu_without_torch() -> bool:

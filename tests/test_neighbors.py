@@ -182,8 +182,12 @@ def test_resolve_device_without_torch(tmp_path, monkeypatch):
         assert out.stdout.split() == ["CPU", "cpu", "cpu", "False"]
     import torch
 
+    import pickle
+
     assert torch.zeros(2, device=device.CPU()).device == torch.device("cpu")
     assert resolve_device(device.CPU()) == "cpu"
+    again = pickle.loads(pickle.dumps(device.CPU()))
+    assert isinstance(again, device.CPU) and again.type == "cpu" and again == "cpu"
     # a GPU driver present: torch decides
     monkeypatch.setattr(device, "_GPU_MARKERS", (str(tmp_path),))
     monkeypatch.delitem(sys.modules, "torch")
