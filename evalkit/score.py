@@ -920,7 +920,7 @@ def _rank_excess(P: np.ndarray, neighbour_sets, k: int, dev, block_size, knn: in
     """
     n_samples = P.shape[0]
     rnx_spaces = [np.ascontiguousarray(Z, dtype=np.float64) for Z in rnx_spaces] if rnx_k else []
-    if P.shape[1] <= _LOWDIM_MAX and dev.type == "cpu" and knn is None and not rnx_spaces:
+    if P.shape[1] <= _LOWDIM_MAX and dev.type == "cpu" and knn is None and not rnx_spaces and class_sums is None:
         counts = [lowdim_rank_counts(P, nb) for nb in neighbour_sets]
         if all(c is not None for c in counts):
             return [_excess(c, k) for c in counts], None, []

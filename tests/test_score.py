@@ -1060,3 +1060,17 @@ def test_raw_features_silhouette_comes_from_the_neighbourhood_pass(paths, sample
     assert out.rows[0]["silhouette"] == pytest.approx(expected, abs=1e-12)
     assert all(shape[1] != 9 for shape in calls)  # only the embedding's own silhouette ran
     assert calls  # (which did run through the patched function)
+
+
+@pytest.mark.parametrize("d, rnx", [(3, None), (3, 50), (12, None)])
+def test_neighbourhood_scores_give_the_silhouette_of_X_from_their_pass(d, rnx):
+    """``silhouette_out``: the pass's per-class distance sums give scikit-learn's silhouette of
+    X, also for few dimensions without R_NX (where the pass would otherwise count on the fly)."""
+    rng = np.random.default_rng(8)
+    y = np.repeat(np.arange(3), [30, 45, 25])
+    X = np.eye(3, d)[y] * 2.0 + rng.normal(size=(100, d))
+    Z = X[:, :2] + rng.normal(scale=0.5, size=(100, 2))
+    out = {"labels": y, "rows": None}
+    scores = score.neighbourhood_scores(X, {"z": Z}, n_neighbors=5, rnx_max_k=rnx, silhouette_out=out)
+    assert out["value"] == pytest.approx(sk_silhouette(X, y), abs=1e-12)
+    assert scores["z"]["trustworthiness"] == pytest.approx(sk_trustworthiness(X, Z, n_neighbors=5), abs=1e-12)
