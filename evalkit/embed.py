@@ -455,6 +455,7 @@ class UMAPEmbedder:
     def prepare(self) -> None:
         import warnings
 
+        _quiet_umap()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # import-time numba notices
             _import("umap", "umap.umap_", "umap.spectral", "umap.layouts", "scipy.sparse.csgraph",
@@ -475,6 +476,7 @@ class UMAPEmbedder:
         # umap-learn's convention: each point is its own first neighbour
         knn_idx = np.hstack([np.arange(n)[:, None], idx]).astype(np.int32)
         knn_dist = np.hstack([np.zeros((n, 1)), dist]).astype(np.float32)
+        _quiet_umap()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # import-time numba notices, "n_jobs overridden", ...
             import umap
@@ -487,6 +489,24 @@ class UMAPEmbedder:
                               precomputed_knn=(knn_idx.copy(), knn_dist.copy(), None))
             with inner_loop(self._epochs(n), "UMAP", unit="epoch"):
                 return _finite(model.fit_transform(X), self.name)
+
+
+#: What umap-learn says on every fit the way evalkit calls it (a seed, so one thread; a graph
+#: given, so no search index to keep): (message regex, category).
+_UMAP_NOTICES = ((r"n_jobs value .* overridden", UserWarning),
+                 (r"precomputed_knn\[2\] \(knn_search_index\) is not an NNDescent object", UserWarning))
+
+
+def _quiet_umap() -> None:
+    """Hide :data:`_UMAP_NOTICES` for good, from umap-learn's modules only. ``fit_transform``
+    also ignores warnings inside ``warnings.catch_warnings()``, but that is not thread-safe:
+    with two UMAP fits side by side (seeds, feature sets), one thread's exit restored the
+    filters while the other was still fitting, and these two notices reached the user. Filters
+    added once, before the threads start, are in every list a thread saves and restores."""
+    import warnings
+
+    for message, category in _UMAP_NOTICES:
+        warnings.filterwarnings("ignore", message=message, category=category, module=r"umap\.")
 
 
 #: umap-learn's numba kernels that a run from a precomputed graph compiles: (module, name).
@@ -519,7 +539,8 @@ def cache_umap_kernels() -> None:
         kernel = getattr(module, name, None)
         if not isinstance(kernel, CPUDispatcher):
             continue
-        cached = numba.njit(kernel.py_func, cache=True, nogil=True, locals=dict(kernel.locals), **kernel.targetoptions)
+        options = {k: v for k, v in kernel.targetoptions.items() if k != "nopython"}  # njit's own; numba warns
+        cached = numba.njit(kernel.py_func, cache=True, nogil=True, locals=dict(kernel.locals), **options)
         if name == UMAP_EPOCH_KERNEL:
             cached = _counting_epochs(cached)
         setattr(module, name, cached)

@@ -540,3 +540,21 @@ def test_opentsne_fft_in_float32_is_far_below_the_interpolation_error():
     assert interpolation < 0.05 * np.linalg.norm(exact)  # what openTSNE's float64 transforms give
     assert np.linalg.norm(got - ref) < 0.01 * interpolation
     assert sum_got == pytest.approx(sum_ref, rel=1e-5) and sum_ref == pytest.approx(q.sum(), rel=1e-2)
+
+
+def test_umap_notices_stay_hidden_when_fits_run_side_by_side():
+    """umap-learn's two notices on every seeded fit from a given graph are filtered for good
+    (``warnings.catch_warnings`` in two threads at once restored the filters under a running fit,
+    and they reached the user); another umap-learn warning still shows."""
+    import warnings
+
+    from evalkit.embed import create_embedder
+
+    create_embedder("umap", EmbedConfig()).prepare()
+    with warnings.catch_warnings(record=True) as seen:
+        for text in ("n_jobs value 1 overridden to 1 by setting random_state. Use no seed for parallelism.",
+                     "precomputed_knn[2] (knn_search_index) is not an NNDescent object: transforming new data "
+                     "with transform will be unavailable.", "something else"):
+            warnings.warn_explicit(text, UserWarning, "umap_.py", 1, module="umap.umap_")
+        warnings.warn_explicit("n_jobs value 1 overridden", UserWarning, "mine.py", 1, module="mine")
+    assert [str(w.message) for w in seen] == ["something else", "n_jobs value 1 overridden"]
