@@ -221,7 +221,6 @@ class Ranking:
             direct = 4 * (d + 3) * _U64 * top * top
             self.err = 2.0 * (expanded + centring + direct) + 1e-300
         self.dev = dev
-        self.centred_norms = np.sqrt(self.sq64)
         self.use_numba = dev.type == "cpu" and numba_kernels(*self.points.shape) is not None
         if self.use_numba:  # numpy blocks: R = (-2 c_i) . c_l + |c_l|^2 (times -2 is exact)
             kind = np.float32 if single else np.float64
@@ -287,11 +286,7 @@ class Ranking:
         rows = np.ascontiguousarray(rows, dtype=np.int64)
         if self.use_numba:
             return _numba_topk(R, rows, k, self.points, self.err, pos)
-        if pos is not None:
-            import torch
-
-            R = R[torch.as_tensor(pos, device=R.device)]
-        return _topk_torch(R, rows, k, self.points, self._err())
+        return _topk_torch(_take_rows(R, pos), rows, k, self.points, self._err())
 
     def rank_counts(self, R, rows: np.ndarray, nbr: np.ndarray, pos: np.ndarray | None = None) -> np.ndarray:
         """(len(rows), m) int64: ``#{l != i : (dd(i, l), l) < (dd(i, j), j)}`` for i = rows[r],
@@ -304,11 +299,7 @@ class Ranking:
             pos = np.arange(len(rows)) if pos is None else np.ascontiguousarray(pos, dtype=np.int64)
             numba_kernels().count_ranks(R, pos, rows, nbr, self.points, self.err, out, _chunks(len(rows)))
             return out
-        if pos is not None:
-            import torch
-
-            R = R[torch.as_tensor(pos, device=R.device)]
-        return _rank_counts_torch(R, rows, nbr, self.points, self._err())
+        return _rank_counts_torch(_take_rows(R, pos), rows, nbr, self.points, self._err())
 
 
 class Float32Ranking(Ranking):
@@ -366,8 +357,8 @@ class CosineRanking:
     def __init__(self, ranking: "Float32Ranking", Xn: np.ndarray, norms: np.ndarray):
         self.points = Xn
         centre = ranking.centre
-        a = (ranking.points - centre) @ centre  # m.c_l, on the centred rows the block was made of
         mm = float(centre @ centre)
+        a = ranking.points @ centre - mm  # m.c_l = m.x_l - m.m (no centred copy; rounding in the slack)
         self.w = (ranking.sq64 + 2.0 * a).astype(np.float32)
         self.kappa = (2.0 * a + 2.0 * mm).astype(np.float32)
         self.inv = (1.0 / norms).astype(np.float32)
@@ -398,7 +389,7 @@ class CosineRanking:
         squared norm, far above them and far below the float32 terms.
         """
         d = ranking.points.shape[1]
-        c = ranking.centred_norms
+        c = np.sqrt(ranking.sq64)  # |c_l|
         inv = 1.0 / norms
         m0 = inv.max()
         m_sq = (ranking.sq64 * inv).max()
@@ -521,6 +512,15 @@ def positions_in_top(top: np.ndarray, nbr: np.ndarray) -> np.ndarray | None:
 
 
 # --------------------------------------------------------------------------- torch paths
+
+
+def _take_rows(R, pos):
+    """``R[pos]`` of a torch block (``R`` itself for ``pos`` None)."""
+    if pos is None:
+        return R
+    import torch
+
+    return R[torch.as_tensor(pos, device=R.device)]
 # What a GPU runs (and a CPU without numba): same decisions as the numba kernels.
 
 

@@ -178,7 +178,7 @@ def knn_graph(
         graph = _pynndescent_graph(X, n_neighbors, random_state)
         if graph is not None:
             return graph
-    return _exact_graph(X, n_neighbors, dev, block_size)
+    return _exact_graph(X, n_neighbors, dev, block_size)[0]
 
 
 # --------------------------------------------------------------------------- backends
@@ -205,6 +205,8 @@ def knn_graphs(X, *, n_neighbors: int, cosine_neighbors: int, device=None, rando
     n_neighbors = check_n_neighbors(n_neighbors, n_samples - 1, what="n_samples - 1")
     dev = resolve_device(device)
     limit = EXACT_MAX_SAMPLES_CUDA if dev.type == "cuda" else EXACT_MAX_SAMPLES
+    if isinstance(cosine_neighbors, bool) or not isinstance(cosine_neighbors, (int, np.integer)) or cosine_neighbors < 0:
+        raise InputError(f"cosine_neighbors must be an integer >= 0; got {cosine_neighbors!r}")
     kc = int(cosine_neighbors)
     if not (0 < kc < n_samples and n_samples <= limit and Float32Ranking.usable(X, dev)
             and X.shape[1] > KDTREE_MAX_FEATURES):
@@ -215,9 +217,10 @@ def knn_graphs(X, *, n_neighbors: int, cosine_neighbors: int, device=None, rando
 
 
 def _exact_graph(X: np.ndarray, n_neighbors: int, dev, block_size, cosine_neighbors: int = 0):
-    """The exact graph; with ``cosine_neighbors``, ``(graph, cosine graph or None)``."""
+    """``(graph, cosine graph or None)``: the exact graph and, when asked and the float32 pass
+    can give them, the exact cosine neighbours from the same blocks."""
     if dev.type == "cpu" and X.shape[1] <= KDTREE_MAX_FEATURES:
-        return _kdtree_graph(X, n_neighbors, block_size)
+        return _kdtree_graph(X, n_neighbors, block_size), None
     n_samples = X.shape[0]
     cosine = None
     if Float32Ranking.usable(X, dev):
@@ -241,11 +244,7 @@ def _exact_graph(X: np.ndarray, n_neighbors: int, dev, block_size, cosine_neighb
             del R
     indices, distances = sort_neighbours(ranking.points, indices)
     graph = KNNGraph(indices, distances, True, "exact")
-    if not cosine_neighbors:
-        return graph
-    if cosine is None:
-        return graph, None
-    return graph, KNNGraph(*sort_neighbours(cosine.points, cos_idx), True, "exact")
+    return graph, (None if cosine is None else KNNGraph(*sort_neighbours(cosine.points, cos_idx), True, "exact"))
 
 
 def _kdtree_graph(X: np.ndarray, n_neighbors: int, block_size=None) -> KNNGraph:

@@ -995,20 +995,18 @@ class _ClassSums:
         if a == z:
             return
         rows = self.rows[a:z]
-        nk = numba_kernels() if ranking.use_numba else None
-        if nk is not None:
-            nk.class_dist_sums(R, rows - start, rows, ranking.sq64, self.ycol, self.sums[a:z])
+        if ranking.use_numba:
+            numba_kernels().class_dist_sums(R, rows - start, rows, ranking.sq64, self.ycol, self.sums[a:z])
             return
         import torch
 
-        pos = torch.as_tensor(rows - start, device=R.device)
-        D = R[pos] + ranking.sq[torch.as_tensor(rows, device=R.device)][:, None]
-        D[torch.arange(len(rows), device=R.device), torch.as_tensor(rows, device=R.device)] = 0
+        rows_t = torch.as_tensor(rows, device=R.device)
+        D = R[rows_t - start] + ranking.sq[rows_t][:, None]
+        D[torch.arange(len(rows), device=R.device), rows_t] = 0
         D.clamp_(min=0).sqrt_()
-        cols = torch.as_tensor(self.rows, device=R.device)
-        sums = torch.zeros((len(rows), self.n_classes), dtype=D.dtype, device=D.device)
-        sums.index_add_(1, torch.as_tensor(self.y, device=R.device), D[:, cols])
-        self.sums[a:z] = sums.cpu().numpy()
+        D = D[:, torch.as_tensor(self.rows, device=R.device)]
+        self.sums[a:z] = _class_sums(D, None, torch.as_tensor(self.y, device=R.device), self.n_classes,
+                                     use_numpy=False)
 
     def silhouette(self) -> float:
         n = len(self.rows)
@@ -1126,10 +1124,9 @@ def _silhouette_of(space):
         sample = None
     if space.n_classes >= n:
         return None
-    if space.method == "features":  # from the embeddings' pass over the raw features, when it runs
-        value = space.features_silhouette()
-        if value is not None:
-            return value
+    value = space.features_silhouette()  # the raw features': from the embeddings' pass, when it runs
+    if value is not None:
+        return value
     return silhouette(space.coords, space.labels, device=space.device, sample_size=sample)
 
 

@@ -385,3 +385,9 @@ def test_cosine_neighbours_fall_back_where_the_pass_cannot_give_them(case, monke
     graph, cosine = neighbors.knn_graphs(X, n_neighbors=8, cosine_neighbors=8)
     assert cosine is None
     np.testing.assert_array_equal(graph.indices, knn_graph(X, n_neighbors=8, method="exact").indices)
+
+
+@pytest.mark.parametrize("bad", [-1, 2.5, "20", True])
+def test_knn_graphs_rejects_a_bad_cosine_neighbours_count(bad):
+    with pytest.raises(EvalkitError, match="cosine_neighbors must be an integer >= 0"):
+        neighbors.knn_graphs(np.zeros((10, 3)), n_neighbors=2, cosine_neighbors=bad)
