@@ -6,6 +6,8 @@ neighbour graph; fits are cached per (backend, seed, graph) so the whole file st
 """
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 
@@ -284,6 +286,36 @@ def test_methods_side_by_side_give_the_coordinates_of_one_after_the_other(monkey
     for a, b in zip(serial.embeddings, pooled.embeddings):
         np.testing.assert_array_equal(a.coords, b.coords)
     assert [dict(r) for r in serial.rows] == [dict(r) for r in pooled.rows]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread priority is set on Linux only")
+def test_jobs_beside_the_costliest_run_at_a_lower_priority(monkeypatch):
+    """t-SNE (the costliest job) keeps the process's priority; UMAP and PCA beside it yield to
+    it (their thread's niceness raised), and the main thread is left as it was."""
+    import os
+    import threading
+
+    import evalkit.embed
+    import evalkit.scoring
+    from evalkit.results import FeatureSet
+    from evalkit.scoring import score_feature_set
+
+    def niceness():
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    seen = {}
+    for cls in (evalkit.embed.TSNEEmbedder, evalkit.embed.UMAPEmbedder, evalkit.embed.PCAEmbedder):
+        def fit(self, X, *, random_state=0, graph=None, name=cls.__name__):
+            seen[name, random_state] = niceness()
+            return np.zeros((len(X), 2), dtype=np.float32) + random_state
+        monkeypatch.setattr(cls, "fit_transform", fit)
+    monkeypatch.setattr(evalkit.embed, "n_jobs", lambda: 2)
+    before = niceness()
+    cfg = _two_seed_config(seeds=[0])
+    score_feature_set(FeatureSet("m", "l", X), Y, embed=cfg.embed, settings=cfg.metrics)
+    lowered = min(19, before + evalkit.scoring.BESIDE_NICENESS)
+    assert seen == {("TSNEEmbedder", 0): before, ("UMAPEmbedder", 0): lowered, ("PCAEmbedder", 0): lowered}
+    assert niceness() == before
 
 
 def test_a_failing_method_in_the_pool_raises_its_own_error(monkeypatch):
