@@ -497,6 +497,14 @@ _UMAP_NOTICES = ((r"n_jobs value .* overridden", UserWarning),
                  (r"precomputed_knn\[2\] \(knn_search_index\) is not an NNDescent object", UserWarning))
 
 
+def quiet_notices() -> None:
+    """Add, once and for good, the filters for what the embedding libraries say on every fit
+    the way evalkit calls them (umap-learn's :data:`_UMAP_NOTICES`, from its modules only).
+    Call it before fits run in threads: ``warnings.catch_warnings()`` is not thread-safe, and a
+    filter added while another thread is inside one is lost when that thread restores its list."""
+    _quiet_umap()
+
+
 def _quiet_umap() -> None:
     """Hide :data:`_UMAP_NOTICES` for good, from umap-learn's modules only. ``fit_transform``
     also ignores warnings inside ``warnings.catch_warnings()``, but that is not thread-safe:

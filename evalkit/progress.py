@@ -11,6 +11,8 @@ import contextlib
 import sys
 import threading
 
+from evalkit.interrupt import check_interrupted
+
 #: Bars below this many steps are noise.
 MIN_STEPS = 2
 
@@ -82,8 +84,6 @@ def inner_loop(total: int, desc: str, *, unit: str = "it"):
 def step(n: int = 1) -> None:
     """``n`` steps of this thread's :func:`inner_loop` done; raises there if a Ctrl-C or
     SIGTERM was recorded (:func:`evalkit.interrupt.check_interrupted`)."""
-    from evalkit.interrupt import check_interrupted
-
     check_interrupted()
     bar = getattr(_local, "bar", None)
     if bar is not None:

@@ -333,7 +333,7 @@ def _embed_all(fs: FeatureSet, specs, embedders: dict, embed, X, Xr, graph, cons
 
     Returns (list of Embedding in method, seed order; {"method/seed": coords}; {method: params}).
     """
-    from evalkit.embed import n_jobs
+    from evalkit.embed import n_jobs, quiet_notices
     from evalkit.kernels import numba_threadsafe
 
     n = X.shape[0]
@@ -354,9 +354,13 @@ def _embed_all(fs: FeatureSet, specs, embedders: dict, embed, X, Xr, graph, cons
         return Z, time.perf_counter() - t0
 
     done: dict = {}  # (method, seed) -> (Z, seconds)
+    order = sorted(jobs, key=lambda job: job[0].cost, reverse=True)
     side_by_side = len(jobs) > 1 and n_jobs() > 1
     if side_by_side:
-        _prepare(specs, embedders)  # imports first, here: two threads importing one package can see it half made
+        # The costliest method's imports here, before its job starts. The others import in
+        # their own jobs, at low priority while it runs (UMAP's: 0.7 s of the 10k report).
+        _prepare([order[0][0]], embedders)
+        quiet_notices()  # permanent filters before any thread saves and restores the list
         side_by_side = numba_threadsafe()
     if not side_by_side:
         for spec, seed in jobs:
@@ -364,18 +368,24 @@ def _embed_all(fs: FeatureSet, specs, embedders: dict, embed, X, Xr, graph, cons
             check_interrupted()  # between seeds and methods: a recorded Ctrl-C ends the run here
             _log_method_done(fs, spec, embed, done, log)
     else:
-        order = sorted(jobs, key=lambda job: job[0].cost, reverse=True)
+        prepared = {order[0][0].name}
 
         def run_beside(i, spec, seed):
             if i > 0:
                 lower_thread_priority()
+                with _IMPORT_LOCK:  # one thread imports at a time: two can see a package half made
+                    if spec.name not in prepared:
+                        _prepare([spec], embedders)
+                        prepared.add(spec.name)
             return run(spec, seed)
 
         calls = [functools.partial(run_beside, i, spec, seed) for i, (spec, seed) in enumerate(order)]
+        calls.append(_import_report_modules)  # last, in the cycles the costliest job leaves
         for i, result in side_by_side_jobs(calls, min(n_jobs(), len(calls)), name="evalkit-embed"):
-            spec, seed = order[i]
-            done[spec.name, seed] = result
-            _log_method_done(fs, spec, embed, done, log)
+            if i < len(order):
+                spec, seed = order[i]
+                done[spec.name, seed] = result
+                _log_method_done(fs, spec, embed, done, log)
     embeddings, coords = [], {}
     for spec in specs:
         for seed in embed.seeds:
@@ -418,6 +428,24 @@ def lower_thread_priority() -> bool:
         return False
     _LOWERED.done = True
     return True
+
+
+_IMPORT_LOCK = threading.Lock()
+#: What the report's images import (:mod:`evalkit.plots`: matplotlib's object API, no pyplot,
+#: so no backend or global state is chosen): 0.45 s at the end of a run otherwise.
+REPORT_MODULES = ("matplotlib", "matplotlib.figure", "matplotlib.backends.backend_agg",
+                  "matplotlib.collections", "matplotlib.colors", "evalkit.plots")
+
+
+def _import_report_modules() -> None:
+    """Import :data:`REPORT_MODULES` in this job thread, at low priority, one importing thread
+    at a time (the main thread waits for the pool and imports nothing meanwhile)."""
+    if all(m in sys.modules for m in REPORT_MODULES):
+        return
+    lower_thread_priority()
+    with _IMPORT_LOCK:
+        for module in REPORT_MODULES:
+            importlib.import_module(module)
 
 
 def prepare(embed, n_samples: int, n_features: int) -> None:

@@ -590,3 +590,43 @@ def test_umap_notices_stay_hidden_when_fits_run_side_by_side():
             warnings.warn_explicit(text, UserWarning, "umap_.py", 1, module="umap.umap_")
         warnings.warn_explicit("n_jobs value 1 overridden", UserWarning, "mine.py", 1, module="mine")
     assert [str(w.message) for w in seen] == ["something else", "n_jobs value 1 overridden"]
+
+
+_FIT_IMPORTS_SCRIPT = r"""
+import json, sys
+import numpy as np
+from evalkit.config import EmbedConfig
+from evalkit.embed import create_embedder, reduce_dims
+from evalkit.neighbors import knn_graph
+
+rng = np.random.default_rng(0)
+out = {}
+for n in (300, 10_000):  # t-SNE's Barnes-Hut and FFT gradients
+    X = (rng.normal(size=(n, 16)) + np.repeat(np.eye(16)[:4] * 6, n // 4, axis=0)).astype(np.float32)
+    graph = knn_graph(X, n_neighbors=90)
+    Xr = reduce_dims(X, 8)
+    cfg = EmbedConfig.model_validate({"tsne": {"n_iter": 50}, "umap": {"n_epochs": 5}})
+    for name in ("tsne", "umap", "pca"):
+        embedder = create_embedder(name, cfg)
+        embedder.prepare()
+        before = set(sys.modules)
+        embedder.fit_transform(Xr, random_state=0, graph=graph)
+        out[f"{name}/{n}"] = sorted(set(sys.modules) - before)
+print(json.dumps(out))
+"""
+
+
+def test_a_fit_imports_nothing_beyond_its_prepare(tmp_path):
+    """Methods side by side import in their own job threads (``prepare()``, one thread at a
+    time) while the costliest runs, and the report's modules are imported in the pool too: that
+    is only safe if no fit imports a module of its own mid-run, where it could meet another
+    thread importing the same package. Checked in a fresh process, both t-SNE gradients."""
+    import json
+    import subprocess
+
+    script = tmp_path / "fit_imports.py"
+    script.write_text(_FIT_IMPORTS_SCRIPT)
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out == {f"{name}/{n}": [] for n in (300, 10_000) for name in ("tsne", "umap", "pca")}
