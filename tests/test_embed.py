@@ -630,3 +630,30 @@ def test_a_fit_imports_nothing_beyond_its_prepare(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out == {f"{name}/{n}": [] for n in (300, 10_000) for name in ("tsne", "umap", "pca")}
+
+
+def test_umap_fits_side_by_side_leave_the_warning_filters_as_they_were(monkeypatch):
+    """Four UMAP seeds in a pool of two threads: every warning filter the process had is there
+    after, and nothing more (a ``warnings.catch_warnings()`` per fit saved and restored the
+    whole list; interleaved, they left a blanket "ignore" in the process: no warning shown
+    again, in a notebook say)."""
+    import warnings
+
+    import evalkit.embed
+    from evalkit.config import Config
+    from evalkit.embed import quiet_notices
+    from evalkit.results import FeatureSet
+    from evalkit.scoring import score_feature_set
+
+    monkeypatch.setattr(evalkit.embed, "n_jobs", lambda: 2)
+    cfg = Config.model_validate({
+        "name": "t", "data": {"kind": "digits"}, "models": [{"name": "m", "features": "x.npz"}],
+        "embed": {"methods": ["umap", "pca"], "seeds": [0, 1, 2, 3], "umap": {"n_epochs": 100}}})
+    with warnings.catch_warnings():  # this test's own changes stay here
+        quiet_notices()
+        before = list(warnings.filters)
+        for _ in range(3):
+            score_feature_set(FeatureSet("m", "l", X), Y, embed=cfg.embed, settings=cfg.metrics)
+            assert warnings.filters == before
+        with pytest.warns(UserWarning, match="still shown"):
+            warnings.warn("still shown", UserWarning)
