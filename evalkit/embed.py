@@ -453,7 +453,7 @@ class UMAPEmbedder:
                 "init": "spectral" if n_samples > k + 2 else "random", "n_jobs": 1}
 
     def prepare(self) -> None:
-        _quiet_umap()
+        quiet_notices()
         _import("umap", "umap.umap_", "umap.spectral", "umap.layouts", "scipy.sparse.csgraph",
                 "sklearn.decomposition", "evalkit.neighbors")
         cache_umap_kernels()
@@ -470,10 +470,7 @@ class UMAPEmbedder:
         # umap-learn's convention: each point is its own first neighbour
         knn_idx = np.hstack([np.arange(n)[:, None], idx]).astype(np.int32)
         knn_dist = np.hstack([np.zeros((n, 1)), dist]).astype(np.float32)
-        # umap-learn's notices are filtered for good (_quiet_umap), not inside a
-        # warnings.catch_warnings(): that saves and restores the whole filter list, and two fits
-        # side by side in threads left a blanket "ignore" in the process when they interleaved.
-        _quiet_umap()
+        quiet_notices()  # for good, not in a catch_warnings() (see quiet_notices)
         import umap
 
         cache_umap_kernels()
@@ -486,33 +483,28 @@ class UMAPEmbedder:
             return _finite(model.fit_transform(X), self.name)
 
 
-#: What umap-learn says on every fit the way evalkit calls it (a seed, so one thread; a graph
-#: given, so no search index to keep), and on import without TensorFlow: (message regex,
-#: category). Nothing else reached the user in fits of 8 to 600 points, one to seven
+#: What the embedding libraries say the way evalkit calls them, hidden for good from their
+#: own modules only: (module regex, message regex, category). umap-learn: on every fit (a seed,
+#: so one thread; a graph given, so no search index to keep) and on import without
+#: TensorFlow. PaCMAP: a division on data evalkit never hands it (identical samples are placed
+#: without a fit). Nothing else reached the user in fits of 8 to 600 points, one to seven
 #: components, duplicates, constant and rank-one data, with and without a given graph.
-_UMAP_NOTICES = ((r"n_jobs value .* overridden", UserWarning),
-                 (r"precomputed_knn\[2\] \(knn_search_index\) is not an NNDescent object", UserWarning),
-                 (r"Tensorflow not installed", ImportWarning))
+NOTICES = ((r"umap(\.|$)", r"n_jobs value .* overridden", UserWarning),
+           (r"umap(\.|$)", r"precomputed_knn\[2\] \(knn_search_index\) is not an NNDescent object", UserWarning),
+           (r"umap(\.|$)", r"Tensorflow not installed", ImportWarning),
+           (r"pacmap(\.|$)", r"invalid value encountered", RuntimeWarning))
 
 
 def quiet_notices() -> None:
-    """Add, once and for good, the filters for what the embedding libraries say on every fit
-    the way evalkit calls them (umap-learn's :data:`_UMAP_NOTICES`, from its modules only).
-    Call it before fits run in threads: ``warnings.catch_warnings()`` is not thread-safe, and a
-    filter added while another thread is inside one is lost when that thread restores its list."""
-    _quiet_umap()
-
-
-def _quiet_umap() -> None:
-    """Hide :data:`_UMAP_NOTICES` for good, from umap-learn's modules only. ``fit_transform``
-    also ignores warnings inside ``warnings.catch_warnings()``, but that is not thread-safe:
-    with two UMAP fits side by side (seeds, feature sets), one thread's exit restored the
-    filters while the other was still fitting, and these two notices reached the user. Filters
-    added once, before the threads start, are in every list a thread saves and restores."""
+    """Add the filters of :data:`NOTICES` (idempotent). They replace a
+    ``warnings.catch_warnings()`` around each fit, which is not thread-safe: it saves and
+    restores the whole filter list, so two fits side by side in threads (seeds, feature sets)
+    lost each other's filters, once letting these notices through and once leaving a blanket
+    "ignore" in the process. Called before fits run in threads, and by each embedder."""
     import warnings
 
-    for message, category in _UMAP_NOTICES:
-        warnings.filterwarnings("ignore", message=message, category=category, module=r"umap(\.|$)")
+    for module, message, category in NOTICES:
+        warnings.filterwarnings("ignore", message=message, category=category, module=module)
 
 
 #: umap-learn's numba kernels that a run from a precomputed graph compiles: (module, name).
@@ -653,25 +645,22 @@ class PaCMAPEmbedder:
         return out
 
     def fit_transform(self, X, *, random_state: int = 0, graph=None) -> np.ndarray:
-        import warnings
-
         X = _as_input(X, "PaCMAP")
         n, k = X.shape[0], self.graph_neighbors(X.shape[0])
         pairs = None
         if _usable(graph, n, k):  # PaCMAP's near pairs are (point, neighbour) rows
             idx, _ = _graph_head(graph, k)
             pairs = np.column_stack([np.repeat(np.arange(n), k), idx.ravel()]).astype(np.int32)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            import logging
+        quiet_notices()  # for good, not in a catch_warnings() (see quiet_notices)
+        import logging
 
-            import pacmap
+        import pacmap
 
-            logging.getLogger("pacmap").setLevel(logging.ERROR)  # its notes on sizes are ours to make
-            model = pacmap.PaCMAP(n_components=2, n_neighbors=k, MN_ratio=self.cfg.mn_ratio,
-                                  FP_ratio=self.cfg.fp_ratio, lr=self.cfg.lr, pair_neighbors=pairs,
-                                  apply_pca=False, random_state=random_state, verbose=False)
-            return _finite(model.fit_transform(X, init="pca"), self.name)
+        logging.getLogger("pacmap").setLevel(logging.ERROR)  # its notes on sizes are ours to make
+        model = pacmap.PaCMAP(n_components=2, n_neighbors=k, MN_ratio=self.cfg.mn_ratio,
+                              FP_ratio=self.cfg.fp_ratio, lr=self.cfg.lr, pair_neighbors=pairs,
+                              apply_pca=False, random_state=random_state, verbose=False)
+        return _finite(model.fit_transform(X, init="pca"), self.name)
 
 
 def create_embedder(method: str, embed_cfg):
