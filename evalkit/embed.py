@@ -496,15 +496,19 @@ NOTICES = ((r"umap(\.|$)", r"n_jobs value .* overridden", UserWarning),
 
 
 def quiet_notices() -> None:
-    """Add the filters of :data:`NOTICES` (idempotent). They replace a
+    """Add the filters of :data:`NOTICES` that the filter list lacks. They replace a
     ``warnings.catch_warnings()`` around each fit, which is not thread-safe: it saves and
     restores the whole filter list, so two fits side by side in threads (seeds, feature sets)
     lost each other's filters, once letting these notices through and once leaving a blanket
-    "ignore" in the process. Called before fits run in threads, and by each embedder."""
+    "ignore" in the process. Called before fits run in threads, and by each embedder; once
+    they are there, it changes nothing (a fit in a thread never rewrites the list)."""
     import warnings
 
+    present = {(f[1].pattern, f[2], f[3].pattern) for f in warnings.filters
+               if f[0] == "ignore" and f[1] is not None and f[3] is not None}
     for module, message, category in NOTICES:
-        warnings.filterwarnings("ignore", message=message, category=category, module=module)
+        if (message, category, module) not in present:
+            warnings.filterwarnings("ignore", message=message, category=category, module=module)
 
 
 #: umap-learn's numba kernels that a run from a precomputed graph compiles: (module, name).

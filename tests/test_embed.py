@@ -657,3 +657,20 @@ def test_umap_fits_side_by_side_leave_the_warning_filters_as_they_were(monkeypat
             assert warnings.filters == before
         with pytest.warns(UserWarning, match="still shown"):
             warnings.warn("still shown", UserWarning)
+
+
+def test_quiet_notices_adds_only_what_is_missing():
+    """Once the filters are there, a fit's call changes nothing in the list (no rewrite from a
+    thread); after a reset they come back."""
+    import warnings
+
+    from evalkit.embed import NOTICES, quiet_notices
+
+    with warnings.catch_warnings():
+        quiet_notices()
+        before = list(warnings.filters)
+        quiet_notices()
+        assert len(warnings.filters) == len(before) and all(a is b for a, b in zip(warnings.filters, before))
+        warnings.resetwarnings()
+        quiet_notices()
+        assert len(warnings.filters) == len(NOTICES)
