@@ -36,7 +36,9 @@ from evalkit.kernels import (
     check_n_neighbors,
     distance_dtype,
     exact_sq_distances,
+    numba_kernels,
     pick_block_size,
+    positions_in_top,
     sort_neighbours,
 )
 
@@ -179,6 +181,28 @@ def knn_graph(
         if graph is not None:
             return graph
     return _exact_graph(X, n_neighbors, dev, block_size)[0]
+
+
+def prepare_search(n_samples: int, n_features: int, device=None) -> None:
+    """Import now, in this thread, what :func:`knn_graphs` (method ``"auto"``) imports for data
+    of this shape on this device, and load numba's kernels where it uses them: so another
+    thread may import meanwhile (two threads importing one package at once can see it half
+    made). Nothing is searched."""
+    import importlib
+
+    dev = resolve_device(device)
+    limit = EXACT_MAX_SAMPLES_CUDA if dev.type == "cuda" else EXACT_MAX_SAMPLES
+    if n_samples > limit:
+        try:
+            importlib.import_module("openTSNE.dependencies.annoy")
+        except ImportError:  # knn_graph then falls back on the exact search
+            pass
+    if dev.type == "cpu" and n_features <= KDTREE_MAX_FEATURES:
+        importlib.import_module("scipy.spatial")
+    if dev.type == "cpu" and numba_kernels(n_samples, n_features) is not None:
+        # numba's first call of a kernel imports its runtime (its threading layer, the
+        # implementations it registers, scipy.linalg among them): a tiny parallel one now
+        positions_in_top(np.zeros((1, 1), dtype=np.int64), np.zeros((1, 1), dtype=np.int64))
 
 
 # --------------------------------------------------------------------------- backends

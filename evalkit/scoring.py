@@ -266,7 +266,12 @@ def score_feature_set(fs: FeatureSet, labels, *, embed, settings, device=None, l
     # in the same pass as the euclidean graph (one matmul for both).
     cosine_k = min(n - 1, settings.weighted_knn_k) if any(m.name == "weighted_knn_accuracy" for m in metrics()) else 0
     t_graph = time.perf_counter()
-    graph, cosine = knn_graphs(X, n_neighbors=graph_k, cosine_neighbors=cosine_k, device=device)
+    imports = _prepare_beside_graph(specs, embedders, X.shape, device)
+    try:
+        graph, cosine = knn_graphs(X, n_neighbors=graph_k, cosine_neighbors=cosine_k, device=device)
+    finally:
+        if imports is not None:
+            imports.result()  # its error, if any, is raised here
     if log:
         also = f"; cosine k = {cosine_k} from the same pass" if cosine is not None else ""
         log(f"    {fs.key}: neighbour graph (k = {graph_k}, {graph.method}{also}) in "
@@ -461,6 +466,39 @@ def prepare(embed, n_samples: int, n_features: int) -> None:
     for module in ("evalkit.neighbors", "evalkit.score", "scipy.spatial", "sklearn.decomposition"):
         importlib.import_module(module)
     numba_kernels(n_samples, n_features)
+
+
+def _prepare_beside_graph(specs, embedders: dict, shape: tuple, device):
+    """Start importing what the methods use (:func:`_prepare` of each, and scikit-learn's PCA
+    for their input) in a thread of its own while this thread searches the neighbour graph;
+    returns its future, or None on one core.
+
+    At 10,000 x 256 these imports (scikit-learn, openTSNE, umap-learn and its numba kernels)
+    take about 1.4 s of one core, and t-SNE and UMAP can start only after them; the graph's
+    pass leaves part of the second core idle. This thread first imports what that search
+    will import (:func:`evalkit.neighbors.prepare_search`), so that only the other thread
+    imports until the graph is found: two threads importing one package at once can see it
+    half made ("partially initialized module").
+    """
+    from evalkit.embed import n_jobs
+    from evalkit.neighbors import prepare_search
+
+    if n_jobs() < 2:
+        return None
+    from concurrent.futures import ThreadPoolExecutor
+
+    prepare_search(*shape, device=device)
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="evalkit-prepare")
+    try:
+        return pool.submit(_prepare_imports, specs, embedders)
+    finally:
+        pool.shutdown(wait=False)  # the thread ends with its one job
+
+
+def _prepare_imports(specs, embedders: dict) -> None:
+    with _IMPORT_LOCK:
+        importlib.import_module("sklearn.decomposition")  # the methods' PCA input (reduce_dims)
+        _prepare(specs, embedders)
 
 
 def _prepare(specs, embedders: dict) -> None:

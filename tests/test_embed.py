@@ -674,3 +674,68 @@ def test_quiet_notices_adds_only_what_is_missing():
         warnings.resetwarnings()
         quiet_notices()
         assert len(warnings.filters) == len(NOTICES)
+
+
+_GRAPH_WINDOW_SCRIPT = r"""
+import json, sys, threading, time
+import numpy as np
+
+events = []
+
+
+def hook(event, args):
+    if event == "import":  # a module loaded (not one already in sys.modules)
+        events.append((time.perf_counter(), threading.current_thread().name, args[0]))
+
+
+sys.addaudithook(hook)
+import evalkit.embed
+from evalkit import scoring
+from evalkit.config import Config
+from evalkit.results import FeatureSet
+
+evalkit.embed.n_jobs = lambda: 2  # two cores or not, the imports run beside the graph
+window = []
+real = scoring._prepare_imports
+
+
+def timed(*args):
+    window.append(time.perf_counter())
+    try:
+        return real(*args)
+    finally:
+        window.append(time.perf_counter())
+
+
+scoring._prepare_imports = timed
+rng = np.random.default_rng(0)
+n_features = int(sys.argv[1])
+X = (rng.normal(size=(1200, n_features)) + np.repeat(np.eye(n_features)[:4] * 6, 300, axis=0)).astype(np.float32)
+y = np.repeat(np.arange(4), 300)
+cfg = Config.model_validate({"name": "t", "data": {"kind": "digits"}, "models": [{"name": "m", "features": "x.npz"}],
+                             "embed": {"methods": ["tsne", "umap", "pca"], "tsne": {"n_iter": 50},
+                                       "umap": {"n_epochs": 5}}})
+scoring.score_feature_set(FeatureSet("m", "l", X), y, embed=cfg.embed, settings=cfg.metrics)
+start, end = window
+print(json.dumps({"main": [m for t, name, m in events if name == "MainThread" and start <= t <= end],
+                  "beside": sorted({m.split(".")[0] for t, name, m in events if name.startswith("evalkit-prepare")})}))
+"""
+
+
+@pytest.mark.parametrize("n_features", [32, 4])  # the float32 blocked search; the k-d tree
+def test_the_graph_imports_nothing_while_the_methods_import_beside_it(tmp_path, n_features):
+    """The methods' imports run in a thread of their own while the neighbour graph is searched.
+    That is only safe if the graph's thread imports nothing meanwhile (two threads importing
+    one package at once can see it half made): checked in a fresh process with an audit hook
+    that records every module loaded, and by which thread."""
+    import json
+    import subprocess
+
+    script = tmp_path / "graph_window.py"
+    script.write_text(_GRAPH_WINDOW_SCRIPT)
+    proc = subprocess.run([sys.executable, str(script), str(n_features)], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["main"] == []
+    assert {"sklearn", "openTSNE", "umap"} <= set(out["beside"])
