@@ -739,3 +739,39 @@ def test_the_graph_imports_nothing_while_the_methods_import_beside_it(tmp_path, 
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["main"] == []
     assert {"sklearn", "openTSNE", "umap"} <= set(out["beside"])
+
+
+
+def test_a_failed_search_reports_its_own_error_not_the_imports_beside_it(monkeypatch):
+    """The graph's error is the one raised, once the imports beside it are done; with a graph
+    found, the imports' own error is raised."""
+    import time
+
+    import evalkit.embed
+    import evalkit.neighbors
+    from evalkit import scoring
+    from evalkit.config import Config
+    from evalkit.errors import InputError
+    from evalkit.results import FeatureSet
+
+    waited = []
+
+    def imports(*args):
+        time.sleep(0.2)
+        waited.append(True)
+        raise ImportError("beside")
+
+    def search(*args, **kwargs):
+        raise InputError("the search failed")
+
+    monkeypatch.setattr(evalkit.embed, "n_jobs", lambda: 2)
+    monkeypatch.setattr(scoring, "_prepare_imports", imports)
+    cfg = Config.model_validate({"name": "t", "data": {"kind": "digits"}, "models": [{"name": "m", "features": "x.npz"}],
+                                 "embed": {"methods": ["pca"]}})
+    with monkeypatch.context() as m:
+        m.setattr(evalkit.neighbors, "knn_graphs", search)
+        with pytest.raises(InputError, match="the search failed"):
+            scoring.score_feature_set(FeatureSet("m", "l", X), Y, embed=cfg.embed, settings=cfg.metrics)
+    assert waited == [True]
+    with pytest.raises(ImportError, match="beside"):
+        scoring.score_feature_set(FeatureSet("m", "l", X), Y, embed=cfg.embed, settings=cfg.metrics)
