@@ -170,8 +170,7 @@ def knn_graph(
     pick_block_size(n_samples, block_size)  # validates block_size
     dev = resolve_device(device)
     if method == "auto":
-        limit = EXACT_MAX_SAMPLES_CUDA if dev.type == "cuda" else EXACT_MAX_SAMPLES
-        method = "exact" if n_samples <= limit else "annoy"
+        method = "exact" if n_samples <= _exact_max_samples(dev) else "annoy"
     if method == "annoy":
         graph = _annoy_graph(X, n_neighbors, random_state)
         if graph is not None:
@@ -183,6 +182,16 @@ def knn_graph(
     return _exact_graph(X, n_neighbors, dev, block_size)[0]
 
 
+def _exact_max_samples(dev) -> int:
+    """Up to how many samples ``"auto"`` searches exactly on this device (Annoy beyond)."""
+    return EXACT_MAX_SAMPLES_CUDA if dev.type == "cuda" else EXACT_MAX_SAMPLES
+
+
+def _kdtree(dev, n_features: int) -> bool:
+    """Whether the exact search is the k-d tree's (CPU, few features)."""
+    return dev.type == "cpu" and n_features <= KDTREE_MAX_FEATURES
+
+
 def prepare_search(n_samples: int, n_features: int, device=None) -> None:
     """Import now, in this thread, what :func:`knn_graphs` (method ``"auto"``) imports for data
     of this shape on this device, and load numba's kernels where it uses them: so another
@@ -191,13 +200,12 @@ def prepare_search(n_samples: int, n_features: int, device=None) -> None:
     import importlib
 
     dev = resolve_device(device)
-    limit = EXACT_MAX_SAMPLES_CUDA if dev.type == "cuda" else EXACT_MAX_SAMPLES
-    if n_samples > limit:
+    if n_samples > _exact_max_samples(dev):
         try:
             importlib.import_module("openTSNE.dependencies.annoy")
         except ImportError:  # knn_graph then falls back on the exact search
             pass
-    if dev.type == "cpu" and n_features <= KDTREE_MAX_FEATURES:
+    if _kdtree(dev, n_features):
         importlib.import_module("scipy.spatial")
     if dev.type == "cpu" and numba_kernels(n_samples, n_features) is not None:
         # numba's first call of a kernel imports its runtime (its threading layer, the
@@ -228,12 +236,11 @@ def knn_graphs(X, *, n_neighbors: int, cosine_neighbors: int, device=None, rando
     n_samples = X.shape[0]
     n_neighbors = check_n_neighbors(n_neighbors, n_samples - 1, what="n_samples - 1")
     dev = resolve_device(device)
-    limit = EXACT_MAX_SAMPLES_CUDA if dev.type == "cuda" else EXACT_MAX_SAMPLES
     if isinstance(cosine_neighbors, bool) or not isinstance(cosine_neighbors, (int, np.integer)) or cosine_neighbors < 0:
         raise InputError(f"cosine_neighbors must be an integer >= 0; got {cosine_neighbors!r}")
     kc = int(cosine_neighbors)
-    if not (0 < kc < n_samples and n_samples <= limit and Float32Ranking.usable(X, dev)
-            and X.shape[1] > KDTREE_MAX_FEATURES):
+    if not (0 < kc < n_samples and n_samples <= _exact_max_samples(dev) and Float32Ranking.usable(X, dev)
+            and not _kdtree(dev, X.shape[1])):
         return knn_graph(X, n_neighbors=n_neighbors, device=dev, random_state=random_state,
                          block_size=block_size), None
     pick_block_size(n_samples, block_size)  # validates block_size
@@ -243,7 +250,7 @@ def knn_graphs(X, *, n_neighbors: int, cosine_neighbors: int, device=None, rando
 def _exact_graph(X: np.ndarray, n_neighbors: int, dev, block_size, cosine_neighbors: int = 0):
     """``(graph, cosine graph or None)``: the exact graph and, when asked and the float32 pass
     can give them, the exact cosine neighbours from the same blocks."""
-    if dev.type == "cpu" and X.shape[1] <= KDTREE_MAX_FEATURES:
+    if _kdtree(dev, X.shape[1]):
         return _kdtree_graph(X, n_neighbors, block_size), None
     n_samples = X.shape[0]
     cosine = None

@@ -291,7 +291,9 @@ def score_feature_set(fs: FeatureSet, labels, *, embed, settings, device=None, l
     shared.cosine_graph = cosine
     undefined: dict = {}
     feature_space = Space(FEATURES, None, X, shared)
-    embeddings, found, method_params = _embed_all(fs, specs, embedders, embed, X, Xr, graph, constant, log)
+    prepared = {spec.name for spec in specs} if imports is not None else set()  # beside the graph
+    embeddings, found, method_params = _embed_all(fs, specs, embedders, embed, X, Xr, graph, constant, log,
+                                                  prepared)
     coords.update(found)
     t_scores = time.perf_counter()
     # The embeddings first: their neighbourhood pass over the raw features' distances also gives
@@ -326,7 +328,8 @@ def score_feature_set(fs: FeatureSet, labels, *, embed, settings, device=None, l
         undefined_reasons=undefined)
 
 
-def _embed_all(fs: FeatureSet, specs, embedders: dict, embed, X, Xr, graph, constant: bool, log):
+def _embed_all(fs: FeatureSet, specs, embedders: dict, embed, X, Xr, graph, constant: bool, log,
+               prepared: set = frozenset()):
     """Every method x seed of one feature set, run side by side on a pool of threads.
 
     Why threads: openTSNE's FFT gradient keeps about one core busy whatever its ``n_jobs``
@@ -338,6 +341,8 @@ def _embed_all(fs: FeatureSet, specs, embedders: dict, embed, X, Xr, graph, cons
     registry's order), and every job after the first runs at a lower priority
     (:func:`lower_thread_priority`), so it fills the cycles the costliest leaves idle instead of
     slowing it. A method that ignores the seed runs once.
+
+    ``prepared``: the methods whose imports are done (:func:`_prepare_beside_graph`).
 
     Returns (list of Embedding in method, seed order; {"method/seed": coords}; {method: params}).
     """
@@ -367,7 +372,8 @@ def _embed_all(fs: FeatureSet, specs, embedders: dict, embed, X, Xr, graph, cons
     if side_by_side:
         # The costliest method's imports here, before its job starts. The others import in
         # their own jobs, at low priority while it runs (UMAP's: 0.7 s of the 10k report).
-        _prepare([order[0][0]], embedders)
+        if order[0][0].name not in prepared:
+            _prepare([order[0][0]], embedders)
         quiet_notices()  # permanent filters before any thread saves and restores the list
         side_by_side = numba_threadsafe()
     if not side_by_side:
@@ -376,7 +382,7 @@ def _embed_all(fs: FeatureSet, specs, embedders: dict, embed, X, Xr, graph, cons
             check_interrupted()  # between seeds and methods: a recorded Ctrl-C ends the run here
             _log_method_done(fs, spec, embed, done, log)
     else:
-        prepared = {order[0][0].name}
+        prepared = set(prepared) | {order[0][0].name}
 
         def run_beside(i, spec, seed):
             if i > 0:
@@ -489,11 +495,12 @@ def _prepare_beside_graph(specs, embedders: dict, shape: tuple, device):
     from evalkit.embed import n_jobs
     from evalkit.neighbors import prepare_search
 
-    if n_jobs() < 2 or resolve_device(device).type != "cpu":
+    dev = resolve_device(device)
+    if n_jobs() < 2 or dev.type != "cpu":
         return None
     from concurrent.futures import ThreadPoolExecutor
 
-    prepare_search(*shape, device=device)
+    prepare_search(*shape, device=dev)
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="evalkit-prepare")
     try:
         return pool.submit(_prepare_imports, specs, embedders)

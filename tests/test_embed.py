@@ -741,7 +741,6 @@ def test_the_graph_imports_nothing_while_the_methods_import_beside_it(tmp_path, 
     assert {"sklearn", "openTSNE", "umap"} <= set(out["beside"])
 
 
-
 def test_a_failed_search_reports_its_own_error_not_the_imports_beside_it(monkeypatch):
     """The graph's error is the one raised, once the imports beside it are done; with a graph
     found, the imports' own error is raised."""
