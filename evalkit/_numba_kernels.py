@@ -489,3 +489,33 @@ def lowdim_class_sums(PT, y, out, n_chunks):
             row[:] = 0.0
             for l in range(n):
                 row[y[l]] += np.sqrt(buf[l])
+
+
+@numba.njit(nogil=True, cache=True)
+def tsne_attraction_rows(indices, indptr, P, Y, ref, grad, start, stop):
+    """t-SNE's attractive forces of rows start..stop (2-D, one degree of freedom), added to
+    ``grad``: grad[i] += sum_k P[k] q_ik (Y[i] - ref[j_k]), q_ik = 1 / (1 + |Y[i] - ref[j_k]|^2),
+    over the nonzeros k of row i of the CSR matrix (indices, indptr, P): what openTSNE's
+    ``estimate_positive_gradient_nn`` adds, with each row's sums kept in registers."""
+    for i in range(start, stop):
+        y0 = Y[i, 0]
+        y1 = Y[i, 1]
+        g0 = grad[i, 0]
+        g1 = grad[i, 1]
+        for k in range(indptr[i], indptr[i + 1]):
+            j = indices[k]
+            d0 = y0 - ref[j, 0]
+            d1 = y1 - ref[j, 1]
+            pq = P[k] / (1.0 + (d0 * d0 + d1 * d1))
+            g0 += pq * d0
+            g1 += pq * d1
+        grad[i, 0] = g0
+        grad[i, 1] = g1
+
+
+@numba.njit(nogil=True, parallel=True, cache=True)
+def tsne_attraction(indices, indptr, P, Y, ref, grad, n_chunks):
+    """:func:`tsne_attraction_rows` of every row, in ``n_chunks`` contiguous chunks of rows."""
+    n = grad.shape[0]
+    for ch in numba.prange(n_chunks):
+        tsne_attraction_rows(indices, indptr, P, Y, ref, grad, (ch * n) // n_chunks, ((ch + 1) * n) // n_chunks)

@@ -574,6 +574,52 @@ def test_opentsne_fft_in_float32_is_far_below_the_interpolation_error():
     assert sum_got == pytest.approx(sum_ref, rel=1e-5) and sum_ref == pytest.approx(q.sum(), rel=1e-2)
 
 
+@pytest.mark.parametrize("index_dtype", [np.int32, np.int64])
+def test_opentsne_attraction_in_numba_gives_openTSNEs_forces(index_dtype):
+    """The numba kernel behind openTSNE's attractive forces adds what openTSNE's own function
+    adds (to rounding), on one thread and on two, for an embedding against itself and against
+    a reference embedding; and what numpy's formula gives. The iterations that evaluate the KL
+    divergence, other degrees of freedom and 3-D embeddings go to openTSNE's function."""
+    import scipy.sparse as sp
+    from openTSNE import _tsne as original
+    import openTSNE.tsne as tsne_module
+
+    from evalkit.embed import opentsne_numba_attraction
+
+    assert opentsne_numba_attraction() and opentsne_numba_attraction()  # idempotent
+    patched = tsne_module._tsne
+    assert patched.estimate_positive_gradient_nn is not original.estimate_positive_gradient_nn
+    assert patched.estimate_negative_gradient_bh is original.estimate_negative_gradient_bh  # the rest is openTSNE's
+    rng = np.random.default_rng(3)
+    n = 700
+    P = sp.random(n, n, density=0.04, random_state=4, format="csr")
+    P.indices, P.indptr = P.indices.astype(index_dtype), P.indptr.astype(index_dtype)
+    Y = np.ascontiguousarray(rng.normal(size=(n, 2)) * 8.0)
+    for ref in (Y, np.ascontiguousarray(rng.normal(size=(n, 2)) * 8.0)):
+        diff = Y[P.tocoo().row] - ref[P.tocoo().col]
+        forces = (P.tocoo().data / (1.0 + (diff ** 2).sum(1)))[:, None] * diff
+        expected = np.zeros_like(Y)
+        np.add.at(expected, P.tocoo().row, forces)
+        for threads in (1, 2):
+            start = rng.normal(size=(n, 2))  # the negative gradient is there first
+            a, b = start.copy(), start.copy()
+            assert patched.estimate_positive_gradient_nn(P.indices, P.indptr, P.data, Y, ref, a, 1,
+                                                          num_threads=threads) == (0.0, 0.0)
+            original.estimate_positive_gradient_nn(P.indices, P.indptr, P.data, Y, ref, b, 1, num_threads=threads)
+            assert np.abs(a - b).max() <= 1e-12 * np.abs(b).max()
+            assert np.abs(a - start - expected).max() <= 1e-12 * np.abs(expected).max()
+    # the rest is openTSNE's: the same numbers to the last bit
+    Y3 = np.ascontiguousarray(rng.normal(size=(n, 3)))
+    for emb, dof, evaluate in ((Y, 1, True), (Y, 0.5, False), (Y3, 1, False)):
+        a, b = np.zeros_like(emb), np.zeros_like(emb)
+        got = patched.estimate_positive_gradient_nn(P.indices, P.indptr, P.data, emb, emb, a, dof, num_threads=1,
+                                                    should_eval_error=evaluate)
+        want = original.estimate_positive_gradient_nn(P.indices, P.indptr, P.data, emb, emb, b, dof, num_threads=1,
+                                                      should_eval_error=evaluate)
+        assert got == want and np.array_equal(a, b)
+        assert (got[0] > 0) == evaluate
+
+
 def test_umap_notices_stay_hidden_when_fits_run_side_by_side():
     """umap-learn's two notices on every seeded fit from a given graph are filtered for good
     (``warnings.catch_warnings`` in two threads at once restored the filters under a running fit,
