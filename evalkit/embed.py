@@ -410,11 +410,11 @@ def opentsne_numba_attraction() -> bool:
     row's sums in registers where openTSNE's loop goes through memory), the same forces within
     rounding (about 1e-16 of their size). t-SNE of 10,000 points alone on two threads, in a
     slow spell of this machine: 20.1 s instead of 24.6 s, 25.3 CPU-s instead of 31.8 (the
-    rest is openTSNE's FFT repulsion, on one thread). The name ``_tsne`` of :mod:`openTSNE.tsne` is given a copy of
-    that module with this function replaced; the iterations that also evaluate the KL
-    divergence, other degrees of freedom and other than 2 dimensions keep openTSNE's own.
-    Where that module is not what this expects it is left alone. Returns whether the kernel
-    is in use.
+    rest is openTSNE's FFT repulsion, on one thread). The name ``_tsne`` of
+    :mod:`openTSNE.tsne` is given a copy of that module with this function replaced; the
+    iterations that also evaluate the KL divergence, other degrees of freedom and other than 2
+    dimensions keep openTSNE's own. Where that module is not what this expects it is left
+    alone. Returns whether the kernel is in use.
     """
     from evalkit.kernels import numba_kernels, numba_threadsafe
 
@@ -432,7 +432,8 @@ def opentsne_numba_attraction() -> bool:
     parallel = numba_threadsafe()  # (workqueue: two parallel kernels at once abort the process)
     # compiled (or read from numba's cache) here, where the methods are prepared, not in the
     # thread of a t-SNE that runs beside other work (first calls may import numba's modules)
-    tiny = (np.array([1, 0], dtype=np.int32), np.array([0, 1, 2], dtype=np.int32), np.ones(2), np.eye(2), np.eye(2))
+    tiny = (np.array([1, 0], dtype=np.int32), np.array([0, 1, 2], dtype=np.int32), np.ones(2),
+            np.eye(2), np.eye(2))
     nk.tsne_attraction_rows(*tiny, np.zeros((2, 2)), 0, 2)
     if parallel:
         nk.tsne_attraction(*tiny, np.zeros((2, 2)), 1)
