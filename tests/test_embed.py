@@ -164,11 +164,12 @@ def test_learning_rate_auto_is_resolved(monkeypatch):
     n = 1200
     ot = create_embedder("tsne", EmbedConfig()).params(n)
     assert ot["learning_rate_early"] == pytest.approx(n / 12) and ot["learning_rate"] == n
-    assert ot["gradient"] == "bh" and ot["n_jobs"] == 1  # small data: one thread (spinning OpenMP waits)
+    assert ot["gradient"] == "exact" and ot["n_jobs"] == 1  # small data: one thread
     monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")  # as the command line sets it: idle threads sleep
     from evalkit.embed import n_jobs
 
-    assert create_embedder("tsne", EmbedConfig()).params(n)["n_jobs"] == n_jobs()
+    assert create_embedder("tsne", EmbedConfig()).params(n)["n_jobs"] == 1  # still: the set beside it has the core
+    assert create_embedder("tsne", EmbedConfig()).params(5_000)["n_jobs"] == n_jobs()
     assert create_embedder("tsne", EmbedConfig()).params(20_000)["gradient"] == "fft"
     sk = create_embedder("tsne", EmbedConfig(tsne=TSNEConfig(backend="sklearn"))).params(n)
     assert sk["learning_rate"] == pytest.approx(max(n / 12 / 4, 50))
@@ -618,6 +619,52 @@ def test_opentsne_attraction_in_numba_gives_openTSNEs_forces(index_dtype):
                                                       should_eval_error=evaluate)
         assert got == want and np.array_equal(a, b)
         assert (got[0] > 0) == evaluate
+
+
+@pytest.mark.parametrize("n, jobs", [(600, 1), (2_100, 2)])  # the serial kernel; the parallel one
+def test_opentsne_exact_gradient_is_the_exact_gradient(n, jobs):
+    """The gradient evalkit gives openTSNE below 10,000 points is t-SNE's exact gradient: what
+    numpy's formula gives and what openTSNE's Barnes-Hut gives at theta = 0 (no cell stands
+    for its points), with the same KL divergence; float32 sums keep it within 1e-5. An
+    embedding against a reference embedding goes to openTSNE's Barnes-Hut unchanged."""
+    import scipy.sparse as sp
+    import openTSNE.tsne as tsne_module
+
+    from evalkit.embed import opentsne_exact_gradient
+
+    objective = opentsne_exact_gradient()
+    assert objective is not None and opentsne_exact_gradient() is objective
+    rng = np.random.default_rng(5)
+    P = sp.random(n, n, density=0.02, random_state=6, format="csr")
+    P = (P + P.T).tolil()
+    P.setdiag(0.0)  # no self-affinity, as in t-SNE's
+    P = P.tocsr()
+    P.eliminate_zeros()
+    P.data /= P.data.sum()
+    Y = np.ascontiguousarray(rng.normal(size=(n, 2)) * 6.0)
+    diff = Y[:, None, :] - Y[None, :, :]
+    w = 1.0 / (1.0 + (diff ** 2).sum(-1))
+    np.fill_diagonal(w, 0.0)
+    z = w.sum()
+    attraction = np.asarray((P.multiply(w)).sum(1)) * Y - P.multiply(w) @ Y
+    expected = attraction - ((w ** 2)[..., None] * diff).sum(1) / z
+    coo = P.tocoo()
+    expected_kl = float((coo.data * np.log(coo.data / (w[coo.row, coo.col] / z))).sum())
+    kl, grad = objective(Y, P, 1, bh_params={"theta": 0.5}, should_eval_error=True, n_jobs=jobs)
+    assert np.abs(grad - expected).max() <= 1e-5 * np.abs(expected).max()
+    assert kl == pytest.approx(expected_kl, rel=1e-6)
+    bh_kl, bh_grad = tsne_module.kl_divergence_bh(Y, P, 1, {"theta": 0.0}, should_eval_error=True, n_jobs=1)
+    assert np.abs(grad - bh_grad).max() <= 1e-5 * np.abs(bh_grad).max()
+    assert kl == pytest.approx(bh_kl, rel=1e-6)
+    # Barnes-Hut's own setting (theta 0.5) is further off than the float32 sums
+    _, approx = tsne_module.kl_divergence_bh(Y, P, 1, {"theta": 0.5}, n_jobs=1)
+    assert np.abs(approx - expected).max() > 10 * np.abs(grad - expected).max()
+    _, quiet = objective(Y, P, 1, bh_params={"theta": 0.5}, n_jobs=jobs)
+    assert np.abs(quiet - grad).max() <= 1e-12 * np.abs(grad).max()  # not evaluating the KL: the same forces
+    ref = np.ascontiguousarray(rng.normal(size=(n, 2)))
+    got = objective(Y, P, 1, bh_params={"theta": 0.5}, reference_embedding=ref, should_eval_error=True)
+    want = tsne_module.kl_divergence_bh(Y, P, 1, {"theta": 0.5}, reference_embedding=ref, should_eval_error=True)
+    assert got[0] == want[0] and np.array_equal(got[1], want[1])
 
 
 def test_umap_notices_stay_hidden_when_fits_run_side_by_side():
