@@ -238,14 +238,20 @@ def _count_before(vals, ids, kept, t, j):
 
 
 @numba.njit(cache=True)
+def _bound_sample(n, k):
+    """(s, q): :func:`_select_bound` takes the q-th smallest of s evenly strided entries."""
+    s = min(n, 1024)
+    return s, int(s * (1.25 * k / n)) + 8
+
+
+@numba.njit(cache=True)
 def _select_bound(row, k):
     """A value t with probably a little more than k entries of ``row`` <= t (at least k, or
     +inf): the matching quantile of an evenly strided sample of 1024 entries, with a margin.
     Only speed depends on it (a full selection over n entries costs ~10x a pass); callers
     stay exact whatever it returns."""
     n = row.shape[0]
-    s = min(n, 1024)
-    q = int(s * (1.25 * k / n)) + 8
+    s, q = _bound_sample(n, k)
     if q >= s:
         return np.inf
     sample = np.empty(s)
@@ -269,7 +275,8 @@ def _collect(row, bound, cand):
 def _stable_order(cv):
     """argsort(cv, kind="mergesort") (ties keep their order), by buckets: O(c) for the smooth
     value spreads of candidate distances, where numba's sorts cost ~0.1 ms per 1,000 values.
-    A bucket crowded by a skewed spread falls back on mergesort for that bucket."""
+    Where a skewed spread crowds a bucket, each bucket is sorted on its own (mergesort for the
+    crowded ones)."""
     c = cv.shape[0]
     lo = np.inf
     hi = -np.inf
@@ -281,37 +288,58 @@ def _stable_order(cv):
         return np.argsort(cv, kind="mergesort")
     nb = c
     scale = (nb - 1) / (hi - lo)
-    key = np.empty(c, dtype=np.int64)
-    start = np.zeros(nb + 1, dtype=np.int64)
+    key = np.empty(c, dtype=np.int32)  # (c < 2^31: candidates of one row)
+    start = np.zeros(nb + 1, dtype=np.int32)
     for q in range(c):
         b = int((cv[q] - lo) * scale)
         b = 0 if b < 0 else (nb - 1 if b > nb - 1 else b)
         key[q] = b
         start[b + 1] += 1
+    crowded = 0
     for b in range(nb):
+        crowded = max(crowded, start[b + 1])
         start[b + 1] += start[b]
     fill = start[:nb].copy()
     order = np.empty(c, dtype=np.int64)
+    sv = np.empty(c)  # the values in the same order: the sorts below read them in place
     for q in range(c):  # in order: stable within each bucket
-        order[fill[key[q]]] = q
-        fill[key[q]] += 1
-    for b in range(nb):  # sort each bucket by value, ties in place (buckets hold ~1 value)
+        f = fill[key[q]]
+        order[f] = q
+        sv[f] = cv[q]
+        fill[key[q]] = f + 1
+    if crowded <= 128:
+        # one insertion pass over the whole array: an entry never moves past the start of
+        # its bucket (the buckets are in value order), and a bucket holds ~1 value
+        for t in range(1, c):
+            v = sv[t]
+            if sv[t - 1] <= v:
+                continue
+            cur = order[t]
+            u = t
+            while u > 0 and sv[u - 1] > v:
+                order[u] = order[u - 1]
+                sv[u] = sv[u - 1]
+                u -= 1
+            order[u] = cur
+            sv[u] = v
+        return order
+    for b in range(nb):
         a, z = start[b], start[b + 1]
         if z - a > 48:
-            sub = order[a:z].copy()
-            vals = np.empty(z - a)
-            for t in range(z - a):
-                vals[t] = cv[sub[t]]
-            order[a:z] = sub[np.argsort(vals, kind="mergesort")]
+            order[a:z] = order[a:z][np.argsort(sv[a:z], kind="mergesort")]
         else:
             for t in range(a + 1, z):
+                v = sv[t]
+                if sv[t - 1] <= v:
+                    continue
                 cur = order[t]
-                v = cv[cur]
                 u = t
-                while u > a and cv[order[u - 1]] > v:
+                while u > a and sv[u - 1] > v:
                     order[u] = order[u - 1]
+                    sv[u] = sv[u - 1]
                     u -= 1
                 order[u] = cur
+                sv[u] = v
     return order
 
 
@@ -416,8 +444,11 @@ def _coranks_row(PT, i, nbr_r, out_r, closer_r, buf, cand, pos, vals, ids):
     """:func:`lowdim_coranks` of one row, with caller-provided buffers (``pos`` all zero)."""
     K = nbr_r.shape[0]
     kc = closer_r.shape[0]
-    _lowdim_row(PT, i, buf)
-    c = _collect(buf, _select_bound(buf, K), cand)
+    if PT.shape[0] == 2:
+        c = _plane_candidates(PT, i, K, buf, cand)
+    else:
+        _lowdim_row(PT, i, buf)
+        c = _collect(buf, _select_bound(buf, K), cand)
     if c < K:
         c = _collect(buf, np.inf, cand)
     cv = np.empty(c)
@@ -450,6 +481,47 @@ def _coranks_row(PT, i, nbr_r, out_r, closer_r, buf, cand, pos, vals, ids):
                 closer_r[m] = _count_before(vals, ids, kept, buf[j], j)
     for q in range(K):
         pos[cand[order[q]]] = 0
+
+
+@numba.njit(cache=True)
+def _plane_candidates(PT, i, K, buf, cand):
+    """For a 2-D PT: what :func:`_lowdim_row`, :func:`_select_bound` and :func:`_collect`
+    give together, in one pass over the samples instead of three: buf[l] = sq_dist of i and l
+    (the same values: both squares rounded, then their sum), buf[i] = inf, and the indices l
+    with buf[l] <= the bound of :func:`_select_bound` in cand (in order, branch-free);
+    returns their count (fewer than K: the caller collects again with no bound)."""
+    n = PT.shape[1]
+    a = PT[0]
+    b = PT[1]
+    x = a[i]
+    y = b[i]
+    s, q = _bound_sample(n, K)
+    bound = np.inf
+    if q < s:  # the bound from the same strided sample, its distances computed directly
+        sample = np.empty(s)
+        for j in range(s):
+            l = (j * n) // s
+            d0 = x - a[l]
+            d1 = y - b[l]
+            sample[j] = np.inf if l == i else d0 * d0 + d1 * d1
+        bound = np.partition(sample, q)[q]
+    c = 0
+    for l in range(i):
+        d0 = x - a[l]
+        d1 = y - b[l]
+        v = d0 * d0 + d1 * d1
+        buf[l] = v
+        cand[c] = l
+        c += 1 if v <= bound else 0
+    buf[i] = np.inf
+    for l in range(i + 1, n):
+        d0 = x - a[l]
+        d1 = y - b[l]
+        v = d0 * d0 + d1 * d1
+        buf[l] = v
+        cand[c] = l
+        c += 1 if v <= bound else 0
+    return c
 
 
 @numba.njit(parallel=True, cache=True)

@@ -360,7 +360,9 @@ def test_stable_bucket_order_equals_mergesort():
     nk = kernels.numba_kernels()
     rng = np.random.default_rng(0)
     cases = [rng.random(500), rng.integers(0, 7, 300).astype(float), np.exp(rng.normal(size=700) * 4),
-             np.r_[np.zeros(100), rng.random(100) * 1e-12, 1e6], -rng.random(80), np.full(90, 3.0)]
+             np.r_[np.zeros(100), rng.random(100) * 1e-12, 1e6], -rng.random(80), np.full(90, 3.0),
+             # one bucket crowded by 100 values (one insertion pass) and by 300 (bucket by bucket)
+             np.r_[rng.random(1000), 0.5 + rng.random(100) * 1e-9], np.r_[rng.random(1000), 0.5 + rng.random(300) * 1e-9]]
     for cv in cases:
         np.testing.assert_array_equal(nk._stable_order(cv), np.argsort(cv, kind="stable"))
 
