@@ -465,9 +465,16 @@ _EXACT_REPULSION = None
 
 
 def _small_gradient() -> str:
-    """The gradient openTSNE runs with below :data:`OPENTSNE_FFT_MIN_SAMPLES` points."""
+    """The gradient openTSNE runs with below :data:`OPENTSNE_FFT_MIN_SAMPLES` points (without
+    loading numba to find out: whether numba's kernels loaded, once they were tried)."""
     import importlib.util
 
+    from evalkit import kernels
+
+    if _EXACT_REPULSION is not None:
+        return "exact"
+    if kernels._NUMBA_TRIED:
+        return "exact" if kernels._NUMBA_KERNELS is not None else "bh"
     return "exact" if importlib.util.find_spec("numba") is not None else "bh"
 
 

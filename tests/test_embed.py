@@ -667,6 +667,21 @@ def test_opentsne_exact_gradient_is_the_exact_gradient(n, jobs):
     assert got[0] == want[0] and np.array_equal(got[1], want[1])
 
 
+def test_tsne_without_numba_keeps_barnes_hut_and_says_so(monkeypatch):
+    """Where numba's kernels cannot load, t-SNE below 10,000 points runs openTSNE's Barnes-Hut,
+    and its parameters say so."""
+    from evalkit import embed, kernels
+
+    monkeypatch.setattr(kernels, "_NUMBA_TRIED", True)
+    monkeypatch.setattr(kernels, "_NUMBA_KERNELS", None)
+    monkeypatch.setattr(embed, "_EXACT_REPULSION", None)
+    e = create_embedder("tsne", EmbedConfig(tsne=TSNEConfig(n_iter=300)))
+    assert e.params(1200)["gradient"] == "bh" and embed.opentsne_exact_gradient() is None
+    X = np.random.default_rng(0).normal(size=(150, 5))
+    Z = e.fit_transform(X, random_state=0)
+    assert Z.shape == (150, 2) and np.isfinite(Z).all()
+
+
 def test_umap_notices_stay_hidden_when_fits_run_side_by_side():
     """umap-learn's two notices on every seeded fit from a given graph are filtered for good
     (``warnings.catch_warnings`` in two threads at once restored the filters under a running fit,
