@@ -272,6 +272,23 @@ def _collect(row, bound, cand):
 
 
 @numba.njit(cache=True)
+def _insertion_sort(sv, order, a, z):
+    """Sort sv[a:z] in place, ties kept in order, carrying order[a:z] along."""
+    for t in range(a + 1, z):
+        v = sv[t]
+        if sv[t - 1] <= v:
+            continue
+        cur = order[t]
+        u = t
+        while u > a and sv[u - 1] > v:
+            order[u] = order[u - 1]
+            sv[u] = sv[u - 1]
+            u -= 1
+        order[u] = cur
+        sv[u] = v
+
+
+@numba.njit(cache=True)
 def _stable_order(cv):
     """argsort(cv, kind="mergesort") (ties keep their order), by buckets: O(c) for the smooth
     value spreads of candidate distances, where numba's sorts cost ~0.1 ms per 1,000 values.
@@ -310,36 +327,14 @@ def _stable_order(cv):
     if crowded <= 128:
         # one insertion pass over the whole array: an entry never moves past the start of
         # its bucket (the buckets are in value order), and a bucket holds ~1 value
-        for t in range(1, c):
-            v = sv[t]
-            if sv[t - 1] <= v:
-                continue
-            cur = order[t]
-            u = t
-            while u > 0 and sv[u - 1] > v:
-                order[u] = order[u - 1]
-                sv[u] = sv[u - 1]
-                u -= 1
-            order[u] = cur
-            sv[u] = v
+        _insertion_sort(sv, order, 0, c)
         return order
     for b in range(nb):
         a, z = start[b], start[b + 1]
         if z - a > 48:
             order[a:z] = order[a:z][np.argsort(sv[a:z], kind="mergesort")]
         else:
-            for t in range(a + 1, z):
-                v = sv[t]
-                if sv[t - 1] <= v:
-                    continue
-                cur = order[t]
-                u = t
-                while u > a and sv[u - 1] > v:
-                    order[u] = order[u - 1]
-                    sv[u] = sv[u - 1]
-                    u -= 1
-                order[u] = cur
-                sv[u] = v
+            _insertion_sort(sv, order, a, z)
     return order
 
 
@@ -505,16 +500,15 @@ def _plane_candidates(PT, i, K, buf, cand):
             d1 = y - b[l]
             sample[j] = np.inf if l == i else d0 * d0 + d1 * d1
         bound = np.partition(sample, q)[q]
-    c = 0
-    for l in range(i):
-        d0 = x - a[l]
-        d1 = y - b[l]
-        v = d0 * d0 + d1 * d1
-        buf[l] = v
-        cand[c] = l
-        c += 1 if v <= bound else 0
+    c = _plane_pass(a, b, x, y, 0, i, bound, buf, cand, 0)
     buf[i] = np.inf
-    for l in range(i + 1, n):
+    return _plane_pass(a, b, x, y, i + 1, n, bound, buf, cand, c)
+
+
+@numba.njit(cache=True)
+def _plane_pass(a, b, x, y, lo, hi, bound, buf, cand, c):
+    """:func:`_plane_candidates`'s pass over samples lo..hi, adding to the c candidates so far."""
+    for l in range(lo, hi):
         d0 = x - a[l]
         d1 = y - b[l]
         v = d0 * d0 + d1 * d1
