@@ -35,8 +35,9 @@ from evalkit.progress import inner_loop, step
 from evalkit.registry import METHODS, Method, StrictModel
 
 __all__ = ["create_embedder", "reduce_dims", "unit_scale", "TSNE_BACKENDS", "n_jobs", "cores_share",
-           "opentsne_scipy_fft", "opentsne_numba_attraction", "opentsne_exact_gradient", "PCAConfig", "TSNEConfig", "UMAPConfig",
-           "PaCMAPConfig", "PCAEmbedder", "TSNEEmbedder", "UMAPEmbedder", "PaCMAPEmbedder"]
+           "opentsne_scipy_fft", "opentsne_numba_attraction", "opentsne_exact_gradient", "PCAConfig",
+           "TSNEConfig", "UMAPConfig", "PaCMAPConfig", "PCAEmbedder", "TSNEEmbedder", "UMAPEmbedder",
+           "PaCMAPEmbedder"]
 
 #: openTSNE's "auto" switches from Barnes-Hut to FFT-interpolated gradients at this size;
 #: below it evalkit gives openTSNE the exact gradient instead of Barnes-Hut's
@@ -466,16 +467,10 @@ _EXACT_REPULSION = None
 
 def _small_gradient() -> str:
     """The gradient openTSNE runs with below :data:`OPENTSNE_FFT_MIN_SAMPLES` points (without
-    loading numba to find out: whether numba's kernels loaded, once they were tried)."""
-    import importlib.util
+    loading numba to find out)."""
+    from evalkit.kernels import numba_usable
 
-    from evalkit import kernels
-
-    if _EXACT_REPULSION is not None:
-        return "exact"
-    if kernels._NUMBA_TRIED:
-        return "exact" if kernels._NUMBA_KERNELS is not None else "bh"
-    return "exact" if importlib.util.find_spec("numba") is not None else "bh"
+    return "exact" if _EXACT_REPULSION is not None or numba_usable() else "bh"
 
 
 def opentsne_exact_gradient():
@@ -499,6 +494,10 @@ def opentsne_exact_gradient():
         return _EXACT_REPULSION
     from evalkit.kernels import numba_kernels, numba_threadsafe
 
+    try:
+        import openTSNE.tsne as tsne_module
+    except ImportError:
+        return None
     nk = numba_kernels()
     if nk is None:
         return None
@@ -512,8 +511,6 @@ def opentsne_exact_gradient():
 
     def kl_divergence_exact(embedding, P, dof, bh_params=None, reference_embedding=None,
                             should_eval_error=False, n_jobs=1, **_):
-        import openTSNE.tsne as tsne_module
-
         Y = np.asarray(embedding)
         if (reference_embedding is not None or dof != 1 or Y.ndim != 2 or Y.shape[1] != 2
                 or Y.dtype != np.float64 or not Y.flags.c_contiguous):
@@ -523,13 +520,13 @@ def opentsne_exact_gradient():
         n = Y.shape[0]
         a, b = Y[:, 0].astype(np.float32), Y[:, 1].astype(np.float32)
         forces, zsum = np.empty((n, 2)), np.empty(n)
-        if n_jobs > 1 and parallel and n >= TSNE_SERIAL_BELOW:
+        if n_jobs > 1 and parallel:
             nk.tsne_repulsion(a, b, forces, zsum, int(n_jobs))
         else:
             nk.tsne_repulsion_rows(a, b, forces, zsum, 0, n)
         sum_q = float(zsum.sum()) - n  # each row's own term, q_ii = 1
         gradient = forces * (-1.0 / (sum_q + eps))
-        sum_p, kl = tsne_module._tsne.estimate_positive_gradient_nn(
+        sum_p, kl = tsne_module._tsne.estimate_positive_gradient_nn(  # (looked up each time: patched)
             P.indices, P.indptr, P.data, Y, Y, gradient, dof, num_threads=n_jobs,
             should_eval_error=should_eval_error)
         if should_eval_error:

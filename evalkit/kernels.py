@@ -649,6 +649,16 @@ def numba_kernels(n_samples: int | None = None, n_features: int = 1):
     return _NUMBA_KERNELS
 
 
+def numba_usable() -> bool:
+    """Whether :func:`numba_kernels` gives (or would give) the kernels, without importing
+    numba to find out: what it found once it was called, else whether numba is installed."""
+    import importlib.util
+
+    if _NUMBA_TRIED:
+        return _NUMBA_KERNELS is not None
+    return importlib.util.find_spec("numba") is not None
+
+
 def numba_threadsafe() -> bool:
     """Whether numba's parallel kernels (evalkit's and umap-learn's) may run in two threads at
     once: true for its OpenMP and TBB threading layers; its fallback layer, workqueue, aborts
