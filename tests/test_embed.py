@@ -677,9 +677,15 @@ def test_tsne_without_numba_keeps_barnes_hut_and_says_so(monkeypatch):
     monkeypatch.setattr(embed, "_EXACT_REPULSION", None)
     e = create_embedder("tsne", EmbedConfig(tsne=TSNEConfig(n_iter=300)))
     assert e.params(1200)["gradient"] == "bh" and embed.opentsne_exact_gradient() is None
+    import openTSNE.tsne as tsne_module
+
+    calls = []
+    barnes_hut = tsne_module.kl_divergence_bh
+    monkeypatch.setattr(tsne_module, "kl_divergence_bh", lambda *a, **k: calls.append(1) or barnes_hut(*a, **k))
     X = np.random.default_rng(0).normal(size=(150, 5))
     Z = e.fit_transform(X, random_state=0)
     assert Z.shape == (150, 2) and np.isfinite(Z).all()
+    assert len(calls) >= 300  # every iteration's gradient was Barnes-Hut's (and each phase's final KL)
 
 
 def test_umap_notices_stay_hidden_when_fits_run_side_by_side():
