@@ -405,16 +405,18 @@ def opentsne_scipy_fft() -> bool:
 
 
 def opentsne_numba_attraction() -> bool:
-    """openTSNE's attractive forces through a numba kernel, about twice as fast.
+    """openTSNE's attractive forces through a numba kernel, about three times as fast.
 
     Each iteration adds to the gradient a sum over the affinities' nonzeros (90 neighbours a
     sample, symmetrised: 1.36 million at 10,000 points). openTSNE 1.0's
     ``_tsne.estimate_positive_gradient_nn`` takes 14.5 ms for that on one thread and 9.0 ms on
-    two; :func:`evalkit._numba_kernels.tsne_attraction` takes 7.9 ms and 4.9 ms (it keeps each
-    row's sums in registers where openTSNE's loop goes through memory), the same forces within
-    rounding (about 1e-16 of their size). t-SNE of 10,000 points alone on two threads, in a
-    slow spell of this machine: 20.1 s instead of 24.6 s, 25.3 CPU-s instead of 31.8 (the
-    rest is openTSNE's FFT repulsion, on one thread). The name ``_tsne`` of
+    two; :func:`evalkit._numba_kernels.tsne_attraction` took 7.9 ms and 4.9 ms keeping each
+    row's sums in registers where openTSNE's loop goes through memory, and takes about 4 ms on
+    one thread since its sums run in SIMD lanes (reassociated: the same forces within about
+    1e-15 of their size). t-SNE of 10,000 points alone on two threads, in a slow spell of this
+    machine: 20.1 s instead of 24.6 s, 25.3 CPU-s instead of 31.8 with the first kernel; the
+    SIMD sums took another 1.0-2.6 CPU-s off (12.9-14.9 against 15.0-15.8 CPU-s, three
+    alternating pairs). The rest is openTSNE's FFT repulsion, on one thread. The name ``_tsne`` of
     :mod:`openTSNE.tsne` is given a copy of that module with this function replaced; the
     iterations that also evaluate the KL divergence, other degrees of freedom and other than 2
     dimensions keep openTSNE's own. Where that module is not what this expects it is left
