@@ -268,7 +268,7 @@ def score_feature_set(fs: FeatureSet, labels, *, embed, settings, device=None, l
     t_graph = time.perf_counter()
     imports = _prepare_beside_graph(specs, embedders, X.shape, device)
     try:
-        graph, cosine = knn_graphs(X, n_neighbors=graph_k, cosine_neighbors=cosine_k, device=device)
+        graph, cosine = knn_graphs(X, n_neighbors=graph_k, cosine_neighbors=cosine_k, device=device, beside=imports)
     except BaseException:
         if imports is not None:
             imports.exception()  # wait for it; the search's error is the one to report
@@ -337,7 +337,7 @@ def _embed_all(fs: FeatureSet, specs, embedders: dict, embed, X, Xr, graph, cons
     on one thread, and both release Python's lock in their numeric loops (umap-learn's
     kernels through :func:`evalkit.embed.cache_umap_kernels`). Side by side they took 18.7 s
     where one after the other took 30.4 s, with identical coordinates. The longest jobs
-    start first (by the registry's ``Method.cost``: t-SNE, then UMAP, then the rest, in the
+    start first (by the registry's ``Method.cost``: UMAP, then t-SNE, then the rest, in the
     registry's order), and every job after the first runs at a lower priority
     (:func:`lower_thread_priority`), so it fills the cycles the costliest leaves idle instead of
     slowing it. A method that ignores the seed runs once.
@@ -371,7 +371,7 @@ def _embed_all(fs: FeatureSet, specs, embedders: dict, embed, X, Xr, graph, cons
     side_by_side = len(jobs) > 1 and n_jobs() > 1
     if side_by_side:
         # The costliest method's imports here, before its job starts. The others import in
-        # their own jobs, at low priority while it runs (UMAP's: 0.7 s of the 10k report).
+        # their own jobs, at low priority while it runs.
         if order[0][0].name not in prepared:
             _prepare([order[0][0]], embedders)
         quiet_notices()  # permanent filters before any thread saves and restores the list
@@ -419,15 +419,16 @@ def lower_thread_priority() -> bool:
     """Lower the calling thread's CPU priority (Linux: its niceness + :data:`BESIDE_NICENESS`,
     this thread only; the threads it starts inherit it). Returns whether it did.
 
-    For the jobs that run beside the costliest one: openTSNE's FFT gradient is serial between
-    its parallel parts, so t-SNE keeps about 1.2 of 2 cores busy. UMAP beside it at equal
-    priority takes a core from t-SNE's parallel parts, whose threads then wait for each other;
-    at a low priority it runs in the cycles t-SNE leaves, and t-SNE (the longest job) runs
-    almost as if alone. Measured, 10,000 x 256 report on a noisy 2-core machine, alternating
-    runs: wall time / CPU time 0.59-0.65 at nice 10 (4 runs), 0.58-0.67 at nice 19 (5 runs),
-    0.61-0.75 at equal priority (7 runs); 33.0 / 37.4 / 37.5 s against 35.0 / 41.7 / 39.1 s in
-    the pairs run back to back. 70,000 x 256, one pair: t-SNE and UMAP done after 75.5 s
-    instead of 94.3 s (report 185.0 s against 210.3 s). Nice is relative within the process's scheduling group
+    For the jobs that run beside the costliest one, so that it runs almost as if alone and
+    they fill the cycles it leaves. First measured with t-SNE as the longest job (openTSNE's
+    FFT gradient is serial between its parallel parts, about 1.2 of 2 cores busy; UMAP beside
+    it at equal priority took a core from those parts, whose threads then waited for each
+    other), 10,000 x 256 report on a noisy 2-core machine, alternating runs: wall time / CPU
+    time 0.59-0.65 at nice 10 (4 runs), 0.58-0.67 at nice 19 (5 runs), 0.61-0.75 at equal
+    priority (7 runs); 70,000 x 256, one pair: t-SNE and UMAP done after 75.5 s instead of
+    94.3 s. Since t-SNE got faster, UMAP (one thread, the seed) is the longest and goes first:
+    the same report, 4 alternating pairs, 26.4 / 26.5 / 29.4 / 27.7 s against 27.8 / 28.5 /
+    31.5 / 29.7 s with t-SNE first. Nice is relative within the process's scheduling group
     (autogroup, container cgroup), so this does not hand the cores to other programs. A thread
     cannot raise its priority back without privileges, so the pool's threads end with the jobs.
     Elsewhere (macOS, Windows) nothing changes.

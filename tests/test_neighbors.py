@@ -349,6 +349,36 @@ def test_cosine_neighbours_from_the_euclidean_pass(name, make, k, kc, block):
     np.testing.assert_array_equal(cosine.distances, own.distances)
 
 
+def test_blocks_run_blas_on_one_thread_while_the_work_beside_runs(monkeypatch):
+    """``beside`` (the methods' imports in another thread): while that future runs, each block's
+    matmul runs BLAS on one thread; once it is done, on BLAS's own count. The graphs are the
+    same either way."""
+    from concurrent.futures import Future
+
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    X = _mixture(600, 24, seed=4)[0]
+    threads = []
+    block = kernels.Ranking.block
+
+    def counting(self, start, stop):
+        threads.append(max(p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"))
+        return block(self, start, stop)
+
+    monkeypatch.setattr(kernels.Ranking, "block", counting)
+    with threadpool_limits(limits=2, user_api="blas"):  # (whatever this machine's core count)
+        plain = neighbors.knn_graphs(X, n_neighbors=12, cosine_neighbors=8, block_size=200)
+        running = Future()
+        busy = neighbors.knn_graphs(X, n_neighbors=12, cosine_neighbors=8, block_size=200, beside=running)
+        running.set_result(None)
+        done = neighbors.knn_graphs(X, n_neighbors=12, cosine_neighbors=8, block_size=200, beside=running)
+    assert threads == [2] * 3 + [1] * 3 + [2] * 3
+    for graphs in (busy, done):
+        for a, b in zip(graphs, plain):
+            np.testing.assert_array_equal(a.indices, b.indices)
+            np.testing.assert_array_equal(a.distances, b.distances)
+
+
 def test_cosine_ranking_bound_holds():
     """rho (the float32 block turned into the cosine ranking) is within err[i] of
     |x_i| (dd'(i, l) - 2) for every pair, on data whose centre is far from 0 and whose
