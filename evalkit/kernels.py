@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import sys
+import threading
 
 import numpy as np
 
@@ -52,6 +53,7 @@ __all__ = [
     "positions_in_top",
     "numba_kernels",
     "numba_threadsafe",
+    "one_blas_thread",
 ]
 
 # Bytes one (block x n_samples) float64 work array may take; a few of them live at once.
@@ -606,6 +608,36 @@ def _count_below_torch(D, thresholds):
     below = torch.empty_like(below_sorted)
     below.scatter_(1, order, below_sorted)
     return below
+
+
+# --------------------------------------------------------------------------- BLAS threads
+
+
+_BLAS = {"users": 0, "limits": None}
+_BLAS_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def one_blas_thread():
+    """Within: BLAS (numpy's and scipy's OpenBLAS) on one thread, for jobs that run side by side
+    and so already fill the cores. Its idle threads spin: beside t-SNE and UMAP they took 2.5 s
+    of CPU time from the demo report's 40. Threads may nest it: the first in sets the limit,
+    the last out restores the previous one. Enter it from the thread that starts the jobs:
+    OpenBLAS (0.3.31) ignored a limit set from a thread once other threads had called it."""
+    from threadpoolctl import threadpool_limits
+
+    with _BLAS_LOCK:
+        if _BLAS["users"] == 0:
+            _BLAS["limits"] = threadpool_limits(limits=1, user_api="blas")
+        _BLAS["users"] += 1
+    try:
+        yield
+    finally:
+        with _BLAS_LOCK:
+            _BLAS["users"] -= 1
+            if _BLAS["users"] == 0:
+                _BLAS["limits"].restore_original_limits()
+                _BLAS["limits"] = None
 
 
 # --------------------------------------------------------------------------- numba

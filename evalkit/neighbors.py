@@ -38,6 +38,7 @@ from evalkit.kernels import (
     distance_dtype,
     exact_sq_distances,
     numba_kernels,
+    one_blas_thread,
     pick_block_size,
     positions_in_top,
     sort_neighbours,
@@ -217,12 +218,11 @@ def prepare_search(n_samples: int, n_features: int, device=None) -> None:
 
 
 def _one_blas_thread_while(beside):
-    """BLAS on one thread within, while the future ``beside`` runs (nothing otherwise)."""
+    """:func:`evalkit.kernels.one_blas_thread` within, while the future ``beside`` runs
+    (nothing otherwise)."""
     if beside is None or beside.done():
         return contextlib.nullcontext()
-    from threadpoolctl import threadpool_limits
-
-    return threadpool_limits(limits=1, user_api="blas")
+    return one_blas_thread()
 
 
 # --------------------------------------------------------------------------- backends

@@ -10,7 +10,6 @@ features that gives trustworthiness and continuity of every embedding and seed a
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib
 import itertools
@@ -24,6 +23,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from evalkit.interrupt import check_interrupted
+from evalkit.kernels import one_blas_thread
 from evalkit.registry import FEATURES, metrics, methods
 from evalkit.results import Curve, Embedding, FeatureSet, ScoreRow
 
@@ -544,33 +544,6 @@ def side_by_side_jobs(calls, workers: int, *, name: str):
             for future in pending:
                 future.cancel()
             raise
-
-
-_BLAS = {"users": 0, "limits": None}
-_BLAS_LOCK = threading.Lock()
-
-
-@contextlib.contextmanager
-def one_blas_thread():
-    """Within: BLAS (numpy's and scipy's OpenBLAS) on one thread, for jobs that run side by side
-    and so already fill the cores. Its idle threads spin: beside t-SNE and UMAP they took 2.5 s
-    of CPU time from the demo report's 40. Threads may nest it: the first in sets the limit,
-    the last out restores the previous one. Enter it from the thread that starts the jobs:
-    OpenBLAS (0.3.31) ignored a limit set from a thread once other threads had called it."""
-    from threadpoolctl import threadpool_limits
-
-    with _BLAS_LOCK:
-        if _BLAS["users"] == 0:
-            _BLAS["limits"] = threadpool_limits(limits=1, user_api="blas")
-        _BLAS["users"] += 1
-    try:
-        yield
-    finally:
-        with _BLAS_LOCK:
-            _BLAS["users"] -= 1
-            if _BLAS["users"] == 0:
-                _BLAS["limits"].restore_original_limits()
-                _BLAS["limits"] = None
 
 
 def _log_method_done(fs, spec, embed, done: dict, log) -> None:
